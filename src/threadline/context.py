@@ -1,0 +1,125 @@
+"""Packs a stateless request: system modules + long-term memory + the newest history that fits the
+engine's token budget + the new message.
+
+Token counts were stored with each message when it was written, so packing only adds integers and
+reads history newest-first in growing pages: a 10,000-message conversation costs about as much as
+a 10-message one once the budget is full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .messages import ChatMessage, ImagePart
+from .tokens import estimate_text
+
+FIRST_PAGE = 64
+MAX_PAGE = 1024
+
+
+class HistorySource(Protocol):
+    async def history_newest(self, conversation_id: str, *, before_seq: int, limit: int) -> list[dict[str, Any]]: ...
+
+
+@dataclass
+class Packed:
+    system: list[str]
+    messages: list[ChatMessage]
+    estimated_tokens: int
+    history_used: int
+    history_dropped: bool
+    file_ids: list[str] = field(default_factory=list)
+
+
+def memory_text(entries: list[str]) -> str:
+    return "What you remember about this user (long-term memory):\n" + "\n".join(f"- {e}" for e in entries)
+
+
+def row_to_message(row: dict[str, Any]) -> ChatMessage | None:
+    """History rows become engine messages; reasoning is never replayed, failed empty answers skipped."""
+    text = row.get("content") or ""
+    images = [ImagePart.from_json(p) for p in (row.get("parts") or []) if p.get("type") == "image"]
+    if row["role"] == "assistant" and not text:
+        return None
+    if row["role"] not in ("user", "assistant"):
+        return None
+    return ChatMessage(role=row["role"], text=text, images=images)
+
+
+def merge_roles(msgs: list[ChatMessage]) -> list[ChatMessage]:
+    """Providers want alternating turns; a user turn whose answer failed is merged with the next one."""
+    out: list[ChatMessage] = []
+    for m in msgs:
+        if out and out[-1].role == m.role:
+            prev = out[-1]
+            out[-1] = ChatMessage(prev.role, f"{prev.text}\n\n{m.text}".strip(), prev.images + m.images)
+        else:
+            out.append(m)
+    while out and out[0].role != "user":
+        out.pop(0)
+    return out
+
+
+async def pack(
+    source: HistorySource,
+    conversation_id: str | None,
+    *,
+    before_seq: int,
+    system_modules: list[str],
+    memories: list[tuple[str, int]],
+    new_message: ChatMessage,
+    new_message_tokens: int,
+    budget: int,
+) -> Packed:
+    system = [s for s in system_modules if s]
+    used = sum(estimate_text(s) for s in system) + new_message_tokens
+    if memories:
+        system.append(memory_text([t for t, _ in memories]))
+        used += sum(n for _, n in memories) + 12
+    picked: list[dict[str, Any]] = []
+    dropped = False
+    if conversation_id is not None and before_seq > 1:
+        cursor = before_seq
+        page = FIRST_PAGE
+        full = False
+        while not full:
+            rows = await source.history_newest(conversation_id, before_seq=cursor, limit=page)
+            for r in rows:
+                cost = int(r.get("token_estimate") or 0)
+                if used + cost > budget:
+                    full = dropped = True
+                    break
+                used += cost
+                picked.append(r)
+            if len(rows) < page:
+                break
+            cursor = rows[-1]["seq"]
+            page = min(page * 4, MAX_PAGE)
+    picked.reverse()
+    history = [m for m in (row_to_message(r) for r in picked) if m is not None]
+    msgs = merge_roles([*history, new_message])
+    file_ids = [img.file_id for m in msgs for img in m.images if img.file_id and img.data is None]
+    return Packed(system, msgs, used, len(picked), dropped, file_ids)
+
+
+def transcript(rows: list[dict[str, Any]], *, limit_chars: int = 12000) -> str:
+    """A compact transcript of turns a stateful engine missed, newest kept when it is too long."""
+    lines: list[str] = []
+    for r in rows:
+        text = (r.get("content") or "").strip()
+        if not text or r["role"] not in ("user", "assistant"):
+            continue
+        who = "User" if r["role"] == "user" else "Assistant"
+        lines.append(f"{who}: {text}")
+    out = "\n".join(lines)
+    if len(out) > limit_chars:
+        out = "…" + out[-limit_chars:]
+    return out
+
+
+def seeded_query(history: str, query: str) -> str:
+    return (
+        "[Earlier conversation, for context only; it happened before this chat moved here]\n"
+        f"{history}\n[End of earlier conversation]\n\n{query}"
+    )

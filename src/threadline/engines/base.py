@@ -1,0 +1,81 @@
+"""The engine protocol and registry.
+
+An engine speaks one wire protocol. It receives a neutral `EngineRequest` and yields neutral events;
+it never imports the store or the server, and the gateway decides what is stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from ..config import EngineConfig
+from ..errors import ConfigError
+from ..messages import ChatMessage, EngineEvent, ImagePart
+
+
+@dataclass
+class EngineRequest:
+    """Everything an engine may need for one turn. Stateless engines use `system` + `messages`;
+    stateful ones use `query`, `remote_conversation_id`, `remote_user`, `inputs` and `files`."""
+
+    messages: list[ChatMessage]
+    system: list[str] = field(default_factory=list)
+    stream: bool = True
+    max_output_tokens: int | None = None
+    # stateful engines
+    query: str = ""
+    images: list[ImagePart] = field(default_factory=list)
+    remote_conversation_id: str | None = None
+    remote_user: str = ""
+    inputs: dict[str, Any] = field(default_factory=dict)
+    workflow_id: str | None = None
+    auto_generate_name: bool = True
+
+
+class Engine:
+    """Base class: subclasses implement `events()`; `stop()` is for engines with server-side tasks."""
+
+    kind: str = ""
+    stateful: bool = False
+
+    def __init__(self, config: EngineConfig, http: httpx.AsyncClient | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        self.model = config.model
+        self._own_http = http is None
+        self.http = http or httpx.AsyncClient(timeout=httpx.Timeout(config.timeout, connect=10.0))
+
+    def events(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
+        raise NotImplementedError
+
+    async def stop(self, *, task_id: str, remote_user: str) -> None:  # noqa: B027 - optional hook
+        """Ask the remote to stop a running task (stateful engines); closing the stream does the rest."""
+
+    async def aclose(self) -> None:
+        if self._own_http:
+            await self.http.aclose()
+
+
+def build_engine(config: EngineConfig, http: httpx.AsyncClient | None = None) -> Engine:
+    """One engine instance per configured engine, built once and reused for every turn."""
+    if config.kind == "openai":
+        from .openai_compat import OpenAICompatEngine
+
+        return OpenAICompatEngine(config, http)
+    if config.kind == "gemini":
+        from .gemini import GeminiEngine
+
+        return GeminiEngine(config, http)
+    if config.kind == "dify":
+        from .dify import DifyEngine
+
+        return DifyEngine(config, http)
+    if config.kind == "local":
+        from .local import LocalEngine
+
+        return LocalEngine(config, http)
+    raise ConfigError(f"unknown engine kind {config.kind!r}")

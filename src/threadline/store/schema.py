@@ -1,0 +1,113 @@
+"""Tables. SQLAlchemy Core (not the ORM): the hot path is a handful of keyed reads and writes, and
+Core keeps them cheap. Times are float epoch seconds: sortable, portable across SQLite and PostgreSQL,
+and finer than Dify's 1-second resolution (which makes its own paging skip messages).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+conversations = Table(
+    "conversations",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("app", String(128), nullable=False),
+    Column("user", String(255), nullable=False),
+    Column("engine", String(128), nullable=False),
+    Column("name", Text, nullable=False, default=""),
+    Column("inputs", JSON, nullable=False, default=dict),
+    # {engine_name: {"id": remote conversation id, "seq": last local seq the remote has seen}}
+    Column("remote", JSON, nullable=False, default=dict),
+    Column("last_seq", Integer, nullable=False, default=0),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("deleted", Boolean, nullable=False, default=False),
+    Column("lock_owner", String(64), nullable=True),
+    Column("lock_until", Float, nullable=True),
+)
+Index("ix_conv_owner_updated", conversations.c.app, conversations.c.user, conversations.c.updated_at)
+Index("ix_conv_owner_created", conversations.c.app, conversations.c.user, conversations.c.created_at)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("conversation_id", String(36), ForeignKey("conversations.id", ondelete="CASCADE"), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("content", Text, nullable=False, default=""),
+    Column("parts", JSON, nullable=True),  # images and other non-text parts
+    Column("reasoning", Text, nullable=True),
+    Column("status", String(16), nullable=False),  # completed | streaming | stopped | failed
+    Column("error", JSON, nullable=True),
+    Column("usage", JSON, nullable=True),
+    Column("price", JSON, nullable=True),
+    Column("engine", String(128), nullable=True),
+    Column("model", String(255), nullable=True),
+    Column("token_estimate", Integer, nullable=False, default=0),
+    Column("parent_id", String(36), nullable=True),  # assistant → the user message it answers
+    Column("task_id", String(36), nullable=True),
+    Column("remote_id", String(255), nullable=True),
+    Column("inputs", JSON, nullable=True),
+    Column("feedback", JSON, nullable=True),
+    Column("latency", Float, nullable=True),
+    Column("stop_requested", Boolean, nullable=False, default=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+Index("ix_msg_conv_seq", messages.c.conversation_id, messages.c.seq, unique=True)
+Index("ix_msg_task", messages.c.task_id)
+
+memories = Table(
+    "memories",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("app", String(128), nullable=False),
+    Column("user", String(255), nullable=False),
+    Column("text", Text, nullable=False),
+    Column("token_estimate", Integer, nullable=False, default=0),
+    Column("created_at", Float, nullable=False),
+)
+Index("ix_mem_owner", memories.c.app, memories.c.user, memories.c.created_at)
+
+files = Table(
+    "files",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("app", String(128), nullable=False),
+    Column("user", String(255), nullable=False),
+    Column("name", Text, nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("extension", String(32), nullable=False),
+    Column("mime_type", String(128), nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Column("remote", JSON, nullable=False, default=dict),  # {engine_name: remote upload id}
+    Column("created_at", Float, nullable=False),
+)
+Index("ix_files_owner", files.c.app, files.c.user)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("app", String(128), nullable=False),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("prefix", String(16), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("revoked", Boolean, nullable=False, default=False),
+)

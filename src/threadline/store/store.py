@@ -1,0 +1,396 @@
+"""The store: one async API over SQLite (embedded default) and PostgreSQL.
+
+It knows conversations, messages, memory, files and keys, and nothing about providers or surfaces.
+Every list is keyset-paged on an indexed column so page latency does not grow with table size.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import and_, delete, event, func, insert, or_, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from ..errors import ConfigError, NotFoundError
+from .schema import api_keys, conversations, files, memories, messages
+
+_MIGRATIONS = Path(__file__).parent / "migrations"
+
+CONV_SORTS = {"created_at", "-created_at", "updated_at", "-updated_at"}
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _run_migrations(conn: Connection) -> None:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    cfg.attributes["connection"] = conn
+    command.upgrade(cfg, "head")
+
+
+class Store:
+    def __init__(self, database_url: str, *, echo: bool = False) -> None:
+        self.url = database_url
+        self.is_sqlite = database_url.startswith("sqlite")
+        if not (self.is_sqlite or database_url.startswith("postgresql")):
+            raise ConfigError(f"unsupported database_url {database_url.split(':', 1)[0]!r}: use sqlite+aiosqlite or postgresql+asyncpg")
+        kwargs: dict[str, Any] = {"echo": echo}
+        if self.is_sqlite:
+            if ":memory:" in database_url or database_url.rstrip("/").endswith("sqlite+aiosqlite:"):
+                raise ConfigError("use a file for SQLite; an in-memory database is not shared between connections")
+            path = database_url.split(":///", 1)[-1]
+            if path:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": 30}
+        else:
+            kwargs.update(pool_size=20, max_overflow=20, pool_pre_ping=False)
+        self.engine: AsyncEngine = create_async_engine(database_url, **kwargs)
+        if self.is_sqlite:
+            @event.listens_for(self.engine.sync_engine, "connect")
+            def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.close()
+
+    async def migrate(self) -> None:
+        async with self.engine.begin() as conn:
+            await conn.run_sync(_run_migrations)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    # ---- conversations ---------------------------------------------------------------------------
+
+    async def create_conversation(
+        self, *, app: str, user: str, engine: str, name: str = "", inputs: dict[str, Any] | None = None,
+        conversation_id: str | None = None, created_at: float | None = None,
+    ) -> dict[str, Any]:
+        now = created_at or time.time()
+        row = {
+            "id": conversation_id or new_id(), "app": app, "user": user, "engine": engine, "name": name,
+            "inputs": inputs or {}, "remote": {}, "last_seq": 0, "created_at": now, "updated_at": now,
+            "deleted": False, "lock_owner": None, "lock_until": None,
+        }
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(conversations).values(**row))
+        return row
+
+    async def get_conversation(self, conversation_id: str, *, app: str | None, user: str) -> dict[str, Any]:
+        """Someone else's conversation and a missing one raise the same not-found."""
+        conds = [conversations.c.id == conversation_id, conversations.c.user == user,
+                 conversations.c.deleted.is_(False)]
+        if app is not None:
+            conds.append(conversations.c.app == app)
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(conversations).where(*conds))).mappings().first()
+        if row is None:
+            raise NotFoundError("Conversation Not Exists.")
+        return dict(row)
+
+    async def list_conversations(
+        self, *, app: str | None, user: str, last_id: str | None = None, limit: int = 20,
+        sort_by: str = "-updated_at",
+    ) -> tuple[list[dict[str, Any]], bool]:
+        if sort_by not in CONV_SORTS:
+            raise ValueError(f"sort_by must be one of {sorted(CONV_SORTS)}")
+        desc = sort_by.startswith("-")
+        col = conversations.c[sort_by.lstrip("-")]
+        conds = [conversations.c.user == user, conversations.c.deleted.is_(False)]
+        if app is not None:
+            conds.append(conversations.c.app == app)
+        async with self.engine.connect() as conn:
+            if last_id:
+                last = (await conn.execute(
+                    select(col, conversations.c.id).where(conversations.c.id == last_id, *conds)
+                )).first()
+                if last is None:
+                    raise NotFoundError("Last Conversation Not Exists.")
+                v, lid = last
+                if desc:
+                    conds.append(or_(col < v, and_(col == v, conversations.c.id < lid)))
+                else:
+                    conds.append(or_(col > v, and_(col == v, conversations.c.id > lid)))
+            order = (col.desc(), conversations.c.id.desc()) if desc else (col.asc(), conversations.c.id.asc())
+            q = select(conversations).where(*conds).order_by(*order).limit(limit + 1)
+            rows = [dict(r) for r in (await conn.execute(q)).mappings().all()]
+        return rows[:limit], len(rows) > limit
+
+    async def rename_conversation(self, conversation_id: str, *, app: str | None, user: str, name: str) -> dict[str, Any]:
+        conv = await self.get_conversation(conversation_id, app=app, user=user)
+        now = time.time()
+        async with self.engine.begin() as conn:
+            await conn.execute(update(conversations).where(conversations.c.id == conversation_id)
+                               .values(name=name, updated_at=now))
+        conv.update(name=name, updated_at=now)
+        return conv
+
+    async def delete_conversation(self, conversation_id: str, *, app: str | None, user: str) -> None:
+        await self.get_conversation(conversation_id, app=app, user=user)
+        async with self.engine.begin() as conn:
+            await conn.execute(update(conversations).where(conversations.c.id == conversation_id).values(deleted=True))
+
+    async def set_remote(self, conversation_id: str, engine: str, remote_id: str | None, seen_seq: int) -> None:
+        async with self.engine.begin() as conn:
+            cur = (await conn.execute(select(conversations.c.remote).where(conversations.c.id == conversation_id))).scalar()
+            remote = dict(cur or {})
+            if remote_id is None:
+                remote.pop(engine, None)
+            else:
+                remote[engine] = {"id": remote_id, "seq": seen_seq}
+            await conn.execute(update(conversations).where(conversations.c.id == conversation_id).values(remote=remote))
+
+    async def set_conversation_fields(self, conversation_id: str, **values: Any) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(update(conversations).where(conversations.c.id == conversation_id).values(**values))
+
+    # ---- the per-conversation turn lock (works across processes) -------------------------------
+
+    async def try_lock(self, conversation_id: str, owner: str, ttl: float) -> bool:
+        now = time.time()
+        async with self.engine.begin() as conn:
+            res = await conn.execute(
+                update(conversations)
+                .where(conversations.c.id == conversation_id,
+                       or_(conversations.c.lock_until.is_(None), conversations.c.lock_until < now,
+                           conversations.c.lock_owner == owner))
+                .values(lock_owner=owner, lock_until=now + ttl)
+            )
+        return res.rowcount == 1
+
+    async def unlock(self, conversation_id: str, owner: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(update(conversations)
+                               .where(conversations.c.id == conversation_id, conversations.c.lock_owner == owner)
+                               .values(lock_owner=None, lock_until=None))
+
+    # ---- messages ------------------------------------------------------------------------------
+
+    async def begin_turn(
+        self, conversation_id: str, *, user_msg: dict[str, Any], assistant_msg: dict[str, Any],
+        new_conversation: dict[str, Any] | None = None, lock: tuple[str, float] | None = None,
+    ) -> tuple[int, int]:
+        """Write the user message and the assistant placeholder in one transaction.
+
+        The user message is durable before any upstream call. For a new conversation, the
+        conversation row (already holding the turn lock) is inserted in the same transaction.
+        """
+        now = time.time()
+        async with self.engine.begin() as conn:
+            if new_conversation is not None:
+                row = dict(new_conversation)
+                if lock:
+                    row["lock_owner"], row["lock_until"] = lock[0], now + lock[1]
+                row["last_seq"] = 2
+                await conn.execute(insert(conversations).values(**row))
+                seq = 0
+            else:
+                seq = (await conn.execute(
+                    update(conversations).where(conversations.c.id == conversation_id)
+                    .values(last_seq=conversations.c.last_seq + 2, updated_at=now)
+                    .returning(conversations.c.last_seq)
+                )).scalar_one() - 2
+            u = {"conversation_id": conversation_id, "seq": seq + 1, "role": "user", "status": "completed",
+                 "created_at": now, "updated_at": now, "stop_requested": False, **user_msg}
+            a = {"conversation_id": conversation_id, "seq": seq + 2, "role": "assistant", "status": "streaming",
+                 "content": "", "token_estimate": 0, "created_at": now + 1e-6, "updated_at": now,
+                 "stop_requested": False, **assistant_msg}
+            await conn.execute(insert(messages), [u, a])
+        return seq + 1, seq + 2
+
+    async def update_message(self, message_id: str, **values: Any) -> None:
+        values.setdefault("updated_at", time.time())
+        async with self.engine.begin() as conn:
+            await conn.execute(update(messages).where(messages.c.id == message_id).values(**values))
+
+    async def flush_partial(self, message_id: str, content: str, reasoning: str | None) -> bool:
+        """Persist the answer so far; returns True when someone asked (from any process) to stop."""
+        async with self.engine.begin() as conn:
+            res = await conn.execute(
+                update(messages).where(messages.c.id == message_id)
+                .values(content=content, reasoning=reasoning, updated_at=time.time())
+                .returning(messages.c.stop_requested)
+            )
+            return bool(res.scalar())
+
+    async def finish_turn(self, conversation_id: str, message_id: str, lock_owner: str | None,
+                          conversation_values: dict[str, Any] | None = None, **values: Any) -> None:
+        now = time.time()
+        values["updated_at"] = now
+        async with self.engine.begin() as conn:
+            await conn.execute(update(messages).where(messages.c.id == message_id).values(**values))
+            cv: dict[str, Any] = {"updated_at": now, **(conversation_values or {})}
+            if lock_owner:
+                cv.update(lock_owner=None, lock_until=None)
+            await conn.execute(update(conversations).where(conversations.c.id == conversation_id).values(**cv))
+
+    _HISTORY_COLS = (messages.c.seq, messages.c.role, messages.c.content, messages.c.parts, messages.c.reasoning,
+                     messages.c.status, messages.c.token_estimate, messages.c.engine)
+
+    async def history_newest(self, conversation_id: str, *, before_seq: int, limit: int) -> list[dict[str, Any]]:
+        """Newest-first slice of history for packing: only the columns packing needs."""
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(
+                select(*self._HISTORY_COLS)
+                .where(messages.c.conversation_id == conversation_id, messages.c.seq < before_seq)
+                .order_by(messages.c.seq.desc()).limit(limit)
+            )).mappings().all()
+        return [dict(r) for r in rows]
+
+    async def history_range(self, conversation_id: str, *, after_seq: int, before_seq: int) -> list[dict[str, Any]]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(
+                select(*self._HISTORY_COLS)
+                .where(messages.c.conversation_id == conversation_id, messages.c.seq > after_seq,
+                       messages.c.seq < before_seq)
+                .order_by(messages.c.seq.asc())
+            )).mappings().all()
+        return [dict(r) for r in rows]
+
+    async def list_messages(
+        self, conversation_id: str, *, before_seq: int | None = None, limit: int = 100,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Newest `limit` messages older than `before_seq`, returned oldest first."""
+        conds = [messages.c.conversation_id == conversation_id]
+        if before_seq is not None:
+            conds.append(messages.c.seq < before_seq)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(
+                select(messages).where(*conds).order_by(messages.c.seq.desc()).limit(limit + 1)
+            )).mappings().all()
+        out = [dict(r) for r in rows[:limit]]
+        out.reverse()
+        return out, len(rows) > limit
+
+    async def turns_page(
+        self, conversation_id: str, *, first_id: str | None, limit: int,
+    ) -> tuple[list[tuple[dict[str, Any] | None, dict[str, Any]]], bool]:
+        """Dify-style paging: (user message, assistant message) pairs, newest page first."""
+        conds = [messages.c.conversation_id == conversation_id, messages.c.role == "assistant"]
+        async with self.engine.connect() as conn:
+            if first_id:
+                seq = (await conn.execute(select(messages.c.seq).where(
+                    messages.c.id == first_id, messages.c.conversation_id == conversation_id))).scalar()
+                if seq is None:
+                    raise NotFoundError("First Message Not Exists.")
+                conds.append(messages.c.seq < seq)
+            answers = [dict(r) for r in (await conn.execute(
+                select(messages).where(*conds).order_by(messages.c.seq.desc()).limit(limit + 1)
+            )).mappings().all()]
+            has_more = len(answers) > limit
+            answers = answers[:limit]
+            parent_ids = [a["parent_id"] for a in answers if a.get("parent_id")]
+            parents: dict[str, dict[str, Any]] = {}
+            if parent_ids:
+                for r in (await conn.execute(select(messages).where(messages.c.id.in_(parent_ids)))).mappings():
+                    parents[r["id"]] = dict(r)
+        answers.reverse()
+        return [(parents.get(a.get("parent_id") or ""), a) for a in answers], has_more
+
+    async def get_message(self, message_id: str) -> dict[str, Any] | None:
+        async with self.engine.connect() as conn:
+            r = (await conn.execute(select(messages).where(messages.c.id == message_id))).mappings().first()
+        return dict(r) if r else None
+
+    async def message_by_task(self, task_id: str) -> dict[str, Any] | None:
+        async with self.engine.connect() as conn:
+            r = (await conn.execute(select(messages).where(messages.c.task_id == task_id))).mappings().first()
+        return dict(r) if r else None
+
+    async def request_stop(self, message_id: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(update(messages).where(messages.c.id == message_id, messages.c.status == "streaming")
+                               .values(stop_requested=True))
+
+    async def count_messages(self, conversation_id: str) -> int:
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(select(func.count()).select_from(messages)
+                                           .where(messages.c.conversation_id == conversation_id))).scalar_one())
+
+    # ---- memory --------------------------------------------------------------------------------
+
+    async def add_memory(self, *, app: str, user: str, text: str, token_estimate: int) -> dict[str, Any]:
+        row = {"id": new_id(), "app": app, "user": user, "text": text, "token_estimate": token_estimate,
+               "created_at": time.time()}
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(memories).values(**row))
+        return row
+
+    async def list_memory(self, *, app: str, user: str) -> list[dict[str, Any]]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(select(memories).where(memories.c.app == app, memories.c.user == user)
+                                       .order_by(memories.c.created_at.asc()))).mappings().all()
+        return [dict(r) for r in rows]
+
+    async def delete_memory(self, memory_id: str, *, app: str, user: str) -> None:
+        async with self.engine.begin() as conn:
+            res = await conn.execute(delete(memories).where(memories.c.id == memory_id, memories.c.app == app,
+                                                            memories.c.user == user))
+        if res.rowcount == 0:
+            raise NotFoundError("Memory Not Exists.")
+
+    # ---- files ---------------------------------------------------------------------------------
+
+    async def add_file(self, *, app: str, user: str, name: str, data: bytes, mime_type: str, extension: str) -> dict[str, Any]:
+        row = {"id": new_id(), "app": app, "user": user, "name": name, "size": len(data), "extension": extension,
+               "mime_type": mime_type, "data": data, "remote": {}, "created_at": time.time()}
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(files).values(**row))
+        return row
+
+    async def get_file(self, file_id: str, *, app: str | None, user: str | None) -> dict[str, Any]:
+        conds = [files.c.id == file_id]
+        if app is not None:
+            conds.append(files.c.app == app)
+        if user is not None:
+            conds.append(files.c.user == user)
+        async with self.engine.connect() as conn:
+            r = (await conn.execute(select(files).where(*conds))).mappings().first()
+        if r is None:
+            raise NotFoundError("File Not Exists.", code="invalid_param", status=400)
+        return dict(r)
+
+    async def set_file_remote(self, file_id: str, engine: str, remote_id: str) -> None:
+        async with self.engine.begin() as conn:
+            cur = (await conn.execute(select(files.c.remote).where(files.c.id == file_id))).scalar()
+            remote = {**(cur or {}), engine: remote_id}
+            await conn.execute(update(files).where(files.c.id == file_id).values(remote=remote))
+
+    # ---- api keys ------------------------------------------------------------------------------
+
+    async def add_key(self, *, app: str, key_hash: str, prefix: str) -> dict[str, Any]:
+        row = {"id": new_id(), "app": app, "key_hash": key_hash, "prefix": prefix, "created_at": time.time(),
+               "revoked": False}
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(api_keys).values(**row))
+        return row
+
+    async def find_key(self, key_hash: str) -> dict[str, Any] | None:
+        async with self.engine.connect() as conn:
+            r = (await conn.execute(select(api_keys).where(api_keys.c.key_hash == key_hash,
+                                                           api_keys.c.revoked.is_(False)))).mappings().first()
+        return dict(r) if r else None
+
+    async def list_keys(self, app: str | None = None) -> list[dict[str, Any]]:
+        q = select(api_keys).order_by(api_keys.c.created_at)
+        if app:
+            q = q.where(api_keys.c.app == app)
+        async with self.engine.connect() as conn:
+            return [dict(r) for r in (await conn.execute(q)).mappings().all()]
+
+    async def revoke_key(self, key_id_or_prefix: str) -> int:
+        async with self.engine.begin() as conn:
+            res = await conn.execute(update(api_keys).where(
+                or_(api_keys.c.id == key_id_or_prefix, api_keys.c.prefix == key_id_or_prefix)).values(revoked=True))
+        return res.rowcount
