@@ -26,7 +26,14 @@ import httpx
 from .config import AppConfig, EngineConfig, Settings
 from .context import pack, seeded_query, transcript
 from .engines.base import Engine, EngineRequest, build_engine
-from .errors import ConfigError, ConversationBusyError, InvalidParamError, NotFoundError, ThreadlineError
+from .errors import (
+    ConfigError,
+    ConversationBusyError,
+    InvalidParamError,
+    NotFoundError,
+    ThreadlineError,
+    UpstreamError,
+)
 from .messages import (
     AnswerReplaced,
     ChatMessage,
@@ -402,6 +409,10 @@ class Gateway:
             queue.put_nowait(_Stopped())
         except ThreadlineError as exc:
             queue.put_nowait(_Failed(exc))
+        except httpx.TransportError as exc:
+            queue.put_nowait(_Failed(UpstreamError(
+                f"The connection to engine {eng.name!r} broke mid-answer ({type(exc).__name__}).",
+                code="upstream_unavailable", status=502, retryable=True)))
         except Exception as exc:
             log.error("engine %s failed: %s", eng.name, type(exc).__name__)
             queue.put_nowait(_Failed(ThreadlineError(

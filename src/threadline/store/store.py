@@ -23,6 +23,12 @@ from .schema import api_keys, conversations, files, memories, messages
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
+_MSG_DEFAULTS: dict[str, Any] = {
+    "content": "", "parts": None, "reasoning": None, "error": None, "usage": None, "price": None, "engine": None,
+    "model": None, "token_estimate": 0, "parent_id": None, "task_id": None, "remote_id": None, "inputs": None,
+    "feedback": None, "latency": None, "stop_requested": False,
+}
+
 CONV_SORTS = {"created_at", "-created_at", "updated_at", "-updated_at"}
 
 
@@ -201,11 +207,10 @@ class Store:
                     .values(last_seq=conversations.c.last_seq + 2, updated_at=now)
                     .returning(conversations.c.last_seq)
                 )).scalar_one() - 2
-            u = {"conversation_id": conversation_id, "seq": seq + 1, "role": "user", "status": "completed",
-                 "created_at": now, "updated_at": now, "stop_requested": False, **user_msg}
-            a = {"conversation_id": conversation_id, "seq": seq + 2, "role": "assistant", "status": "streaming",
-                 "content": "", "token_estimate": 0, "created_at": now + 1e-6, "updated_at": now,
-                 "stop_requested": False, **assistant_msg}
+            u = {**_MSG_DEFAULTS, "conversation_id": conversation_id, "seq": seq + 1, "role": "user",
+                 "status": "completed", "created_at": now, "updated_at": now, **user_msg}
+            a = {**_MSG_DEFAULTS, "conversation_id": conversation_id, "seq": seq + 2, "role": "assistant",
+                 "status": "streaming", "created_at": now + 1e-6, "updated_at": now, **assistant_msg}
             await conn.execute(insert(messages), [u, a])
         return seq + 1, seq + 2
 

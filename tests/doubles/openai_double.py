@@ -1,0 +1,232 @@
+"""A strict OpenAI-compatible chat-completions double, with the per-provider modes the real
+services show (../shared/reference/providers.md, ../shared/fixtures/providers/):
+
+- `openai`: unknown fields → 400 "Unrecognized request argument supplied: X"; usage chunk with
+  `choices: []` when `stream_options.include_usage` is set.
+- `nim`: unknown fields → 422 application/problem+json (extra_forbidden).
+- `xai`: unknown fields → 400 {"code": "...", "error": "Argument not supported: X"}.
+- `deepseek`: `reasoning_content` deltas, `: keep-alive` comments, usage on the finish chunk;
+  400 if a request message carries `reasoning_content` (R1-era rule).
+Answer shaping: `think_tags` (R1 <think> inside content, split across chunks), `think_no_open`
+(opening tag missing), `reasoning_content`. Faults: `slow` (delay per chunk), `fail_after`
+(connection dropped after N chunks), `rate_limit` (N× 429 with Retry-After first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+ALLOWED = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
+           "top_p", "stop", "seed", "tools", "tool_choice", "n", "user", "response_format", "frequency_penalty",
+           "presence_penalty", "logprobs", "tool_choice", "parallel_tool_calls", "metadata", "store"}
+NIM_ALLOWED = {"model", "messages", "stream", "stream_options", "max_tokens", "temperature", "top_p", "stop", "seed",
+               "tools", "tool_choice"}
+XAI_ALLOWED = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
+               "top_p", "stop", "seed", "tools", "tool_choice", "n", "user", "response_format"}
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"}
+
+
+@dataclass
+class OpenAIDouble:
+    provider: str = "openai"  # openai | nim | xai | deepseek
+    answer_mode: str = "plain"  # plain | think_tags | think_no_open | reasoning_content
+    reasoning: str = "Let me think about this carefully."
+    reply: str | None = None  # fixed answer; default echoes the last user text
+    chunk_size: int = 3
+    slow: float = 0.0
+    fail_after: int | None = None
+    rate_limit: int = 0
+    retry_after: str = "0.05"
+    api_key: str | None = "sk-test-double-key"
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+
+    def reset(self, **kw: Any) -> OpenAIDouble:
+        fresh = OpenAIDouble()
+        for k in fresh.__dataclass_fields__:
+            setattr(self, k, getattr(fresh, k))
+        for k, v in kw.items():
+            setattr(self, k, v)
+        return self
+
+    # ---- validation, as the real services do it ---------------------------------------------------
+
+    def _reject(self, body: dict[str, Any]) -> Response | None:
+        allowed = {"nim": NIM_ALLOWED, "xai": XAI_ALLOWED}.get(self.provider, ALLOWED)
+        for key in body:
+            if key not in allowed:
+                return self._unknown_field(key)
+        if "model" not in body or "messages" not in body:
+            return JSONResponse({"error": {"message": "you must provide a model parameter", "type": "invalid_request_error",
+                                           "param": None, "code": None}}, status_code=400)
+        if body.get("stream_options") is not None and not body.get("stream"):
+            return JSONResponse({"error": {"message": "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                                           "type": "invalid_request_error", "param": "stream_options", "code": None}},
+                                status_code=400)
+        for i, m in enumerate(body["messages"]):
+            if self.provider == "deepseek" and "reasoning_content" in m:
+                return JSONResponse({"error": {"message": "The reasoning_content is an intermediate result for display purposes only and will not be included in the context for inference. Please remove the reasoning_content from your input.",
+                                               "type": "invalid_request_error", "param": None, "code": "invalid_request_error"}},
+                                    status_code=400)
+            extra = set(m) - MESSAGE_KEYS
+            if extra:
+                return self._unknown_field(f"messages[{i}].{sorted(extra)[0]}")
+            if m.get("role") not in ROLES:
+                return JSONResponse({"error": {"message": f"Invalid value: '{m.get('role')}'. Supported values are: 'system', 'assistant', 'user', 'tool', and 'developer'.",
+                                               "type": "invalid_request_error", "param": f"messages[{i}].role", "code": "invalid_value"}},
+                                    status_code=400)
+            content = m.get("content")
+            if isinstance(content, list):
+                for p in content:
+                    if p.get("type") not in ("text", "image_url") or (p["type"] == "image_url" and "url" not in p.get("image_url", {})):
+                        return JSONResponse({"error": {"message": f"Invalid content part in messages[{i}]", "type": "invalid_request_error",
+                                                       "param": f"messages[{i}].content", "code": None}}, status_code=400)
+            elif not isinstance(content, str):
+                return JSONResponse({"error": {"message": f"Invalid type for 'messages[{i}].content'", "type": "invalid_request_error",
+                                               "param": f"messages[{i}].content", "code": "invalid_type"}}, status_code=400)
+        return None
+
+    def _unknown_field(self, key: str) -> Response:
+        if self.provider == "nim":
+            return Response(orjson.dumps({
+                "type": "urn:inference-service:problem-details:unprocessable-entity", "title": "Unprocessable Entity",
+                "status": 422, "detail": f"body -> {key}\n  Extra inputs are not permitted (type=extra_forbidden)",
+                "instance": "/v2/nvcf/pexec/functions/00000000-0000-0000-0000-000000000000",
+                "requestId": str(uuid.uuid4())}), status_code=422, media_type="application/problem+json")
+        if self.provider == "xai":
+            return JSONResponse({"code": "Client specified an invalid argument", "error": f"Argument not supported: {key}"},
+                                status_code=400)
+        return JSONResponse({"error": {"message": f"Unrecognized request argument supplied: {key}",
+                                       "type": "invalid_request_error", "param": None, "code": None}}, status_code=400)
+
+    # ---- answers ---------------------------------------------------------------------------------
+
+    def answer_for(self, body: dict[str, Any]) -> str:
+        if self.reply is not None:
+            return self.reply
+        last = body["messages"][-1]["content"]
+        if isinstance(last, list):
+            last = " ".join(p.get("text", "") for p in last if p.get("type") == "text")
+        return f"Answer to: {last}"
+
+    def _content_stream(self, answer: str) -> list[tuple[str, str]]:
+        """(field, piece) pairs in the order the provider would stream them."""
+        n = self.chunk_size
+        if self.answer_mode == "think_tags":
+            full = f"<think>{self.reasoning}</think>\n\n{answer}"
+            return [("content", full[i:i + n]) for i in range(0, len(full), n)]
+        if self.answer_mode == "think_no_open":
+            full = f"{self.reasoning}</think>\n\n{answer}"
+            return [("content", full[i:i + n]) for i in range(0, len(full), n)]
+        out: list[tuple[str, str]] = []
+        if self.answer_mode == "reasoning_content":
+            out += [("reasoning_content", self.reasoning[i:i + n]) for i in range(0, len(self.reasoning), n)]
+        out += [("content", answer[i:i + n]) for i in range(0, len(answer), n)]
+        return out
+
+    def usage(self, body: dict[str, Any], answer: str) -> dict[str, Any]:
+        prompt = sum(len(orjson.dumps(m.get("content"))) // 4 + 4 for m in body["messages"])
+        completion = max(1, len(answer) // 4)
+        reasoning = len(self.reasoning) // 4 if self.answer_mode != "plain" else 0
+        return {"prompt_tokens": prompt, "completion_tokens": completion + reasoning,
+                "total_tokens": prompt + completion + reasoning,
+                "completion_tokens_details": {"reasoning_tokens": reasoning}}
+
+    async def handle(self, request: Request) -> Response:
+        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return JSONResponse({"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
+                                           "param": None, "code": "invalid_api_key"}}, status_code=401)
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            return JSONResponse({"error": {"message": "We could not parse the JSON body of your request.",
+                                           "type": "invalid_request_error", "param": None, "code": None}}, status_code=400)
+        self.requests.append(body)
+        self.headers.append(dict(request.headers))
+        if self.rate_limit > 0:
+            self.rate_limit -= 1
+            return JSONResponse({"error": {"message": "Rate limit reached for requests", "type": "requests",
+                                           "param": None, "code": "rate_limit_exceeded"}}, status_code=429,
+                                headers={"retry-after": self.retry_after, "x-ratelimit-reset-requests": "50ms"})
+        bad = self._reject(body)
+        if bad is not None:
+            return bad
+        answer = self.answer_for(body)
+        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        model = body["model"]
+        if not body.get("stream"):
+            msg: dict[str, Any] = {"role": "assistant", "content": None, "refusal": None}
+            if self.answer_mode == "think_tags":
+                msg["content"] = f"<think>{self.reasoning}</think>\n\n{answer}"
+            elif self.answer_mode == "think_no_open":
+                msg["content"] = f"{self.reasoning}</think>\n\n{answer}"
+            else:
+                msg["content"] = answer
+                if self.answer_mode == "reasoning_content":
+                    msg["reasoning_content"] = self.reasoning
+            if self.slow:
+                await asyncio.sleep(self.slow)
+            return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": model,
+                                 "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": "stop"}],
+                                 "usage": self.usage(body, answer), "system_fingerprint": "fp_double"})
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        pieces = self._content_stream(answer)
+
+        async def gen():  # type: ignore[no-untyped-def]
+            def frame(delta: dict[str, Any], finish: str | None = None, usage: Any = None, choices: bool = True) -> bytes:
+                chunk: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                                         "system_fingerprint": "fp_double",
+                                         "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                      "finish_reason": finish}] if choices else []}
+                if self.provider in ("openai", "deepseek"):
+                    chunk["usage"] = usage
+                return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+            if self.provider == "deepseek":
+                yield b": keep-alive\n\n"
+            first: dict[str, Any] = {"role": "assistant", "content": ""}
+            if self.provider == "deepseek":
+                first = {"role": "assistant", "content": None, "reasoning_content": ""}
+            yield frame(first)
+            for i, (fld, piece) in enumerate(pieces):
+                if self.fail_after is not None and i >= self.fail_after:
+                    raise ConnectionResetError("double: upstream killed mid-stream")
+                if self.slow:
+                    await asyncio.sleep(self.slow)
+                delta = {fld: piece}
+                if self.provider == "deepseek":
+                    delta = {"content": piece if fld == "content" else None,
+                             "reasoning_content": piece if fld == "reasoning_content" else None}
+                yield frame(delta)
+            if self.provider == "deepseek":
+                yield frame({"content": "", "reasoning_content": None}, "stop",
+                            self.usage(body, answer) if include_usage else None)
+            else:
+                yield frame({}, "stop")
+                if include_usage:
+                    yield frame({}, None, self.usage(body, answer), choices=False)
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    def app(self) -> Starlette:
+        async def models(_: Request) -> Response:
+            return JSONResponse({"object": "list", "data": [{"id": "m", "object": "model", "created": 0, "owned_by": "double"}]})
+
+        return Starlette(routes=[
+            Route("/v1/chat/completions", self.handle, methods=["POST"]),
+            Route("/chat/completions", self.handle, methods=["POST"]),
+            Route("/v1/models", models),
+        ])
