@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -55,6 +56,9 @@ from .tokens import Calibration, estimate_message, estimate_text
 
 log = logging.getLogger("threadline.gateway")
 
+# [seconds spent waiting on engines, start of the current wait or 0] — read by the server's overhead header.
+upstream_time: contextvars.ContextVar[list[float]] = contextvars.ContextVar("upstream_time", default=[0.0, 0.0])
+
 FLUSH_INTERVAL = 0.5
 LOCK_TTL = 900.0
 DEFAULT_APP = "default"
@@ -79,6 +83,7 @@ class RunningTurn:
     producer: asyncio.Task[None] | None = None
     remote_task_id: str | None = None
     stop_requested: bool = False
+    first_token_at: float = 0.0
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -217,6 +222,7 @@ class Gateway:
         inputs: dict[str, Any] | None = None,
         workflow_id: str | None = None,
         auto_generate_name: bool = True,
+        extra_system: list[str] | None = None,
     ) -> AsyncIterator[TurnEvent]:
         """Yield TurnStarted, deltas, then TurnCompleted or TurnFailed. Never raises after TurnStarted."""
         if not user:
@@ -225,6 +231,8 @@ class Gateway:
             raise InvalidParamError("query is required")
         await self.start()
         app_cfg = self.app_config(app, engine)
+        if extra_system:
+            app_cfg = replace(app_cfg, system=[*app_cfg.system, *extra_system])
         engine_name = engine or app_cfg.engine
         eng = self.engine(engine_name)
         imgs = self.normalize_images(images, files)
@@ -301,9 +309,13 @@ class Gateway:
                     ev = await queue.get()
                     if isinstance(ev, TextDelta):
                         answer.append(ev.text)
+                        if not running.first_token_at:
+                            running.first_token_at = time.time()
                         yield ev
                     elif isinstance(ev, ReasoningDelta):
                         reasoning.append(ev.text)
+                        if not running.first_token_at:
+                            running.first_token_at = time.time()
                         yield ev
                     elif isinstance(ev, AnswerReplaced):
                         if ev.reason == "no_think_tags":
@@ -398,11 +410,18 @@ class Gateway:
         running.done.set()
         return Reply(answer=text, reasoning=reasoning_text, conversation_id=cid, message_id=running.message_id,
                      user_message_id=running.user_message_id, task_id=running.task_id, usage=usage, status=status, engine=eng.name,
-                     model=eng.model, created_at=started, latency=latency, price=price, error=err)
+                     model=eng.model, created_at=started, latency=latency, price=price, error=err,
+                     time_to_first_token=(running.first_token_at - started) if running.first_token_at else 0.0)
 
     async def _produce(self, eng: Engine, req: EngineRequest, queue: asyncio.Queue[Any]) -> None:
+        acc = upstream_time.get()
+        acc[1] = time.perf_counter()
         try:
             async for ev in eng.events(req):
+                if acc[1]:
+                    now = time.perf_counter()
+                    acc[0] += now - acc[1]
+                    acc[1] = 0.0  # first event: the engine has answered; what follows is streaming
                 queue.put_nowait(ev)
             queue.put_nowait(_END)
         except asyncio.CancelledError:
@@ -417,6 +436,10 @@ class Gateway:
             log.error("engine %s failed: %s", eng.name, type(exc).__name__)
             queue.put_nowait(_Failed(ThreadlineError(
                 f"The engine failed unexpectedly ({type(exc).__name__}).", code="upstream_error", status=502)))
+        finally:
+            if acc[1]:
+                acc[0] += time.perf_counter() - acc[1]
+                acc[1] = 0.0
 
     async def _request(
         self, conv: dict[str, Any], app_cfg: AppConfig, user: str, eng: Engine, query: str, imgs: list[ImagePart],
@@ -456,6 +479,43 @@ class Gateway:
         if packed.file_ids:
             await self._hydrate([i for m in packed.messages for i in m.images if i.file_id], app_cfg.name, user)
         return EngineRequest(messages=packed.messages, system=packed.system, stream=stream), packed.estimated_tokens
+
+    async def import_history(self, *, app: str, user: str, engine: str, turns: list[tuple[str, str]],
+                             name: str = "") -> str:
+        """Store turns a caller already had (an OpenAI client's message list, a Dify export) as a new
+        conversation, so the next turn continues it on any engine."""
+        await self.start()
+        cid = new_id()
+        now = time.time()
+        conv = {"id": cid, "app": app, "user": user, "engine": engine, "name": name, "inputs": {}, "remote": {},
+                "last_seq": 0, "created_at": now, "updated_at": now, "deleted": False}
+        pending_user: str | None = None
+        first = True
+        for role, text in [*turns, ("user", None)]:
+            if role == "user":
+                if pending_user is not None:
+                    await self._import_pair(cid, conv if first else None, engine, pending_user, "")
+                    first = False
+                pending_user = text
+            else:
+                await self._import_pair(cid, conv if first else None, engine, pending_user or "", text or "")
+                first, pending_user = False, None
+        if first:
+            await self.store.create_conversation(app=app, user=user, engine=engine, conversation_id=cid, name=name)
+        if not name and turns:
+            await self.store.set_conversation_fields(cid, name=(turns[0][1] or "")[:60])
+        return cid
+
+    async def _import_pair(self, cid: str, new_conv: dict[str, Any] | None, engine: str, q: str, a: str,
+                           created_at: float | None = None, remote_id: str | None = None,
+                           inputs: dict[str, Any] | None = None, status: str = "completed") -> None:
+        uid, aid = new_id(), new_id()
+        await self.store.begin_turn(
+            cid, user_msg={"id": uid, "content": q, "engine": engine, "token_estimate": estimate_message(q),
+                           "inputs": inputs},
+            assistant_msg={"id": aid, "parent_id": uid, "engine": engine}, new_conversation=new_conv)
+        await self.store.finish_turn(cid, aid, None, content=a, status=status, token_estimate=estimate_message(a),
+                                     remote_id=remote_id)
 
     # ---- stop ------------------------------------------------------------------------------------
 

@@ -153,6 +153,7 @@ class Reply:
     latency: float = 0.0
     price: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    time_to_first_token: float = 0.0
 
 
 @dataclass(slots=True)

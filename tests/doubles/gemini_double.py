@@ -55,6 +55,19 @@ def _unknown(body: Any, schema: Any, path: str) -> tuple[str, str] | None:
     return None
 
 
+def _camel(obj: Any) -> Any:
+    """The proto JSON mapping accepts snake_case too (google-genai sends some of it)."""
+    if isinstance(obj, list):
+        return [_camel(x) for x in obj]
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            head, *rest = k.split("_")
+            out[head + "".join(w.title() for w in rest)] = v if k in ("data",) else _camel(v)
+        return out
+    return obj
+
+
 def _error(code: int, status: str, message: str, details: list[Any] | None = None) -> JSONResponse:
     err: dict[str, Any] = {"code": code, "message": message, "status": status}
     if details:
@@ -112,7 +125,7 @@ class GeminiDouble:
                           [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
                             "domain": "googleapis.com"}])
         try:
-            body = orjson.loads(await request.body())
+            body = _camel(orjson.loads(await request.body()))
         except orjson.JSONDecodeError:
             return _error(400, "INVALID_ARGUMENT", "Invalid JSON payload received.")
         self.requests.append(body)

@@ -1,0 +1,248 @@
+"""`threadline` — serve, chat, conversations, show, engines, keys.
+
+The CLI is a thin caller of the core (AsyncThreadline / Gateway); it holds no turn logic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .api import AsyncThreadline
+from .config import Settings
+from .errors import ThreadlineError
+from .messages import ReasoningDelta, TextDelta, TurnCompleted, TurnStarted
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="One conversation API for every chat engine.")
+keys_app = typer.Typer(no_args_is_help=True, help="Manage app keys for the HTTP API.")
+app.add_typer(keys_app, name="keys")
+console = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[str | None, typer.Option("--config", help="Path to threadline.toml.")]
+
+
+def load_settings(config: str | None) -> Settings:
+    path = config or os.environ.get("THREADLINE_CONFIG")
+    if path is None and Path("threadline.toml").exists():
+        path = "threadline.toml"
+    return Settings.from_file(path)
+
+
+def _fail(exc: ThreadlineError) -> None:
+    err.print(f"[red]error[/red] [{exc.code}] {exc.message}")
+    raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    open_access: Annotated[bool, typer.Option("--open", help="Local single-user mode: no app key needed.")] = False,
+) -> None:
+    """Run the HTTP server: Dify-compatible and OpenAI-compatible APIs, and the web page at /."""
+    import uvicorn
+
+    from .server.app import create_app
+
+    try:
+        settings = load_settings(config)
+    except ThreadlineError as exc:
+        _fail(exc)
+    application = create_app(settings, open_access=open_access)
+    console.print(f"Threadline on http://{host}:{port}  (store: {settings.database_url.split('://')[0]}, "
+                  f"default engine: {settings.default_engine or 'none'})")
+    uvicorn.run(application, host=host, port=port, log_level="info", access_log=False,
+                loop="auto", http="auto")
+
+
+@app.command()
+def chat(
+    engine: Annotated[str | None, typer.Option("-e", "--engine", help="Engine for this session.")] = None,
+    app_name: Annotated[str | None, typer.Option("-a", "--app", help="App (engine + system modules).")] = None,
+    conversation: Annotated[str | None, typer.Option("-c", "--cid", help="Continue this conversation id.")] = None,
+    cont: Annotated[bool, typer.Option("--continue", help="Continue the most recent conversation.")] = False,
+    image: Annotated[list[str] | None, typer.Option("--image", help="Image URL for the first message.")] = None,
+    user: Annotated[str | None, typer.Option("--user", help="User id (default: your login).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """A streaming chat REPL. Ctrl-C stops the answer and keeps what came; Ctrl-D quits."""
+    user = user or getpass.getuser()
+    asyncio.run(_chat(load_settings(config), engine, app_name, conversation, cont, image or [], user))
+
+
+async def _chat(settings: Settings, engine: str | None, app_name: str | None, cid: str | None, cont: bool,
+                images: list[str], user: str) -> None:
+    tl = AsyncThreadline(settings=settings)
+    try:
+        if cont and not cid:
+            convs = await tl.conversations(user=user, app=app_name, limit=1)
+            cid = convs[0].id if convs else None
+        if cid:
+            for m in await tl.messages(cid, user=user, app=app_name, limit=20):
+                style = "bold cyan" if m.role == "user" else ""
+                console.print(f"[{style}]{m.role}>[/{style}] {m.content}" if style else f"{m.role}> {m.content}")
+        label = engine or (settings.apps[app_name].engine if app_name in settings.apps else settings.default_engine)
+        console.print(f"[dim]engine: {label} · Ctrl-C stops an answer · Ctrl-D quits[/dim]")
+        while True:
+            try:
+                text = await asyncio.to_thread(console.input, "[bold cyan]you>[/bold cyan] ")
+            except (EOFError, KeyboardInterrupt):
+                console.print()
+                return
+            if not text.strip():
+                continue
+            task = asyncio.create_task(_one_turn(tl, text, user, app_name, cid, engine, images))
+            try:
+                cid = await asyncio.shield(task) or cid
+            except KeyboardInterrupt:
+                task.cancel()
+            except ThreadlineError as exc:
+                err.print(f"[red]error[/red] [{exc.code}] {exc.message}")
+            images = []
+    finally:
+        await tl.aclose()
+
+
+async def _one_turn(tl: AsyncThreadline, text: str, user: str, app_name: str | None, cid: str | None,
+                    engine: str | None, images: list[str]) -> str | None:
+    in_reasoning = False
+    new_cid = cid
+    try:
+        async for ev in tl.stream(text, user=user, app=app_name, conversation_id=cid, engine=engine, images=images):
+            if isinstance(ev, TurnStarted):
+                new_cid = ev.conversation_id
+            elif isinstance(ev, ReasoningDelta):
+                if not in_reasoning:
+                    console.print("[dim]thinking: [/dim]", end="")
+                    in_reasoning = True
+                console.print(f"[dim]{ev.text}[/dim]", end="", markup=False, highlight=False, style="dim")
+            elif isinstance(ev, TextDelta):
+                if in_reasoning:
+                    console.print()
+                    in_reasoning = False
+                console.print(ev.text, end="", markup=False, highlight=False)
+            elif isinstance(ev, TurnCompleted):
+                u = ev.reply.usage
+                status = "" if ev.reply.status == "completed" else f" · {ev.reply.status}"
+                console.print(f"\n[dim]{u.prompt_tokens} in · {u.completion_tokens} out"
+                              f"{' (est.)' if u.estimated else ''} · {ev.reply.latency:.2f}s · "
+                              f"{ev.reply.engine}{status}[/dim]")
+    except asyncio.CancelledError:
+        console.print("\n[dim](stopped; partial answer kept)[/dim]")
+    return new_cid
+
+
+@app.command()
+def conversations(
+    user: Annotated[str | None, typer.Option("--user")] = None,
+    app_name: Annotated[str | None, typer.Option("-a", "--app")] = None,
+    limit: int = 20,
+    config: ConfigOpt = None,
+) -> None:
+    """List conversations, most recently updated first."""
+    user = user or getpass.getuser()
+
+    async def run() -> None:
+        tl = AsyncThreadline(settings=load_settings(config))
+        try:
+            rows = await tl.conversations(user=user, app=app_name, limit=limit)
+        finally:
+            await tl.aclose()
+        t = Table("id", "name", "engine", "updated")
+        import datetime as dt
+
+        for c in rows:
+            t.add_row(c.id, c.name, c.engine, dt.datetime.fromtimestamp(c.updated_at).strftime("%Y-%m-%d %H:%M"))
+        console.print(t)
+
+    asyncio.run(run())
+
+
+@app.command()
+def show(
+    conversation_id: str,
+    user: Annotated[str | None, typer.Option("--user")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Print a conversation's messages."""
+    user = user or getpass.getuser()
+
+    async def run() -> None:
+        tl = AsyncThreadline(settings=load_settings(config))
+        try:
+            msgs = await tl.messages(conversation_id, user=user)
+        except ThreadlineError as exc:
+            _fail(exc)
+        finally:
+            await tl.aclose()
+        for m in msgs:
+            extra = f" [{m.status}]" if m.status not in ("completed",) else ""
+            console.print(f"[bold]{m.role}[/bold] ({m.engine}){extra}: {m.content}", markup=True, highlight=False)
+
+    asyncio.run(run())
+
+
+@app.command()
+def engines(config: ConfigOpt = None) -> None:
+    """Configured engines and presets, whether each is usable, and why not."""
+    s = load_settings(config)
+    t = Table("engine", "kind", "model", "status")
+    for name, e in s.engines.items():
+        status = "[green]ready[/green]" if not e.missing else f"[yellow]unavailable[/yellow]: {e.missing}"
+        if name == s.default_engine:
+            status += " (default)"
+        t.add_row(name, e.kind, e.model, status)
+    console.print(t)
+
+
+@keys_app.command("create")
+def keys_create(
+    app_name: Annotated[str, typer.Option("--app", help="App the key selects.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Create an app key. It is printed once, alone on the last line; only its hash is stored."""
+    from .server.keys import create_key
+
+    s = load_settings(config)
+    if app_name not in s.apps and app_name != "default":
+        err.print(f"[red]error[/red] app {app_name!r} is not configured")
+        raise typer.Exit(1)
+    key = asyncio.run(create_key(s, app_name))
+    console.print(f"Key for app {app_name!r} (shown once):", highlight=False)
+    print(key)
+
+
+@keys_app.command("list")
+def keys_list(config: ConfigOpt = None) -> None:
+    from .server.keys import list_keys
+
+    rows = asyncio.run(list_keys(load_settings(config)))
+    t = Table("id", "prefix", "app", "revoked")
+    for r in rows:
+        t.add_row(r["id"], r["prefix"] + "…", r["app"], "yes" if r["revoked"] else "no")
+    console.print(t)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, config: ConfigOpt = None) -> None:
+    """Revoke by key id or prefix."""
+    from .server.keys import revoke_key
+
+    n = asyncio.run(revoke_key(load_settings(config), key_id))
+    if not n:
+        err.print("[red]error[/red] no such key")
+        raise typer.Exit(1)
+    console.print(f"revoked {n} key(s)")
+
+
+def main() -> None:
+    app()

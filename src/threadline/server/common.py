@@ -1,0 +1,126 @@
+"""Shared server plumbing: app state, auth by app key, JSON helpers and Dify-shaped errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..config import AppConfig
+from ..errors import ThreadlineError
+from ..gateway import Gateway
+from .keys import hash_key
+
+
+@dataclass
+class ServerState:
+    gateway: Gateway
+    open_access: bool = False
+
+
+class HTTPError(Exception):
+    """An error rendered in Dify's `{code, message, status}` shape (or OpenAI's on /chat/completions)."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def dify_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps({"code": code, "message": message, "status": status}) + b"\n", status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+def from_threadline(exc: ThreadlineError) -> HTTPError:
+    return HTTPError(exc.status, exc.code, exc.message)
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data) + b"\n", status_code=status, media_type="application/json")
+
+
+def spaced_json(data: Any) -> Response:
+    """Dify's blocking chat body is `json.dumps` with spaces and no trailing newline."""
+    return Response(json.dumps(data, ensure_ascii=False), media_type="application/json; charset=utf-8")
+
+
+def state(request: Request) -> ServerState:
+    return request.app.state.tl
+
+
+async def authenticate(request: Request) -> AppConfig:
+    """A Bearer app key selects the app, exactly as a Dify app key does."""
+    st = state(request)
+    header = request.headers.get("authorization")
+    gw = st.gateway
+    if header is None or " " not in header.strip():
+        if st.open_access:
+            return gw.app_config(None)
+        raise HTTPError(401, "unauthorized", "Authorization header must be provided and start with 'Bearer'",
+                        {"WWW-Authenticate": 'Bearer realm="api"'})
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        raise HTTPError(401, "unauthorized", "Authorization scheme must be 'Bearer'",
+                        {"WWW-Authenticate": 'Bearer realm="api"'})
+    token = token.strip()
+    cache: dict[str, str] = request.app.state.key_cache
+    app_name = cache.get(token)
+    if app_name is None:
+        row = await gw.store.find_key(hash_key(token))
+        if row is None:
+            if st.open_access:
+                return gw.app_config(None)
+            raise HTTPError(401, "unauthorized", "Access token is invalid", {"WWW-Authenticate": 'Bearer realm="api"'})
+        app_name = row["app"]
+        if len(cache) < 10_000:
+            cache[token] = app_name
+    try:
+        return gw.app_config(None if app_name == "default" else app_name)
+    except ThreadlineError:
+        raise HTTPError(403, "forbidden", "The app no longer exists.") from None
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """Parse a JSON body with Dify's answers for missing, empty and malformed bodies."""
+    ctype = request.headers.get("content-type", "")
+    body = await request.body()
+    if "json" not in ctype:
+        if not body:
+            raise HTTPError(415, "unsupported_media_type",
+                            "Did not attempt to load JSON data because the request Content-Type was not 'application/json'.")
+    if not body:
+        raise HTTPError(400, "bad_request", "The browser (or proxy) sent a request that this server could not understand.")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise HTTPError(400, "bad_request",
+                        "The browser (or proxy) sent a request that this server could not understand.") from None
+    if not isinstance(data, dict):
+        raise HTTPError(400, "invalid_param", "Invalid JSON payload received or JSON payload is empty.")
+    return data
+
+
+def dify_usage(usage: dict[str, Any] | None, price: dict[str, Any] | None, latency: float,
+               ttft: float = 0.0) -> dict[str, Any]:
+    u = usage or {}
+    p = price or {}
+    return {
+        "prompt_tokens": int(u.get("prompt_tokens") or 0),
+        "prompt_unit_price": str(p.get("prompt_unit_price", "0.0")),
+        "prompt_price_unit": str(p.get("prompt_price_unit", "0.0")),
+        "prompt_price": str(p.get("prompt_price", "0.0")),
+        "completion_tokens": int(u.get("completion_tokens") or 0),
+        "completion_unit_price": str(p.get("completion_unit_price", "0.0")),
+        "completion_price_unit": str(p.get("completion_price_unit", "0.0")),
+        "completion_price": str(p.get("completion_price", "0.0")),
+        "total_tokens": int(u.get("total_tokens") or 0),
+        "total_price": str(p.get("total_price", "0.0")),
+        "currency": str(p.get("currency", "USD")),
+        "latency": float(latency or 0.0),
+        "time_to_first_token": round(float(ttft or 0.0), 3),
+        "time_to_generate": round(max(0.0, float(latency or 0.0) - float(ttft or 0.0)), 3),
+    }

@@ -1,0 +1,314 @@
+"""The Dify-compatible and OpenAI-compatible surfaces against a live `threadline serve`-style server
+on 127.0.0.1, with a stateless engine double behind the app."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import SHARED
+from tests.doubles.live import LiveServer
+from threadline.config import Settings
+from threadline.server.app import create_app
+from threadline.server.keys import create_key
+
+FIXTURES = SHARED / "fixtures" / "dify"
+SEEDS = SHARED / "seeds"
+
+
+@pytest.fixture
+def server(oai, image_host, tmp_path):
+    d, url = oai
+    settings = Settings.build(
+        database_url=f"sqlite+aiosqlite:///{tmp_path}/srv.db",
+        engines={"acc": {"kind": "openai", "base_url": f"{url}/v1", "api_key": "sk-test-double-key", "model": "m"}},
+        apps={"demo": {"engine": "acc", "system": ["You are terse."], "opening_statement": "Hi!"}},
+        include_presets=False,
+    )
+    import asyncio
+
+    key = asyncio.run(create_key(settings, "demo"))
+    srv = LiveServer(create_app(settings)).start()
+    yield srv.url, key, d
+    srv.stop()
+
+
+def fixture(name: str) -> dict:
+    return json.loads((FIXTURES / f"{name}.json").read_text())
+
+
+def same_shape(ours, theirs, path="$"):
+    """Same keys (ours may add), same JSON types, recursively (first list item)."""
+    if isinstance(theirs, dict):
+        assert isinstance(ours, dict), path
+        missing = set(theirs) - set(ours)
+        assert not missing, f"{path}: missing keys {missing}"
+        for k in theirs:
+            if k in ("inputs", "tool_icons"):  # app-defined contents
+                assert isinstance(ours[k], dict)
+                continue
+            if theirs[k] is not None and ours[k] is not None:
+                same_shape(ours[k], theirs[k], f"{path}.{k}")
+    elif isinstance(theirs, list):
+        assert isinstance(ours, list), path
+        if theirs and ours:
+            same_shape(ours[0], theirs[0], f"{path}[0]")
+    elif isinstance(theirs, bool):
+        assert isinstance(ours, bool), path
+    elif isinstance(theirs, int | float):
+        assert isinstance(ours, int | float) and not isinstance(ours, bool), path
+    else:
+        assert type(ours) is type(theirs), f"{path}: {type(ours)} vs {type(theirs)}"
+
+
+def run_seed(script: str, base: str, key: str, tmp_path: Path, image_url: str) -> str:
+    """Run the user's own script unchanged except API_BASE, the key, and the public image URL."""
+    src = (SEEDS / script).read_text()
+    src = src.replace('API_BASE = "https://api.dify.ai/v1"', f'API_BASE = "{base}/v1"')
+    src = src.replace("https://cloud.dify.ai/logo/logo-site.png", image_url)
+    p = tmp_path / script
+    p.write_text(src)
+    env = {**os.environ, "DIFY_API_KEY": key}
+    out = subprocess.run([sys.executable, str(p)], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_seed_single_turn_script_runs_unchanged(server, tmp_path, image_host):
+    base, key, d = server
+    out = run_seed("single_turn.py", base, key, tmp_path, f"{image_host}/img/blue.png")
+    assert "Answer: Answer to:" in out and "Conversation ID:" in out
+    last = d.requests[-1]["messages"][-1]["content"]
+    assert {"type": "image_url", "image_url": {"url": f"{image_host}/img/blue.png"}} in last
+
+
+def test_seed_multi_turn_script_carries_turn_one_into_turn_two(server, tmp_path, image_host):
+    base, key, d = server
+    out = run_seed("multi_turn.py", base, key, tmp_path, f"{image_host}/img/blue.png")
+    assert "[Turn 2] Answer: Answer to: 好的" in out
+    turn2 = d.requests[-1]["messages"]
+    assert [m["role"] for m in turn2] == ["system", "user", "assistant", "user"]
+    assert "请根据这张图片" in json.dumps(turn2[1]["content"], ensure_ascii=False)
+    assert "[History] has_more: False" in out
+    assert out.count("  A: Answer to:") == 2
+
+
+def test_blocking_and_streaming_shapes_match_recorded_dify(server):
+    base, key, _ = server
+    h = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=base, headers=h) as c:
+        r = c.post("/v1/chat-messages", json={"inputs": {}, "query": "hello", "user": "alice", "response_mode": "blocking",
+                                              "conversation_id": ""})
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("application/json")
+        assert float(r.headers["x-threadline-overhead-ms"]) >= 0
+        same_shape(r.json(), fixture("010-blocking-new")["response"]["json"])
+        assert list(r.json()) == list(fixture("010-blocking-new")["response"]["json"])
+        cid = r.json()["conversation_id"]
+        with c.stream("POST", "/v1/chat-messages", json={"inputs": {}, "query": "stream me", "user": "alice",
+                                                          "response_mode": "streaming", "conversation_id": cid}) as s:
+            raw = s.read().decode()
+        assert raw.startswith("event: ping\n\n")
+        events = [json.loads(line[6:]) for line in raw.split("\n\n") if line.startswith("data: ")]
+        kinds = [e["event"] for e in events]
+        assert kinds[-1] == "message_end" and "message" in kinds
+        recorded = [json.loads(x[6:]) for x in (FIXTURES / "020-stream-new.sse").read_text().split("\n\n") if x.startswith("data: ")]
+        rec = {e["event"]: e for e in recorded}
+        same_shape(next(e for e in events if e["event"] == "message"), rec["message"])
+        end = events[-1]
+        same_shape(end, rec["message_end"])
+        assert all(isinstance(end["metadata"]["usage"][k], str) for k in ("prompt_price", "total_price"))
+        assert "".join(e["answer"] for e in events if e["event"] == "message") == "Answer to: stream me"
+        m = c.get("/v1/messages", params={"conversation_id": cid, "user": "alice"}).json()
+        same_shape(m, fixture("040-messages-default")["response"]["json"])
+        assert [x["query"] for x in m["data"]] == ["hello", "stream me"]
+        convs = c.get("/v1/conversations", params={"user": "alice", "limit": 2}).json()
+        same_shape(convs, fixture("050-conversations-limit2")["response"]["json"])
+        renamed = c.post(f"/v1/conversations/{cid}/name", json={"name": "Renamed chat", "user": "alice"})
+        same_shape(renamed.json(), fixture("054-rename")["response"]["json"])
+        assert renamed.json()["name"] == "Renamed chat"
+        assert c.post(f"/v1/messages/{m['data'][0]['id']}/feedbacks", json={"rating": "like", "user": "alice"}).json() == {"result": "success"}
+        for path, name in [("/v1/parameters", "001-parameters"), ("/v1/info", "002-info"), ("/v1/meta", "003-meta")]:
+            same_shape(c.get(path).json(), fixture(name)["response"]["json"])
+        d = c.request("DELETE", f"/v1/conversations/{cid}", json={"user": "alice"})
+        assert d.status_code == 204 and d.content == b""
+
+
+ERROR_CASES = ["061-delete-again", "080-err-unknown-conversation", "081-err-other-users-conversation",
+               "083-err-conversation-id-not-uuid", "084-err-missing-query", "085-err-empty-query",
+               "086-err-missing-user", "087-err-bad-api-key", "088-err-no-auth-header", "089-err-auth-not-bearer",
+               "090-err-empty-body-json", "091-err-no-body", "092-err-empty-object", "093-err-invalid-json",
+               "094-err-invalid-response-mode", "095-err-files-missing-upload-id", "096-err-files-unknown-upload-id",
+               "098-err-files-bad-transfer-method", "100-err-files-not-a-list", "113-err-upload-no-file",
+               "115-err-upload-json", "116-err-messages-unknown-conversation",
+               "117-err-messages-missing-conversation-id", "118-err-conversations-limit-too-big",
+               "119-err-rename-other-user", "120-err-delete-unknown", "122-err-wrong-method",
+               "056-rename-missing-name", "111-err-upload-blocked-extension", "110-err-upload-too-large",
+               "114-err-upload-two-files"]
+
+
+@pytest.mark.parametrize("name", ERROR_CASES)
+def test_recorded_error_cases_get_the_same_status_and_shape(server, name):
+    base, key, _ = server
+    fx = fixture(name)
+    req = fx["request"]
+    headers = {k: v for k, v in req["headers"].items() if k.lower() not in ("content-length", "host")}
+    if "Authorization" in headers:
+        headers["Authorization"] = headers["Authorization"].replace("<KEY>", key)
+    with httpx.Client(base_url=base) as c:
+        # conversations the recording refers to exist here under our own ids
+        own = c.post("/v1/chat-messages", headers={"Authorization": f"Bearer {key}"},
+                     json={"query": "hello", "user": "alice", "inputs": {}}).json()["conversation_id"]
+        url = req["url"]
+        for old in ("9d3e3d72-a6a8-4a7e-989c-12cbe5bd7524",):
+            url = url.replace(old, own)
+        params = dict(req.get("query") or {})
+        if params.get("conversation_id") == "9d3e3d72-a6a8-4a7e-989c-12cbe5bd7524":
+            params["conversation_id"] = own
+        kwargs: dict = {"headers": headers, "params": params}
+        if "json" in req and req["json"] is not None:
+            body = dict(req["json"]) if isinstance(req["json"], dict) else req["json"]
+            if isinstance(body, dict) and body.get("conversation_id") == "9d3e3d72-a6a8-4a7e-989c-12cbe5bd7524":
+                body["conversation_id"] = own
+            kwargs["content"] = json.dumps(body)
+        elif "body_raw" in req:
+            kwargs["content"] = req["body_raw"] or b""
+        elif "multipart" in req:
+            mp = req["multipart"]
+            headers.pop("Content-Type", None)
+            files = []
+            flist = mp.get("files") or ([mp["file"]] if mp.get("file") else [])
+            for f in flist:
+                if isinstance(f, str):  # "field=filename"
+                    field, _, fname = f.partition("=")
+                    f = {"field": field, "filename": fname, "size": 10}
+                size = f.get("size", 10)
+                files.append((f.get("field", "file"), (f.get("filename", "x.png"), b"\x89PNG" + b"0" * max(0, size - 4),
+                                                       f.get("content_type", "image/png"))))
+            kwargs["data"] = mp.get("fields", {})
+            kwargs["files"] = files or None
+        r = c.request(req["method"], url, **kwargs)
+    want = fx["response"]
+    assert r.status_code == want["status"], (r.status_code, r.text)
+    if want["json"] is not None:
+        same_shape(r.json(), want["json"])
+        assert r.json()["code"] == want["json"]["code"]
+
+
+def test_other_user_gets_404_and_stop_of_unknown_task_succeeds(server):
+    base, key, _ = server
+    h = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=base, headers=h) as c:
+        cid = c.post("/v1/chat-messages", json={"query": "hi", "user": "alice", "inputs": {}}).json()["conversation_id"]
+        r = c.post("/v1/chat-messages", json={"query": "hi", "user": "bob", "inputs": {}, "conversation_id": cid})
+        assert r.status_code == 404 and r.json()["message"].startswith("Conversation Not Exists.")
+        assert c.get("/v1/messages", params={"conversation_id": cid, "user": "bob"}).status_code == 404
+        r = c.post("/v1/chat-messages/00000000-0000-0000-0000-000000000001/stop", json={"user": "alice"})
+        assert r.status_code == 200 and r.json() == {"result": "success"}
+
+
+def test_stop_during_slow_stream_ends_within_a_second_and_keeps_partial(server):
+    base, key, d = server
+    d.reset(reply="word " * 400, chunk_size=5, slow=0.05)
+    h = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=base, headers=h, timeout=30) as c:
+        got, task_id, cid = "", None, None
+        with c.stream("POST", "/v1/chat-messages", json={"query": "long", "user": "alice", "inputs": {},
+                                                         "response_mode": "streaming"}) as s:
+            t_stop = None
+            for line in s.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                ev = json.loads(line[6:])
+                if ev["event"] == "message":
+                    got += ev["answer"]
+                    task_id, cid = ev["task_id"], ev["conversation_id"]
+                    if len(got) >= 50 and t_stop is None:
+                        t_stop = time.monotonic()
+                        with httpx.Client(base_url=base, headers=h) as c2:
+                            assert c2.post(f"/v1/chat-messages/{task_id}/stop", json={"user": "alice"}).status_code == 200
+                if ev["event"] == "message_end":
+                    assert ev["metadata"]["status"] == "stopped"
+            elapsed = time.monotonic() - t_stop
+        assert elapsed < 1.0
+        m = c.get("/v1/messages", params={"conversation_id": cid, "user": "alice"}).json()["data"][-1]
+        assert m["answer"] == got and 50 <= len(got) < len("word " * 400)
+        assert m["threadline_status"] == "stopped"
+
+
+def test_dify_client_sdk_end_to_end(server, tmp_path):
+    from dify_client import ChatClient
+
+    base, key, d = server
+    client = ChatClient(key)
+    client.base_url = f"{base}/v1"
+    r = client.create_chat_message(inputs={}, query="hello sdk", user="sdk", response_mode="blocking")
+    r.raise_for_status()
+    cid = r.json()["conversation_id"]
+    s = client.create_chat_message(inputs={}, query="stream sdk", user="sdk", response_mode="streaming",
+                                   conversation_id=cid)
+    answer = ""
+    for line in s.iter_lines(decode_unicode=True):
+        if line and line.startswith("data: "):
+            ev = json.loads(line[6:])
+            if ev["event"] == "message":
+                answer += ev["answer"]
+    assert answer == "Answer to: stream sdk"
+    msgs = client.get_conversation_messages("sdk", cid).json()
+    assert [m["query"] for m in msgs["data"]] == ["hello sdk", "stream sdk"]
+    convs = client.get_conversations("sdk").json()
+    assert convs["data"][0]["id"] == cid
+    assert client.rename_conversation(cid, "named", "sdk").json()["name"] == "named"
+    png = tmp_path / "red.png"
+    png.write_bytes((FIXTURES / "assets" / "red.png").read_bytes())
+    with png.open("rb") as fh:
+        up = client.file_upload("sdk", {"file": ("red.png", fh, "image/png")})
+    assert up.status_code == 201
+    fid = up.json()["id"]
+    r = client.create_chat_message(inputs={}, query="see upload", user="sdk", response_mode="blocking",
+                                   files=[{"type": "image", "transfer_method": "local_file", "upload_file_id": fid}])
+    assert r.status_code == 200, r.text
+    img = d.requests[-1]["messages"][-1]["content"][1]["image_url"]["url"]
+    assert img.startswith("data:image/png;base64,")
+    assert client.delete_conversation(cid, "sdk").status_code == 204 if hasattr(client, "delete_conversation") else True
+
+
+def test_openai_sdk_blocking_and_streaming_continue_one_conversation(server):
+    import openai
+
+    base, key, d = server
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+    msgs = [{"role": "user", "content": "first"}]
+    r = client.chat.completions.create(model="demo", messages=msgs, user="o1")
+    assert r.choices[0].message.content == "Answer to: first"
+    msgs += [{"role": "assistant", "content": r.choices[0].message.content}, {"role": "user", "content": "second"}]
+    text, usage = "", None
+    for chunk in client.chat.completions.create(model="demo", messages=msgs, user="o1", stream=True,
+                                                stream_options={"include_usage": True}):
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        if chunk.usage:
+            usage = chunk.usage
+    assert text == "Answer to: second" and usage.total_tokens > 0
+    # mapped onto the same stored conversation: one conversation, two turns
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}) as c:
+        convs = c.get("/v1/conversations", params={"user": "o1"}).json()["data"]
+        assert len(convs) == 1
+        m = c.get("/v1/messages", params={"conversation_id": convs[0]["id"], "user": "o1"}).json()["data"]
+        assert [x["query"] for x in m] == ["first", "second"]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=msgs)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{base}/v1", api_key="bad", max_retries=0).chat.completions.create(model="demo", messages=msgs)
+    assert {m.id for m in client.models.list()} >= {"demo", "acc"}
+
+
+_ = runpy
