@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from tests.conftest import engines_for
 from threadline import (
     AsyncThreadline,
     ConversationBusyError,
@@ -16,7 +17,6 @@ from threadline import (
     TurnCompleted,
     UpstreamError,
 )
-from tests.conftest import engines_for
 
 
 async def test_second_turn_carries_history_system_and_memory_openai(atl, oai):

@@ -28,9 +28,28 @@ from .messages import (
 )
 
 __all__ = [
-    "AnswerReplaced", "AppConfig", "AsyncThreadline", "ConfigError", "Conversation", "ConversationBusyError",
-    "EngineConfig", "ImagePart", "InvalidParamError", "MemoryEntry", "Message", "NotFoundError", "ReasoningDelta",
-    "Reply", "Settings", "TextDelta", "Threadline", "ThreadlineError", "TurnCompleted", "TurnFailed", "TurnStarted",
-    "Usage", "UpstreamError",
+    "AnswerReplaced",
+    "AppConfig",
+    "AsyncThreadline",
+    "ConfigError",
+    "Conversation",
+    "ConversationBusyError",
+    "EngineConfig",
+    "ImagePart",
+    "InvalidParamError",
+    "MemoryEntry",
+    "Message",
+    "NotFoundError",
+    "ReasoningDelta",
+    "Reply",
+    "Settings",
+    "TextDelta",
+    "Threadline",
+    "ThreadlineError",
+    "TurnCompleted",
+    "TurnFailed",
+    "TurnStarted",
+    "UpstreamError",
+    "Usage",
 ]
 __version__ = "0.1.0"

@@ -196,7 +196,7 @@ class AsyncThreadline:
         if isinstance(data, str | Path):
             p = Path(data)
             name = name or p.name
-            data = p.read_bytes()
+            data = await asyncio.to_thread(p.read_bytes)
         name = name or "upload.bin"
         mime = mime_type or sniff_image_type(data) or "application/octet-stream"
         gw = await self._gw()

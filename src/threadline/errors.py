@@ -113,7 +113,9 @@ def upstream_error_from_status(status: int, message: str, *, retry_after: float 
     )
 
 
-_KEYLIKE = re.compile(r"(sk-[A-Za-z0-9_\-]{6,}|nvapi-[A-Za-z0-9_\-]{6,}|xai-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{10,}|app-[A-Za-z0-9]{8,})")
+_KEYLIKE = re.compile(
+    r"(sk-[A-Za-z0-9_\-]{6,}|nvapi-[A-Za-z0-9_\-]{6,}|xai-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{10,}|app-[A-Za-z0-9_\-]{8,})"
+)
 
 
 def redact(text: str, *secrets: str | None) -> str:

@@ -57,7 +57,7 @@ from .tokens import Calibration, estimate_message, estimate_text
 log = logging.getLogger("threadline.gateway")
 
 # [seconds spent waiting on engines, start of the current wait or 0] — read by the server's overhead header.
-upstream_time: contextvars.ContextVar[list[float]] = contextvars.ContextVar("upstream_time", default=[0.0, 0.0])
+upstream_time: contextvars.ContextVar[list[float]] = contextvars.ContextVar("upstream_time")
 
 FLUSH_INTERVAL = 0.5
 LOCK_TTL = 900.0
@@ -409,12 +409,14 @@ class Gateway:
         ))
         running.done.set()
         return Reply(answer=text, reasoning=reasoning_text, conversation_id=cid, message_id=running.message_id,
-                     user_message_id=running.user_message_id, task_id=running.task_id, usage=usage, status=status, engine=eng.name,
-                     model=eng.model, created_at=started, latency=latency, price=price, error=err,
+                     user_message_id=running.user_message_id, task_id=running.task_id, usage=usage, status=status,
+                     engine=eng.name, model=eng.model, created_at=started, latency=latency, price=price, error=err,
                      time_to_first_token=(running.first_token_at - started) if running.first_token_at else 0.0)
 
     async def _produce(self, eng: Engine, req: EngineRequest, queue: asyncio.Queue[Any]) -> None:
-        acc = upstream_time.get()
+        acc = upstream_time.get(None)
+        if acc is None:
+            acc = [0.0, 0.0]
         acc[1] = time.perf_counter()
         try:
             async for ev in eng.events(req):

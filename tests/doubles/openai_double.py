@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 ALLOWED = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
            "top_p", "stop", "seed", "tools", "tool_choice", "n", "user", "response_format", "frequency_penalty",
-           "presence_penalty", "logprobs", "tool_choice", "parallel_tool_calls", "metadata", "store"}
+           "presence_penalty", "logprobs", "parallel_tool_calls", "metadata", "store"}
 NIM_ALLOWED = {"model", "messages", "stream", "stream_options", "max_tokens", "temperature", "top_p", "stop", "seed",
                "tools", "tool_choice"}
 XAI_ALLOWED = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",

@@ -52,7 +52,7 @@ class Engine:
     def events(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
         raise NotImplementedError
 
-    async def stop(self, *, task_id: str, remote_user: str) -> None:  # noqa: B027 - optional hook
+    async def stop(self, *, task_id: str, remote_user: str) -> None:
         """Ask the remote to stop a running task (stateful engines); closing the stream does the rest."""
 
     async def aclose(self) -> None:

@@ -148,7 +148,9 @@ async def _chat_completions(request: Request) -> Response:
     if not stream:
         async for ev in agen:
             if isinstance(ev, TurnFailed):
-                raise _from_tl(ev.error) if isinstance(ev.error, ThreadlineError) else OpenAIError(500, "Internal error", "api_error")
+                if isinstance(ev.error, ThreadlineError):
+                    raise _from_tl(ev.error)
+                raise OpenAIError(500, "Internal error", "api_error")
             if isinstance(ev, TurnCompleted):
                 r = ev.reply
                 message: dict[str, Any] = {"role": "assistant", "content": r.answer, "refusal": None}

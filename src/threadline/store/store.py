@@ -16,7 +16,6 @@ from alembic.config import Config
 from sqlalchemy import and_, delete, event, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import NullPool
 
 from ..errors import ConfigError, NotFoundError
 from .schema import api_keys, conversations, files, memories, messages
@@ -48,7 +47,8 @@ class Store:
         self.url = database_url
         self.is_sqlite = database_url.startswith("sqlite")
         if not (self.is_sqlite or database_url.startswith("postgresql")):
-            raise ConfigError(f"unsupported database_url {database_url.split(':', 1)[0]!r}: use sqlite+aiosqlite or postgresql+asyncpg")
+            scheme = database_url.split(":", 1)[0]
+            raise ConfigError(f"unsupported database_url {scheme!r}: use sqlite+aiosqlite or postgresql+asyncpg")
         kwargs: dict[str, Any] = {"echo": echo}
         if self.is_sqlite:
             if ":memory:" in database_url or database_url.rstrip("/").endswith("sqlite+aiosqlite:"):
