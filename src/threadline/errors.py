@@ -73,6 +73,13 @@ class UpstreamError(ThreadlineError):
     status = 400
 
 
+class RemoteConversationLost(ThreadlineError):
+    """A stateful engine no longer knows the remote conversation id we stored (deleted or expired)."""
+
+    code = "remote_conversation_lost"
+    status = 404
+
+
 class FileTooLargeError(ThreadlineError):
     code = "file_too_large"
     status = 413

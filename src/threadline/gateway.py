@@ -32,6 +32,7 @@ from .errors import (
     ConversationBusyError,
     InvalidParamError,
     NotFoundError,
+    RemoteConversationLost,
     ThreadlineError,
     UpstreamError,
 )
@@ -62,13 +63,6 @@ upstream_time: contextvars.ContextVar[list[float]] = contextvars.ContextVar("ups
 FLUSH_INTERVAL = 0.5
 LOCK_TTL = 900.0
 DEFAULT_APP = "default"
-
-
-class RemoteConversationLost(ThreadlineError):
-    """A stateful engine no longer knows the remote id we stored (deleted or expired remotely)."""
-
-    code = "remote_conversation_lost"
-    status = 404
 
 
 @dataclass

@@ -75,6 +75,7 @@ async def send(
     max_retries: int,
     secrets: tuple[str | None, ...],
     engine: str,
+    map_error: Callable[[int, Any, str], UpstreamError | None] | None = None,
 ) -> httpx.Response:
     """Send a request (streamed) and return the open 2xx response, or raise a mapped UpstreamError."""
     attempt = 0
@@ -102,8 +103,9 @@ async def send(
         except orjson.JSONDecodeError:
             body = None
         delay = retry_after_seconds(resp.headers, body)
-        err = upstream_error_from_status(resp.status_code, redact(error_message(body, text), *secrets),
-                                         retry_after=delay)
+        err = map_error(resp.status_code, body, redact(error_message(body, text), *secrets)) if map_error else None
+        err = err or upstream_error_from_status(resp.status_code, redact(error_message(body, text), *secrets),
+                                                retry_after=delay)
         log.warning("engine %s answered %s (attempt %d)", engine, resp.status_code, attempt + 1)
         if err.retryable and attempt < max_retries and (delay is None or delay <= MAX_RETRY_AFTER):
             await _sleep(attempt, delay)

@@ -1,0 +1,230 @@
+"""Dify, the stateful engine: Dify keeps the conversation; Threadline passes Dify's own id through
+(and still stores every turn itself). The query is only the user's text, never packed history —
+except the first Dify turn of a conversation Dify has not seen, which the gateway seeds.
+
+SSE is parsed as Dify really sends it (../shared/fixtures/dify/): a bare `event: ping` first,
+`data:` frames with compact or spaced JSON, no `[DONE]`, `message_end` before `workflow_finished`,
+and a failing workflow that ends with `workflow_finished: failed` and no `error` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+
+from ..errors import RemoteConversationLost, UpstreamError
+from ..messages import (
+    AnswerReplaced,
+    EngineEvent,
+    Finished,
+    RemoteState,
+    TextDelta,
+    Usage,
+    UsageReport,
+)
+from . import retry
+from .base import Engine, EngineRequest
+from .sse import iter_sse
+
+# Fields of POST /chat-messages that Threadline sends (reference §2.1): nothing else, ever.
+DIFY_FIELDS = frozenset({"inputs", "query", "response_mode", "conversation_id", "user", "files", "auto_generate_name",
+                         "workflow_id"})
+# Dify sends nothing for an unknown conversation in streaming mode (fixture 082: ping, then 300 s of silence).
+FIRST_EVENT_TIMEOUT = 20.0
+
+
+def usage_and_price(u: dict[str, Any]) -> tuple[Usage, dict[str, Any]]:
+    usage = Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0),
+                  int(u.get("total_tokens") or 0))
+    price = {k: str(u[k]) for k in ("prompt_unit_price", "prompt_price_unit", "prompt_price", "completion_unit_price",
+                                    "completion_price_unit", "completion_price", "total_price") if k in u}
+    price["currency"] = u.get("currency") or "USD"
+    return usage, price
+
+
+class DifyEngine(Engine):
+    kind = "dify"
+    stateful = True
+
+    def __init__(self, config: Any, http: httpx.AsyncClient | None = None) -> None:
+        super().__init__(config, http)
+        self.base = config.base_url
+        self.headers = {"Authorization": f"Bearer {config.api_key}"}
+        self._uploads: dict[tuple[str, str], str] = {}
+
+    # ---- errors --------------------------------------------------------------------------------
+
+    def _map(self, status: int, body: Any, message: str, *, sent_remote: bool) -> UpstreamError | None:
+        code = body.get("code") if isinstance(body, dict) else None
+        if status == 404 and sent_remote and "Conversation Not Exists" in message:
+            return RemoteConversationLost(message)
+        if status == 404:
+            return UpstreamError(message, code="not_found", status=404)
+        if status == 429:
+            return UpstreamError(message, code=code or "too_many_requests", status=429, retryable=True)
+        if status == 413:
+            return UpstreamError(message, code="file_too_large", status=413)
+        if status == 415:
+            return UpstreamError(message, code="unsupported_file_type", status=415)
+        if status in (401, 403):
+            return UpstreamError(f"Dify rejected Threadline's app key: {message}", code="provider_auth_error", status=502)
+        if 400 <= status < 500:
+            return UpstreamError(message, code=code or "invalid_param", status=400)
+        return None
+
+    # ---- files ---------------------------------------------------------------------------------
+
+    async def _upload(self, data: bytes, name: str, mime: str, user: str) -> str:
+        r = await self.http.post(f"{self.base}/files/upload", headers=self.headers,
+                                 files={"file": (name, data, mime)}, data={"user": user})
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+            except ValueError:
+                body = None
+            raise self._map(r.status_code, body, retry.error_message(body, r.text), sent_remote=False) or UpstreamError(
+                f"Dify upload failed ({r.status_code})", code="upstream_unavailable", status=502, retryable=True)
+        return str(r.json()["id"])
+
+    async def _files(self, req: EngineRequest) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for img in req.images:
+            if img.data is not None:
+                key = (img.file_id or str(hash(img.data)), req.remote_user)
+                fid = self._uploads.get(key)
+                if fid is None:
+                    fid = await self._upload(img.data, img.name or "image.png", img.mime_type or "image/png",
+                                             req.remote_user)
+                    self._uploads[key] = fid
+                out.append({"type": "image", "transfer_method": "local_file", "upload_file_id": fid})
+            elif img.url:
+                out.append({"type": "image", "transfer_method": "remote_url", "url": img.url})
+        return out
+
+    def build_body(self, req: EngineRequest, files: list[dict[str, Any]]) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "inputs": req.inputs, "query": req.query, "response_mode": "streaming" if req.stream else "blocking",
+            "conversation_id": req.remote_conversation_id or "", "user": req.remote_user,
+            "auto_generate_name": req.auto_generate_name,
+        }
+        if files:
+            body["files"] = files
+        if req.workflow_id:
+            body["workflow_id"] = req.workflow_id
+        assert set(body) <= DIFY_FIELDS
+        return body
+
+    # ---- turns ---------------------------------------------------------------------------------
+
+    async def events(self, req: EngineRequest) -> AsyncIterator[EngineEvent]:
+        files = await self._files(req)
+        payload = orjson.dumps(self.build_body(req, files))
+        sent_remote = bool(req.remote_conversation_id)
+        headers = {**self.headers, "Content-Type": "application/json"}
+        resp = await retry.send(
+            self.http, lambda: self.http.build_request("POST", f"{self.base}/chat-messages", content=payload,
+                                                       headers=headers),
+            max_retries=self.config.max_retries, secrets=(self.config.api_key,), engine=self.name,
+            map_error=lambda s, b, m: self._map(s, b, m, sent_remote=sent_remote),
+        )
+        try:
+            if not req.stream:
+                data = orjson.loads(await resp.aread())
+                yield RemoteState(data.get("conversation_id"), data.get("message_id") or data.get("id"),
+                                  data.get("task_id"))
+                if data.get("answer"):
+                    yield TextDelta(data["answer"])
+                usage = (data.get("metadata") or {}).get("usage")
+                if usage:
+                    u, p = usage_and_price(usage)
+                    yield UsageReport(u, p)
+                yield Finished("stop")
+                return
+            async for ev in self._stream(resp, req, sent_remote):
+                yield ev
+        finally:
+            await resp.aclose()
+
+    async def _stream(self, resp: httpx.Response, req: EngineRequest, sent_remote: bool) -> AsyncIterator[EngineEvent]:
+        it = iter_sse(resp).__aiter__()
+        bound = False
+        got_data = False
+        while True:
+            try:
+                if not got_data and sent_remote:
+                    sse = await asyncio.wait_for(it.__anext__(), FIRST_EVENT_TIMEOUT)
+                else:
+                    sse = await it.__anext__()
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                if await self._remote_missing(req):
+                    raise RemoteConversationLost("Conversation Not Exists.") from None
+                sent_remote = False  # it exists and is just slow: wait without a deadline
+                continue
+            if sse.event == "ping" or not sse.data:
+                continue
+            try:
+                data = orjson.loads(sse.data)
+            except orjson.JSONDecodeError:
+                continue
+            got_data = True
+            kind = data.get("event")
+            if not bound and data.get("conversation_id"):
+                bound = True
+                yield RemoteState(data.get("conversation_id"), data.get("message_id"), data.get("task_id"))
+            if kind in ("message", "agent_message"):
+                if data.get("answer"):
+                    yield TextDelta(data["answer"])
+            elif kind == "message_replace":
+                yield AnswerReplaced(data.get("answer") or "", data.get("reason"))
+            elif kind == "message_end":
+                usage = (data.get("metadata") or {}).get("usage")
+                if usage:
+                    u, p = usage_and_price(usage)
+                    yield UsageReport(u, p)
+            elif kind == "error":
+                status = int(data.get("status") or 400)
+                err = self._map(status, data, str(data.get("message") or "Dify error"), sent_remote=False)
+                raise err or UpstreamError(str(data.get("message")), code=str(data.get("code") or "internal_server_error"),
+                                           status=502)
+            elif kind == "workflow_finished":
+                wf = data.get("data") or {}
+                if wf.get("status") == "failed":
+                    raise UpstreamError(f"Run failed: {wf.get('error') or 'workflow failed'}", code="invalid_param",
+                                        status=400)
+            # workflow/node/iteration/loop/agent_thought/message_file/tts events and future ones: ignored safely
+        yield Finished("stop")
+
+    async def _remote_missing(self, req: EngineRequest) -> bool:
+        r = await self.http.get(f"{self.base}/messages", headers=self.headers,
+                                params={"conversation_id": req.remote_conversation_id, "user": req.remote_user,
+                                        "limit": 1})
+        return r.status_code == 404
+
+    async def stop(self, *, task_id: str, remote_user: str) -> None:
+        await self.http.post(f"{self.base}/chat-messages/{task_id}/stop", headers=self.headers,
+                             json={"user": remote_user}, timeout=10.0)
+
+    async def list_messages(self, conversation_id: str, user: str) -> list[dict[str, Any]]:
+        """All of a remote conversation's messages, oldest first, following first_id / has_more."""
+        out: list[dict[str, Any]] = []
+        first_id: str | None = None
+        while True:
+            params: dict[str, Any] = {"conversation_id": conversation_id, "user": user, "limit": 100}
+            if first_id:
+                params["first_id"] = first_id
+            r = await self.http.get(f"{self.base}/messages", headers=self.headers, params=params)
+            if r.status_code >= 400:
+                body = r.json() if r.headers.get("content-type", "").startswith("application/json") else None
+                raise self._map(r.status_code, body, retry.error_message(body, r.text), sent_remote=False) or \
+                    UpstreamError(f"Dify answered {r.status_code}", code="upstream_unavailable", status=502)
+            page = r.json()
+            out = list(page.get("data") or []) + out
+            if not page.get("has_more") or not page.get("data"):
+                return out
+            first_id = page["data"][0]["id"]

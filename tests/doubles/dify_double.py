@@ -1,0 +1,194 @@
+"""A Dify service-API double built from the recorded exchanges in ../shared/fixtures/dify/: the
+echo chatflow (answer echoes the query, a turn counter and the previous query live in conversation
+variables), per-user conversation scoping, uploads, /messages paging, stop, and Dify's error bodies.
+Streams look like the recordings: `event: ping` first, compact `data:` frames, no [DONE]."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+USAGE = {"prompt_tokens": 0, "prompt_unit_price": "0.0", "prompt_price_unit": "0.0", "prompt_price": "0.0",
+         "completion_tokens": 0, "completion_unit_price": "0.0", "completion_price_unit": "0.0",
+         "completion_price": "0.0", "total_tokens": 0, "total_price": "0.0", "currency": "USD", "latency": 0.0}
+
+
+def err(status: int, code: str, message: str) -> Response:
+    return Response(orjson.dumps({"code": code, "message": message, "status": status}) + b"\n", status_code=status,
+                    media_type="application/json")
+
+
+@dataclass
+class DifyDouble:
+    api_key: str = "app-dify-double-key"
+    slow: float = 0.0
+    page_cap: int = 100
+    conversations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    uploads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stops: list[dict[str, Any]] = field(default_factory=list)
+    stopped_tasks: set[str] = field(default_factory=set)
+    message_pages: int = 0
+
+    def reset(self) -> None:
+        fresh = DifyDouble()
+        for k in fresh.__dataclass_fields__:
+            setattr(self, k, getattr(fresh, k))
+
+    def conversations_by_query(self, query: str) -> str | None:
+        for cid, c in self.conversations.items():
+            if any(m["query"] == query for m in c["messages"]):
+                return cid
+        return None
+
+    def seed_conversation(self, user: str, queries: list[str]) -> str:
+        cid = str(uuid.uuid4())
+        self.conversations[cid] = {"user": user, "turns": 0, "last_query": "", "messages": []}
+        for q in queries:
+            self._answer(cid, q, {})
+        return cid
+
+    def _answer(self, cid: str, query: str, inputs: dict[str, Any]) -> tuple[str, str]:
+        c = self.conversations[cid]
+        answer = (f"echo: {query}\nturn: {c['turns']}\nprevious: {c['last_query']}\n"
+                  f"nickname: {inputs.get('nickname') or ''}\n")
+        mid = str(uuid.uuid4())
+        c["messages"].append({"id": mid, "query": query, "answer": answer, "inputs": inputs,
+                              "created_at": int(time.time())})
+        c["turns"] += 1
+        c["last_query"] = query
+        return mid, answer
+
+    def _auth(self, request: Request) -> Response | None:
+        h = request.headers.get("authorization", "")
+        if not h.startswith("Bearer "):
+            return err(401, "unauthorized", "Authorization header must be provided and start with 'Bearer'")
+        if h[7:] != self.api_key:
+            return err(401, "unauthorized", "Access token is invalid")
+        return None
+
+    async def chat(self, request: Request) -> Response:
+        if (bad := self._auth(request)) is not None:
+            return bad
+        body = orjson.loads(await request.body())
+        self.requests.append(body)
+        user = body.get("user")
+        if not user:
+            return err(400, "invalid_param", "Arg user must be provided.")
+        if not body.get("query"):
+            return err(400, "invalid_param", "query is required")
+        for f in body.get("files") or []:
+            if f["transfer_method"] == "local_file":
+                up = self.uploads.get(f.get("upload_file_id") or "")
+                if up is None or up["user"] != user:
+                    return err(400, "invalid_param", "Invalid upload file id")
+        cid = body.get("conversation_id") or ""
+        streaming = body.get("response_mode") == "streaming"
+        if cid:
+            c = self.conversations.get(cid)
+            if c is None or c["user"] != user:
+                if streaming:  # fixture 082: ping, then silence
+                    async def silence():  # type: ignore[no-untyped-def]
+                        yield b"event: ping\n\n"
+                        await asyncio.sleep(60)
+                    return StreamingResponse(silence(), media_type="text/event-stream")
+                return err(404, "not_found", "Conversation Not Exists.")
+        else:
+            cid = str(uuid.uuid4())
+            self.conversations[cid] = {"user": user, "turns": 0, "last_query": "", "messages": []}
+        mid, answer = self._answer(cid, body["query"], body.get("inputs") or {})
+        task_id = str(uuid.uuid4())
+        created = int(time.time())
+        if not streaming:
+            return Response(orjson.dumps({"event": "message", "task_id": task_id, "id": mid, "message_id": mid,
+                                          "conversation_id": cid, "mode": "advanced-chat", "answer": answer,
+                                          "metadata": {"annotation_reply": None, "retriever_resources": [],
+                                                       "usage": USAGE}, "created_at": created}),
+                            media_type="application/json; charset=utf-8")
+        env = {"conversation_id": cid, "message_id": mid, "created_at": created}
+
+        async def gen():  # type: ignore[no-untyped-def]
+            def frame(d: dict[str, Any]) -> bytes:
+                return b"data: " + orjson.dumps(d) + b"\n\n"
+
+            yield b"event: ping\n\n"
+            run = str(uuid.uuid4())
+            yield frame({"event": "workflow_started", **env, "task_id": task_id, "workflow_run_id": run,
+                         "data": {"id": run, "workflow_id": "w", "inputs": {}, "created_at": created}})
+            pieces = [p + "\n" for p in answer.split("\n") if p] + [""] * 8
+            for p in pieces:
+                if self.slow:
+                    await asyncio.sleep(self.slow)
+                if task_id in self.stopped_tasks:
+                    yield frame({"event": "workflow_finished", **env, "task_id": task_id, "workflow_run_id": run,
+                                 "data": {"id": run, "status": "stopped", "error": "Stopped by user."}})
+                    return
+                yield frame({"event": "message", **env, "task_id": task_id, "id": mid, "answer": p,
+                             "from_variable_selector": ["answer", "answer"]})
+            yield frame({"event": "message_end", **env, "task_id": task_id, "id": mid,
+                         "metadata": {"annotation_reply": None, "retriever_resources": [], "usage": USAGE},
+                         "files": []})
+            yield frame({"event": "workflow_finished", **env, "task_id": task_id, "workflow_run_id": run,
+                         "data": {"id": run, "status": "succeeded", "outputs": {"answer": answer}, "error": None}})
+
+        return StreamingResponse(gen(), media_type="text/event-stream; charset=utf-8")
+
+    async def stop(self, request: Request) -> Response:
+        if (bad := self._auth(request)) is not None:
+            return bad
+        body = orjson.loads(await request.body())
+        self.stops.append(body)
+        self.stopped_tasks.add(request.path_params["task_id"])
+        return JSONResponse({"result": "success"})
+
+    async def upload(self, request: Request) -> Response:
+        if (bad := self._auth(request)) is not None:
+            return bad
+        form = await request.form()
+        f = form.get("file")
+        if f is None or not hasattr(f, "filename"):
+            return err(400, "no_file_uploaded", "Please upload your file.")
+        data = await f.read()
+        fid = str(uuid.uuid4())
+        self.uploads[fid] = {"user": form.get("user"), "name": f.filename, "size": len(data)}
+        return JSONResponse({"id": fid, "name": f.filename, "size": len(data), "extension": "png",
+                             "mime_type": f.content_type, "created_by": "x", "created_at": int(time.time()),
+                             "preview_url": None, "source_url": "", "original_url": None, "user_id": None,
+                             "tenant_id": "t", "conversation_id": None, "file_key": None}, status_code=201)
+
+    async def messages(self, request: Request) -> Response:
+        if (bad := self._auth(request)) is not None:
+            return bad
+        self.message_pages += 1
+        q = request.query_params
+        c = self.conversations.get(q.get("conversation_id", ""))
+        if c is None or c["user"] != q.get("user"):
+            return err(404, "not_found", "Conversation Not Exists.")
+        limit = min(int(q.get("limit") or 20), self.page_cap)
+        msgs = c["messages"]
+        if q.get("first_id"):
+            idx = next(i for i, m in enumerate(msgs) if m["id"] == q["first_id"])
+            msgs = msgs[:idx]
+        page = msgs[-limit:]
+        data = [{"id": m["id"], "conversation_id": q["conversation_id"], "parent_message_id": None,
+                 "inputs": m["inputs"], "query": m["query"], "answer": m["answer"], "feedback": None,
+                 "retriever_resources": [], "created_at": m["created_at"], "agent_thoughts": [], "message_files": [],
+                 "status": "normal", "error": None} for m in page]
+        return JSONResponse({"limit": limit, "has_more": len(msgs) > limit, "data": data})
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[
+            Route("/v1/chat-messages", self.chat, methods=["POST"]),
+            Route("/v1/chat-messages/{task_id}/stop", self.stop, methods=["POST"]),
+            Route("/v1/files/upload", self.upload, methods=["POST"]),
+            Route("/v1/messages", self.messages, methods=["GET"]),
+        ])
