@@ -124,7 +124,7 @@ class Gateway:
     # ---- configuration lookups -------------------------------------------------------------------
 
     def app_config(self, app: str | None, engine: str | None = None) -> AppConfig:
-        if app is not None:
+        if app is not None and (app != DEFAULT_APP or app in self.settings.apps):
             return self.settings.app(app)
         if DEFAULT_APP in self.settings.apps:
             return self.settings.apps[DEFAULT_APP]
