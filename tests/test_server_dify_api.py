@@ -278,7 +278,11 @@ def test_dify_client_sdk_end_to_end(server, tmp_path):
     assert r.status_code == 200, r.text
     img = d.requests[-1]["messages"][-1]["content"][1]["image_url"]["url"]
     assert img.startswith("data:image/png;base64,")
-    assert client.delete_conversation(cid, "sdk").status_code == 204 if hasattr(client, "delete_conversation") else True
+    # dify-client 0.1.10 has no delete method; delete as its newer releases do (DELETE with a JSON {user})
+    r = httpx.request("DELETE", f"{base}/v1/conversations/{cid}", headers={"Authorization": f"Bearer {key}"},
+                      json={"user": "sdk"})
+    assert r.status_code == 204
+    assert client.get_conversation_messages("sdk", cid).status_code == 404
 
 
 def test_openai_sdk_blocking_and_streaming_continue_one_conversation(server):

@@ -6,6 +6,7 @@ The CLI is a thin caller of the core (AsyncThreadline / Gateway); it holds no tu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import os
 from pathlib import Path
@@ -103,8 +104,14 @@ async def _chat(settings: Settings, engine: str | None, app_name: str | None, ci
             task = asyncio.create_task(_one_turn(tl, text, user, app_name, cid, engine, images))
             try:
                 cid = await asyncio.shield(task) or cid
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, asyncio.CancelledError):
+                # Ctrl-C: stop this answer (the partial is kept as `stopped`) and stay in the REPL.
                 task.cancel()
+                with contextlib.suppress(BaseException):
+                    cid = await task or cid
+                current = asyncio.current_task()
+                if current is not None:
+                    current.uncancel()
             except ThreadlineError as exc:
                 err.print(f"[red]error[/red] [{exc.code}] {exc.message}")
             images = []
