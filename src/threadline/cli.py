@@ -131,7 +131,7 @@ async def _one_turn(tl: AsyncThreadline, text: str, user: str, app_name: str | N
                 if not in_reasoning:
                     console.print("[dim]thinking: [/dim]", end="")
                     in_reasoning = True
-                console.print(f"[dim]{ev.text}[/dim]", end="", markup=False, highlight=False, style="dim")
+                console.print(ev.text, end="", markup=False, highlight=False, style="dim")
             elif isinstance(ev, TextDelta):
                 if in_reasoning:
                     console.print()
