@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import subprocess
 import sys
 import time
@@ -314,5 +313,3 @@ def test_openai_sdk_blocking_and_streaming_continue_one_conversation(server):
         openai.OpenAI(base_url=f"{base}/v1", api_key="bad", max_retries=0).chat.completions.create(model="demo", messages=msgs)
     assert {m.id for m in client.models.list()} >= {"demo", "acc"}
 
-
-_ = runpy

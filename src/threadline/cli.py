@@ -7,19 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import getpass
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .api import AsyncThreadline
 from .config import Settings
 from .errors import ThreadlineError
 from .messages import ReasoningDelta, TextDelta, TurnCompleted, TurnStarted
+
+T = TypeVar("T")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="One conversation API for every chat engine.")
 keys_app = typer.Typer(no_args_is_help=True, help="Manage app keys for the HTTP API.")
@@ -37,8 +42,25 @@ def load_settings(config: str | None) -> Settings:
     return Settings.from_file(path)
 
 
+def _call(config: str | None, fn: Callable[[AsyncThreadline], Awaitable[T]]) -> T:
+    """Open the core, make one call, close it; a ThreadlineError becomes a clean CLI error."""
+
+    async def run() -> T:
+        tl = AsyncThreadline(settings=load_settings(config))
+        try:
+            return await fn(tl)
+        finally:
+            await tl.aclose()
+
+    try:
+        return asyncio.run(run())
+    except ThreadlineError as exc:
+        _fail(exc)
+        raise
+
+
 def _fail(exc: ThreadlineError) -> None:
-    err.print(f"[red]error[/red] [{exc.code}] {exc.message}")
+    err.print(f"[red]error[/red] {escape(f'[{exc.code}] {exc.message}')}")
     raise typer.Exit(1)
 
 
@@ -113,7 +135,7 @@ async def _chat(settings: Settings, engine: str | None, app_name: str | None, ci
                 if current is not None:
                     current.uncancel()
             except ThreadlineError as exc:
-                err.print(f"[red]error[/red] [{exc.code}] {exc.message}")
+                err.print(f"[red]error[/red] {escape(f'[{exc.code}] {exc.message}')}")
             images = []
     finally:
         await tl.aclose()
@@ -156,22 +178,12 @@ def conversations(
     config: ConfigOpt = None,
 ) -> None:
     """List conversations, most recently updated first."""
-    user = user or getpass.getuser()
-
-    async def run() -> None:
-        tl = AsyncThreadline(settings=load_settings(config))
-        try:
-            rows = await tl.conversations(user=user, app=app_name, limit=limit)
-        finally:
-            await tl.aclose()
-        t = Table("id", "name", "engine", "updated")
-        import datetime as dt
-
-        for c in rows:
-            t.add_row(c.id, c.name, c.engine, dt.datetime.fromtimestamp(c.updated_at).strftime("%Y-%m-%d %H:%M"))
-        console.print(t)
-
-    asyncio.run(run())
+    who = user or getpass.getuser()
+    rows = _call(config, lambda tl: tl.conversations(user=who, app=app_name, limit=limit))
+    t = Table("id", "name", "engine", "updated")
+    for c in rows:
+        t.add_row(c.id, c.name, c.engine, dt.datetime.fromtimestamp(c.updated_at).strftime("%Y-%m-%d %H:%M"))
+    console.print(t)
 
 
 @app.command()
@@ -181,21 +193,10 @@ def show(
     config: ConfigOpt = None,
 ) -> None:
     """Print a conversation's messages."""
-    user = user or getpass.getuser()
-
-    async def run() -> None:
-        tl = AsyncThreadline(settings=load_settings(config))
-        try:
-            msgs = await tl.messages(conversation_id, user=user)
-        except ThreadlineError as exc:
-            _fail(exc)
-        finally:
-            await tl.aclose()
-        for m in msgs:
-            extra = f" [{m.status}]" if m.status not in ("completed",) else ""
-            console.print(f"[bold]{m.role}[/bold] ({m.engine}){extra}: {m.content}", markup=True, highlight=False)
-
-    asyncio.run(run())
+    who = user or getpass.getuser()
+    for m in _call(config, lambda tl: tl.messages(conversation_id, user=who)):
+        extra = f" [{m.status}]" if m.status not in ("completed",) else ""
+        console.print(f"[bold]{m.role}[/bold] ({m.engine}){extra}: {m.content}", markup=True, highlight=False)
 
 
 @app.command()

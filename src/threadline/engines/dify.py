@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import orjson
 
-from ..errors import RemoteConversationLost, UpstreamError
+from ..errors import RemoteConversationLost, UpstreamError, redact, upstream_error_from_status
 from ..messages import (
     AnswerReplaced,
     EngineEvent,
@@ -76,18 +76,23 @@ class DifyEngine(Engine):
             return UpstreamError(message, code=code or "invalid_param", status=400)
         return None
 
+    def _error_for(self, r: httpx.Response) -> UpstreamError:
+        """Map a failed non-streaming Dify call; statuses Dify-specific mapping leaves alone use the shared one."""
+        try:
+            body = r.json()
+        except ValueError:
+            body = None
+        message = redact(retry.error_message(body, r.text), self.config.api_key)
+        return self._map(r.status_code, body, message, sent_remote=False) or upstream_error_from_status(
+            r.status_code, message)
+
     # ---- files ---------------------------------------------------------------------------------
 
     async def _upload(self, data: bytes, name: str, mime: str, user: str) -> str:
         r = await self.http.post(f"{self.base}/files/upload", headers=self.headers,
                                  files={"file": (name, data, mime)}, data={"user": user})
         if r.status_code >= 400:
-            try:
-                body = r.json()
-            except ValueError:
-                body = None
-            raise self._map(r.status_code, body, retry.error_message(body, r.text), sent_remote=False) or UpstreamError(
-                f"Dify upload failed ({r.status_code})", code="upstream_unavailable", status=502, retryable=True)
+            raise self._error_for(r)
         return str(r.json()["id"])
 
     async def _files(self, req: EngineRequest) -> list[dict[str, Any]]:
@@ -220,9 +225,7 @@ class DifyEngine(Engine):
                 params["first_id"] = first_id
             r = await self.http.get(f"{self.base}/messages", headers=self.headers, params=params)
             if r.status_code >= 400:
-                body = r.json() if r.headers.get("content-type", "").startswith("application/json") else None
-                raise self._map(r.status_code, body, retry.error_message(body, r.text), sent_remote=False) or \
-                    UpstreamError(f"Dify answered {r.status_code}", code="upstream_unavailable", status=502)
+                raise self._error_for(r)
             page = r.json()
             out = list(page.get("data") or []) + out
             if not page.get("has_more") or not page.get("data"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -483,5 +482,3 @@ routes = [
     Route("/v1/info", info, methods=["GET"]),
     Route("/v1/meta", meta, methods=["GET"]),
 ]
-
-_ = time  # timestamps come from the store

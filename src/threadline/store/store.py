@@ -13,7 +13,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import and_, delete, event, func, insert, or_, select, update
+from sqlalchemy import and_, delete, event, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -318,11 +318,6 @@ class Store:
             await conn.execute(update(messages).where(messages.c.id == message_id, messages.c.status == "streaming")
                                .values(stop_requested=True))
 
-    async def count_messages(self, conversation_id: str) -> int:
-        async with self.engine.connect() as conn:
-            return int((await conn.execute(select(func.count()).select_from(messages)
-                                           .where(messages.c.conversation_id == conversation_id))).scalar_one())
-
     # ---- memory --------------------------------------------------------------------------------
 
     async def add_memory(self, *, app: str, user: str, text: str, token_estimate: int) -> dict[str, Any]:
@@ -365,12 +360,6 @@ class Store:
         if r is None:
             raise NotFoundError("File Not Exists.", code="invalid_param", status=400)
         return dict(r)
-
-    async def set_file_remote(self, file_id: str, engine: str, remote_id: str) -> None:
-        async with self.engine.begin() as conn:
-            cur = (await conn.execute(select(files.c.remote).where(files.c.id == file_id))).scalar()
-            remote = {**(cur or {}), engine: remote_id}
-            await conn.execute(update(files).where(files.c.id == file_id).values(remote=remote))
 
     # ---- api keys ------------------------------------------------------------------------------
 
