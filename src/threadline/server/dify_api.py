@@ -350,7 +350,8 @@ async def messages(request: Request) -> Response:
 
 def render_conversation(c: dict[str, Any], intro: str) -> dict[str, Any]:
     return {"id": c["id"], "name": c["name"], "inputs": c.get("inputs") or {}, "status": "normal",
-            "introduction": intro, "created_at": _ts(c["created_at"]), "updated_at": _ts(c["updated_at"])}
+            "introduction": intro, "created_at": _ts(c["created_at"]), "updated_at": _ts(c["updated_at"]),
+            "engine": c.get("engine")}  # Threadline addition: the engine of the latest turn
 
 
 async def conversations(request: Request) -> Response:
@@ -459,7 +460,8 @@ async def parameters(request: Request) -> Response:
 async def info(request: Request) -> Response:
     app_cfg = await authenticate(request)
     return json_response({"name": app_cfg.name, "description": app_cfg.description, "tags": [],
-                          "mode": "advanced-chat", "author_name": "threadline"})
+                          "mode": "advanced-chat", "author_name": "threadline",
+                          "engine": app_cfg.engine})  # Threadline addition: the app's default engine
 
 
 async def meta(request: Request) -> Response:
