@@ -97,7 +97,8 @@ async def pack(
             cursor = rows[-1]["seq"]
             page = min(page * 4, MAX_PAGE)
     picked.reverse()
-    history = [m for m in (row_to_message(r) for r in picked) if m is not None]
+    # "_msg": a message the history cache already built from this row.
+    history = [m for m in (r["_msg"] if "_msg" in r else row_to_message(r) for r in picked) if m is not None]
     msgs = merge_roles([*history, new_message])
     file_ids = [img.file_id for m in msgs for img in m.images if img.file_id and img.data is None]
     return Packed(system, msgs, used, len(picked), dropped, file_ids)

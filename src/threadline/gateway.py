@@ -36,6 +36,7 @@ from .errors import (
     ThreadlineError,
     UpstreamError,
 )
+from .history_cache import HistoryCache
 from .messages import (
     AnswerReplaced,
     ChatMessage,
@@ -78,6 +79,7 @@ class RunningTurn:
     remote_task_id: str | None = None
     stop_requested: bool = False
     first_token_at: float = 0.0
+    history_row: dict[str, Any] | None = None  # the user message as packing reads it, for the history cache
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -95,6 +97,7 @@ class Gateway:
     def __init__(self, settings: Settings, store: Store | None = None, *, turn_wait: float = 30.0) -> None:
         self.settings = settings
         self.store = store or Store(settings.database_url)
+        self.history = HistoryCache(self.store)
         self.turn_wait = turn_wait
         self.calibration = Calibration()
         self.owner = uuid.uuid4().hex
@@ -166,10 +169,17 @@ class Gateway:
             if not lock.locked() and not getattr(lock, "_waiters", None):
                 self._locks.pop(conversation_id, None)
 
-    async def _db_lock(self, conversation_id: str) -> None:
+    async def _claim(self, cid: str, app: str, user: str, user_row: dict[str, Any],
+                     asst_row: dict[str, Any]) -> tuple[dict[str, Any], int, int]:
+        """Check ownership, take the cross-process lease and write the turn's first rows, in one
+        transaction; wait (with backoff) while another process runs a turn of this conversation."""
         deadline = time.monotonic() + self.turn_wait
         delay = 0.05
-        while not await self.store.try_lock(conversation_id, self.owner, LOCK_TTL):
+        while True:
+            claimed = await self.store.claim_turn(cid, app=app, user=user, owner=self.owner, ttl=LOCK_TTL,
+                                                  user_msg=user_row, assistant_msg=asst_row)
+            if claimed is not None:
+                return claimed
             if time.monotonic() > deadline:
                 raise ConversationBusyError("Another turn of this conversation is still running; retry when it ends.")
             await asyncio.sleep(delay)
@@ -230,16 +240,11 @@ class Gateway:
         engine_name = engine or app_cfg.engine
         eng = self.engine(engine_name)
         imgs = self.normalize_images(images, files)
-        conv: dict[str, Any] | None = None
-        if conversation_id:
-            conv = await self.store.get_conversation(conversation_id, app=app_cfg.name, user=user)
         cid = conversation_id or new_id()
         async with self._local_lock(cid):
-            if conv is not None:
-                await self._db_lock(cid)
             try:
-                async for ev in self._run(cid, conv, app_cfg, user, eng, query, imgs, stream, inputs or {},
-                                          workflow_id, auto_generate_name):
+                async for ev in self._run(cid, conversation_id is not None, app_cfg, user, eng, query, imgs, stream,
+                                          inputs or {}, workflow_id, auto_generate_name):
                     yield ev
             except BaseException:
                 # _run releases the lease with its final write; this covers early exits.
@@ -251,7 +256,7 @@ class Gateway:
             await self.store.unlock(cid, self.owner)
 
     async def _run(
-        self, cid: str, conv: dict[str, Any] | None, app_cfg: AppConfig, user: str, eng: Engine, query: str,
+        self, cid: str, existing: bool, app_cfg: AppConfig, user: str, eng: Engine, query: str,
         imgs: list[ImagePart], stream: bool, inputs: dict[str, Any], workflow_id: str | None,
         auto_generate_name: bool,
     ) -> AsyncIterator[TurnEvent]:
@@ -262,21 +267,20 @@ class Gateway:
         user_row = {"id": user_mid, "content": query, "parts": [i.to_json() for i in imgs] or None,
                     "engine": eng.name, "model": eng.model, "token_estimate": q_tokens, "inputs": inputs or None}
         asst_row = {"id": asst_mid, "parent_id": user_mid, "engine": eng.name, "model": eng.model, "task_id": task_id}
-        new_conv = None
-        if conv is None:
-            new_conv = {"id": cid, "app": app_cfg.name, "user": user, "engine": eng.name, "name": "",
-                        "inputs": {**app_cfg.inputs, **inputs}, "remote": {}, "last_seq": 0,
-                        "created_at": started, "updated_at": started, "deleted": False}
-        user_seq, asst_seq = await self.store.begin_turn(
-            cid, user_msg=user_row, assistant_msg=asst_row, new_conversation=new_conv,
-            lock=(self.owner, LOCK_TTL) if new_conv else None,
-        )
-        conv = conv or new_conv
-        assert conv is not None
+        if existing:
+            conv, user_seq, asst_seq = await self._claim(cid, app_cfg.name, user, user_row, asst_row)
+        else:
+            conv = {"id": cid, "app": app_cfg.name, "user": user, "engine": eng.name, "name": "",
+                    "inputs": {**app_cfg.inputs, **inputs}, "remote": {}, "last_seq": 0,
+                    "created_at": started, "updated_at": started, "deleted": False}
+            user_seq, asst_seq = await self.store.begin_turn(cid, user_msg=user_row, assistant_msg=asst_row,
+                                                             new_conversation=conv, lock=(self.owner, LOCK_TTL))
         yield TurnStarted(cid, asst_mid, user_mid, task_id, eng.name, started)
 
         running = RunningTurn(task_id, app_cfg.name, user, asst_mid, eng, self.remote_user(app_cfg.name, user),
                               user_message_id=user_mid)
+        running.history_row = {"seq": user_seq, "role": "user", "content": query, "parts": user_row["parts"],
+                               "reasoning": None, "status": "completed", "token_estimate": q_tokens, "engine": eng.name}
         self.running[task_id] = running
         answer: list[str] = []
         reasoning: list[str] = []
@@ -389,6 +393,7 @@ class Gateway:
         if error is not None:
             err = (error.to_dict() if isinstance(error, ThreadlineError)
                    else {"code": "internal_error", "message": "Internal error", "status": 500})
+        answer_tokens = estimate_message(text)
         conv_values: dict[str, Any] = {"engine": eng.name}
         if not conv.get("name") and auto_generate_name:
             conv_values["name"] = conv["name"] = query.strip().splitlines()[0][:60]
@@ -399,8 +404,12 @@ class Gateway:
         await asyncio.shield(self.store.finish_turn(
             cid, running.message_id, self.owner, conversation_values=conv_values,
             content=text, reasoning=reasoning_text, status=status, usage=usage.to_json(), price=price,
-            latency=latency, error=err, token_estimate=estimate_message(text), remote_id=remote.message_id,
+            latency=latency, error=err, token_estimate=answer_tokens, remote_id=remote.message_id,
         ))
+        if running.history_row is not None:
+            self.history.append_turn(cid, [running.history_row, {
+                "seq": asst_seq, "role": "assistant", "content": text, "parts": None, "reasoning": reasoning_text,
+                "status": status, "token_estimate": answer_tokens, "engine": eng.name}])
         running.done.set()
         return Reply(answer=text, reasoning=reasoning_text, conversation_id=cid, message_id=running.message_id,
                      user_message_id=running.user_message_id, task_id=running.task_id, usage=usage, status=status,
@@ -469,7 +478,7 @@ class Gateway:
             memories = [(m["text"], m["token_estimate"]) for m in
                         await self.store.list_memory(app=app_cfg.name, user=user)]
         new_msg = ChatMessage("user", query, list(imgs))
-        packed = await pack(self.store, conv["id"], before_seq=user_seq, system_modules=app_cfg.system,
+        packed = await pack(self.history, conv["id"], before_seq=user_seq, system_modules=app_cfg.system,
                             memories=memories, new_message=new_msg, new_message_tokens=estimate_message(query, len(imgs)),
                             budget=budget)
         if packed.file_ids:

@@ -6,8 +6,11 @@ Every list is keyset-paged on an indexed column so page latency does not grow wi
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import and_, delete, event, insert, or_, select, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ..errors import ConfigError, NotFoundError
 from .schema import api_keys, conversations, files, memories, messages
@@ -60,6 +63,7 @@ class Store:
         else:
             kwargs.update(pool_size=20, max_overflow=20, pool_pre_ping=False)
         self.engine: AsyncEngine = create_async_engine(database_url, **kwargs)
+        self._write_lock = asyncio.Lock() if self.is_sqlite else None
         if self.is_sqlite:
             @event.listens_for(self.engine.sync_engine, "connect")
             def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -70,8 +74,19 @@ class Store:
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.close()
 
+    @contextlib.asynccontextmanager
+    async def _tx(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction. SQLite allows one writer: contending connections would fall into its
+        busy handler, which sleeps in millisecond steps, so this process queues its writers itself."""
+        if self._write_lock is None:
+            async with self.engine.begin() as conn:
+                yield conn
+            return
+        async with self._write_lock, self.engine.begin() as conn:
+            yield conn
+
     async def migrate(self) -> None:
-        async with self.engine.begin() as conn:
+        async with self._tx() as conn:
             await conn.run_sync(_run_migrations)
 
     async def close(self) -> None:
@@ -89,7 +104,7 @@ class Store:
             "inputs": inputs or {}, "remote": {}, "last_seq": 0, "created_at": now, "updated_at": now,
             "deleted": False, "lock_owner": None, "lock_until": None,
         }
-        async with self.engine.begin() as conn:
+        async with self._tx() as conn:
             await conn.execute(insert(conversations).values(**row))
         return row
 
@@ -136,7 +151,7 @@ class Store:
     async def rename_conversation(self, conversation_id: str, *, app: str | None, user: str, name: str) -> dict[str, Any]:
         conv = await self.get_conversation(conversation_id, app=app, user=user)
         now = time.time()
-        async with self.engine.begin() as conn:
+        async with self._tx() as conn:
             await conn.execute(update(conversations).where(conversations.c.id == conversation_id)
                                .values(name=name, updated_at=now))
         conv.update(name=name, updated_at=now)
@@ -144,11 +159,11 @@ class Store:
 
     async def delete_conversation(self, conversation_id: str, *, app: str | None, user: str) -> None:
         await self.get_conversation(conversation_id, app=app, user=user)
-        async with self.engine.begin() as conn:
+        async with self._tx() as conn:
             await conn.execute(update(conversations).where(conversations.c.id == conversation_id).values(deleted=True))
 
     async def set_remote(self, conversation_id: str, engine: str, remote_id: str | None, seen_seq: int) -> None:
-        async with self.engine.begin() as conn:
+        async with self._tx() as conn:
             cur = (await conn.execute(select(conversations.c.remote).where(conversations.c.id == conversation_id))).scalar()
             remote = dict(cur or {})
             if remote_id is None:
@@ -158,14 +173,14 @@ class Store:
             await conn.execute(update(conversations).where(conversations.c.id == conversation_id).values(remote=remote))
 
     async def set_conversation_fields(self, conversation_id: str, **values: Any) -> None:
-        async with self.engine.begin() as conn:
+        async with self._tx() as conn:
             await conn.execute(update(conversations).where(conversations.c.id == conversation_id).values(**values))
 
     # ---- the per-conversation turn lock (works across processes) -------------------------------
 
     async def try_lock(self, conversation_id: str, owner: str, ttl: float) -> bool:
         now = time.time()
-        async with self.engine.begin() as conn:
+        async with self._tx() as conn:
             res = await conn.execute(
                 update(conversations)
                 .where(conversations.c.id == conversation_id,
@@ -176,7 +191,7 @@ class Store:
         return res.rowcount == 1
 
     async def unlock(self, conversation_id: str, owner: str) -> None:
-        async with self.engine.begin() as conn:
+        async with self._tx() as conn:
             await conn.execute(update(conversations)
                                .where(conversations.c.id == conversation_id, conversations.c.lock_owner == owner)
                                .values(lock_owner=None, lock_until=None))
@@ -193,7 +208,7 @@ class Store:
         conversation row (already holding the turn lock) is inserted in the same transaction.
         """
         now = time.time()
-        async with self.engine.begin() as conn:
+        async with self._tx() as conn:
             if new_conversation is not None:
                 row = dict(new_conversation)
                 if lock:
@@ -214,14 +229,49 @@ class Store:
             await conn.execute(insert(messages), [u, a])
         return seq + 1, seq + 2
 
+    async def claim_turn(
+        self, conversation_id: str, *, app: str | None, user: str, owner: str, ttl: float,
+        user_msg: dict[str, Any], assistant_msg: dict[str, Any],
+    ) -> tuple[dict[str, Any], int, int] | None:
+        """Start a turn on an existing conversation in one transaction: check ownership, take the turn
+        lease, allocate two seqs and write the user message and the assistant placeholder.
+
+        Returns (conversation, user seq, assistant seq); None while another turn holds the lease;
+        raises NotFoundError for a conversation that is missing, deleted or someone else's.
+        """
+        now = time.time()
+        c = conversations.c
+        conds = [c.id == conversation_id, c.user == user, c.deleted.is_(False)]
+        if app is not None:
+            conds.append(c.app == app)
+        async with self._tx() as conn:
+            row = (await conn.execute(
+                update(conversations)
+                .where(*conds, or_(c.lock_until.is_(None), c.lock_until < now, c.lock_owner == owner))
+                .values(last_seq=c.last_seq + 2, updated_at=now, lock_owner=owner, lock_until=now + ttl)
+                .returning(conversations)
+            )).mappings().first()
+            if row is None:
+                exists = (await conn.execute(select(c.id).where(*conds))).first()
+                if exists is None:
+                    raise NotFoundError("Conversation Not Exists.")
+                return None
+            seq = row["last_seq"] - 2
+            u = {**_MSG_DEFAULTS, "conversation_id": conversation_id, "seq": seq + 1, "role": "user",
+                 "status": "completed", "created_at": now, "updated_at": now, **user_msg}
+            a = {**_MSG_DEFAULTS, "conversation_id": conversation_id, "seq": seq + 2, "role": "assistant",
+                 "status": "streaming", "created_at": now + 1e-6, "updated_at": now, **assistant_msg}
+            await conn.execute(insert(messages), [u, a])
+        return dict(row), seq + 1, seq + 2
+
     async def update_message(self, message_id: str, **values: Any) -> None:
         values.setdefault("updated_at", time.time())
-        async with self.engine.begin() as conn:
+        async with self._tx() as conn:
             await conn.execute(update(messages).where(messages.c.id == message_id).values(**values))
 
     async def flush_partial(self, message_id: str, content: str, reasoning: str | None) -> bool:
         """Persist the answer so far; returns True when someone asked (from any process) to stop."""
-        async with self.engine.begin() as conn:
+        async with self._tx() as conn:
             res = await conn.execute(
                 update(messages).where(messages.c.id == message_id)
                 .values(content=content, reasoning=reasoning, updated_at=time.time())
@@ -233,7 +283,7 @@ class Store:
                           conversation_values: dict[str, Any] | None = None, **values: Any) -> None:
         now = time.time()
         values["updated_at"] = now
-        async with self.engine.begin() as conn:
+        async with self._tx() as conn:
             await conn.execute(update(messages).where(messages.c.id == message_id).values(**values))
             cv: dict[str, Any] = {"updated_at": now, **(conversation_values or {})}
             if lock_owner:
@@ -314,7 +364,7 @@ class Store:
         return dict(r) if r else None
 
     async def request_stop(self, message_id: str) -> None:
-        async with self.engine.begin() as conn:
+        async with self._tx() as conn:
             await conn.execute(update(messages).where(messages.c.id == message_id, messages.c.status == "streaming")
                                .values(stop_requested=True))
 
@@ -323,7 +373,7 @@ class Store:
     async def add_memory(self, *, app: str, user: str, text: str, token_estimate: int) -> dict[str, Any]:
         row = {"id": new_id(), "app": app, "user": user, "text": text, "token_estimate": token_estimate,
                "created_at": time.time()}
-        async with self.engine.begin() as conn:
+        async with self._tx() as conn:
             await conn.execute(insert(memories).values(**row))
         return row
 
@@ -334,7 +384,7 @@ class Store:
         return [dict(r) for r in rows]
 
     async def delete_memory(self, memory_id: str, *, app: str, user: str) -> None:
-        async with self.engine.begin() as conn:
+        async with self._tx() as conn:
             res = await conn.execute(delete(memories).where(memories.c.id == memory_id, memories.c.app == app,
                                                             memories.c.user == user))
         if res.rowcount == 0:
@@ -345,7 +395,7 @@ class Store:
     async def add_file(self, *, app: str, user: str, name: str, data: bytes, mime_type: str, extension: str) -> dict[str, Any]:
         row = {"id": new_id(), "app": app, "user": user, "name": name, "size": len(data), "extension": extension,
                "mime_type": mime_type, "data": data, "remote": {}, "created_at": time.time()}
-        async with self.engine.begin() as conn:
+        async with self._tx() as conn:
             await conn.execute(insert(files).values(**row))
         return row
 
@@ -366,7 +416,7 @@ class Store:
     async def add_key(self, *, app: str, key_hash: str, prefix: str) -> dict[str, Any]:
         row = {"id": new_id(), "app": app, "key_hash": key_hash, "prefix": prefix, "created_at": time.time(),
                "revoked": False}
-        async with self.engine.begin() as conn:
+        async with self._tx() as conn:
             await conn.execute(insert(api_keys).values(**row))
         return row
 
@@ -384,7 +434,7 @@ class Store:
             return [dict(r) for r in (await conn.execute(q)).mappings().all()]
 
     async def revoke_key(self, key_id_or_prefix: str) -> int:
-        async with self.engine.begin() as conn:
+        async with self._tx() as conn:
             res = await conn.execute(update(api_keys).where(
                 or_(api_keys.c.id == key_id_or_prefix, api_keys.c.prefix == key_id_or_prefix)).values(revoked=True))
         return res.rowcount

@@ -1,0 +1,86 @@
+"""Profile the server while it serves stateful turns: py-spy samples it, and this prints where the
+time goes (inclusive share per function), the view used to decide what to optimise.
+
+    .venv/bin/pip install py-spy && .venv/bin/python bench/profile_turn.py [--seconds 10] [--concurrency 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import loadgen  # noqa: E402
+import procs  # noqa: E402
+from run import dify_arm, write_config  # noqa: E402
+
+
+async def main(opts: argparse.Namespace) -> None:
+    work = Path(tempfile.mkdtemp(prefix="threadline-profile-"))
+    fast = procs.free_port()
+    up = procs.start("upstream", [sys.executable, str(Path(__file__).parent / "upstream.py"), "--port", str(fast)], fast, work)
+    cfg = work / "tl.toml"
+    url = opts.database or f"sqlite+aiosqlite:///{work}/p.db"
+    write_config(cfg, url, fast, fast)
+    key = procs.create_key(cfg)
+    port = procs.free_port()
+    tl = procs.start("threadline", procs.threadline_argv(cfg, port), port, work)
+    try:
+        await procs.wait_http(up, "/v1/models")
+        await procs.wait_http(tl, "/healthz")
+        arm = dify_arm("tl", port, key, tl)
+        await loadgen.run(port, arm.maker(opts.stream), concurrency=opts.concurrency, duration=1, after=arm.after,
+                          stream=opts.stream)
+        raw = work / "profile.txt"
+        spy = subprocess.Popen([shutil.which("py-spy") or str(procs.VENV_BIN / "py-spy"), "record", "--pid",
+                                str(tl.popen.pid), "--format", "raw", "--rate", "500", "--duration", str(opts.seconds),
+                                "--output", str(raw), "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        res = await loadgen.run(port, arm.maker(opts.stream), concurrency=opts.concurrency, duration=opts.seconds,
+                                after=arm.after, stream=opts.stream)
+        spy.wait(30)
+        print(f"{res.ok / res.elapsed:.0f} turns/s, p50 {loadgen_pct(res.latencies, 50) * 1000:.2f} ms")
+        report(raw, opts.top)
+    finally:
+        tl.stop()
+        up.stop()
+
+
+def loadgen_pct(v: list[float], p: float) -> float:
+    s = sorted(v)
+    return s[min(len(s) - 1, int(len(s) * p / 100))] if s else 0.0
+
+
+def report(raw: Path, top: int) -> None:
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        total += int(n)
+        seen = set()
+        for frame in stack.split(";"):
+            name = frame.split(" (")[0] + " " + frame.split("/")[-1].split(":")[0].rstrip(")") if "(" in frame else frame
+            if name not in seen:
+                seen.add(name)
+                incl[name] += int(n)
+    print(f"{total} samples; inclusive share:")
+    for name, n in incl.most_common(top):
+        print(f"{n / total * 100:6.1f}%  {name}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--stream", action="store_true")
+    ap.add_argument("--database", help="database_url (default: a fresh SQLite file)")
+    ap.add_argument("--top", type=int, default=60)
+    asyncio.run(main(ap.parse_args()))
