@@ -82,8 +82,8 @@ def start(name: str, argv: list[str], port: int, workdir: Path, env: dict[str, s
     return Proc(name, port, popen, log)
 
 
-async def wait_http(proc: Proc, path: str, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_http(proc: Proc, path: str, within: float = 90.0) -> None:
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if proc.popen.poll() is not None:
             raise RuntimeError(f"{proc.name} exited early; see {proc.log}:\n{proc.log.read_text()[-2000:]}")
@@ -97,7 +97,7 @@ async def wait_http(proc: Proc, path: str, timeout: float = 90.0) -> None:
         except (OSError, TimeoutError):
             pass
         await asyncio.sleep(0.2)
-    raise RuntimeError(f"{proc.name} not ready after {timeout}s; see {proc.log}")
+    raise RuntimeError(f"{proc.name} not ready after {within}s; see {proc.log}")
 
 
 def ensure_litellm() -> Path | None:

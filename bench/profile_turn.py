@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import loadgen  # noqa: E402
-import procs  # noqa: E402
-from run import dify_arm, write_config  # noqa: E402
+import loadgen
+import procs
+from run import dify_arm, write_config
 
 
 async def main(opts: argparse.Namespace) -> None:
@@ -39,9 +39,7 @@ async def main(opts: argparse.Namespace) -> None:
         await loadgen.run(port, arm.maker(opts.stream), concurrency=opts.concurrency, duration=1, after=arm.after,
                           stream=opts.stream)
         raw = work / "profile.txt"
-        spy = subprocess.Popen([shutil.which("py-spy") or str(procs.VENV_BIN / "py-spy"), "record", "--pid",
-                                str(tl.popen.pid), "--format", "raw", "--rate", "500", "--duration", str(opts.seconds),
-                                "--output", str(raw), "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        spy = start_spy(tl.popen.pid, opts.seconds, raw)
         res = await loadgen.run(port, arm.maker(opts.stream), concurrency=opts.concurrency, duration=opts.seconds,
                                 after=arm.after, stream=opts.stream)
         spy.wait(30)
@@ -50,6 +48,13 @@ async def main(opts: argparse.Namespace) -> None:
     finally:
         tl.stop()
         up.stop()
+
+
+def start_spy(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
+    exe = shutil.which("py-spy") or str(procs.VENV_BIN / "py-spy")
+    return subprocess.Popen([exe, "record", "--pid", str(pid), "--format", "raw", "--rate", "500", "--duration",
+                             str(seconds), "--output", str(out), "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def loadgen_pct(v: list[float], p: float) -> float:

@@ -214,7 +214,7 @@ class Bench:
                                           "--num_workers", "1"], port,
                               {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_MASTER_KEY": MASTER,
                                "LITELLM_LOG": "ERROR"})
-            await procs.wait_http(lite, "/health/liveliness", timeout=180)
+            await procs.wait_http(lite, "/health/liveliness", within=180)
 
         arms = [openai_arm("direct (upstream)", fast, "/v1/chat/completions", "sk-upstream", up),
                 dify_arm("threadline chat-messages sqlite", tl_sqlite.port, key_s, tl_sqlite),

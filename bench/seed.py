@@ -27,13 +27,16 @@ TOK_U = estimate_message(TEXT_U.format(i=12345))
 TOK_A = estimate_message(TEXT_A.format(i=12345))
 
 
-def _rows(conversations: list[tuple[str, str, int]], engine: str, t0: float) -> tuple[list[tuple[Any, ...]], Iterator[tuple[Any, ...]]]:
+Row = tuple[Any, ...]
+
+
+def _rows(conversations: list[tuple[str, str, int]], engine: str, t0: float) -> tuple[list[Row], Iterator[Row]]:
     """conversations: (id, user, n_messages). Messages are user/assistant pairs, oldest first."""
     convs = []
     for k, (cid, user, n) in enumerate(conversations):
         convs.append((cid, APP, user, engine, f"seeded {k}", "{}", "{}", n, t0 + k * 1e-3, t0 + k * 1e-3 + n * 1e-6, False))
 
-    def msgs() -> Iterator[tuple[Any, ...]]:
+    def msgs() -> Iterator[Row]:
         for k, (cid, _user, n) in enumerate(conversations):
             base = t0 + k * 1e-3
             parent = None

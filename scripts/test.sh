@@ -4,6 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh ".[test,local]"
+# The web page tests drive Debian's chromium (they fail, never skip, without it).
+if [ ! -x /usr/bin/chromium ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get install -y -q chromium || { $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium; }
+fi
 .venv/bin/ruff check src tests bench
 set +e
 .venv/bin/python -m pytest -q "$@"

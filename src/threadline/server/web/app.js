@@ -426,7 +426,7 @@ async function send(ev) {
       signal: controller.signal,
     });
     if (!res.ok) { const e = await toError(res); a.setError(e.code, e.message); return; }
-    await readEvents(res, (e) => onEvent(e, a, wasNew));
+    await readEvents(res, (e) => onEvent(e, a));
   } catch (e) {
     if (e.name === "AbortError") a.setMeta({ engine: used, status: "stopped" });
     else a.setError("network_error", "The connection to Threadline was lost.");
@@ -434,6 +434,9 @@ async function send(ev) {
     a.streaming(false);
     S.running = null;
     setBusy(false);
+    // A failed first turn still made a conversation (the question is kept), so the list shows it too.
+    if (wasNew && S.conv) loadConversations(true).then(syncTitle);
+    else if (S.conv) moveToTop();
     $("input").focus();
   }
 }
@@ -456,7 +459,7 @@ async function readEvents(res, onEvent) {
   }
 }
 
-function onEvent(e, a, wasNew) {
+function onEvent(e, a) {
   if (e.task_id && S.running && !S.running.taskId) {
     S.running.taskId = e.task_id;
     if (S.running.stopped) stop();
@@ -476,8 +479,6 @@ function onEvent(e, a, wasNew) {
                   price: u.total_price, currency: u.currency, latency: u.latency, ttft: u.time_to_first_token });
       S.lastEngine = engine;
       S.conv.engine = engine;
-      if (wasNew) loadConversations(true).then(() => syncTitle());
-      else moveToTop();
       break;
     }
     case "error": a.setError(e.code, e.message); break;
