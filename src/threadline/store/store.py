@@ -16,7 +16,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import and_, delete, event, insert, or_, select, update
+from sqlalchemy import and_, bindparam, delete, event, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -32,6 +32,22 @@ _MSG_DEFAULTS: dict[str, Any] = {
 }
 
 CONV_SORTS = {"created_at", "-created_at", "updated_at", "-updated_at"}
+MEMORY_TTL = 2.0  # seconds another process's memory change may take to be seen here
+
+_UPDATE_MESSAGE = update(messages).where(messages.c.id == bindparam("b_id"))
+_UPDATE_CONVERSATION = update(conversations).where(conversations.c.id == bindparam("b_id"))
+_c = conversations.c
+_CLAIM = (
+    update(conversations)
+    .where(_c.id == bindparam("b_id"), _c.user == bindparam("b_user"), _c.app == bindparam("b_app"),
+           _c.deleted.is_(False),
+           or_(_c.lock_until.is_(None), _c.lock_until < bindparam("b_now"), _c.lock_owner == bindparam("b_owner")))
+    .values(last_seq=_c.last_seq + 2, updated_at=bindparam("b_now"), lock_owner=bindparam("b_owner"),
+            lock_until=bindparam("b_until"))
+    .returning(conversations)
+)
+_MEMORY = (select(memories).where(memories.c.app == bindparam("b_app"), memories.c.user == bindparam("b_user"))
+           .order_by(memories.c.created_at.asc()))
 
 
 def new_id() -> str:
@@ -62,8 +78,12 @@ class Store:
             kwargs["connect_args"] = {"timeout": 30}
         else:
             kwargs.update(pool_size=20, max_overflow=20, pool_pre_ping=False)
+        # Every use of a connection ends its own transaction (begin() commits or rolls back, connect()
+        # rolls back on close), so the pool's extra rollback on return is a wasted round trip.
+        kwargs["pool_reset_on_return"] = None
         self.engine: AsyncEngine = create_async_engine(database_url, **kwargs)
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        self._memory_cache: dict[tuple[str, str], tuple[float, list[dict[str, Any]]]] = {}
         if self.is_sqlite:
             @event.listens_for(self.engine.sync_engine, "connect")
             def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -245,12 +265,17 @@ class Store:
         if app is not None:
             conds.append(c.app == app)
         async with self._tx() as conn:
-            row = (await conn.execute(
-                update(conversations)
-                .where(*conds, or_(c.lock_until.is_(None), c.lock_until < now, c.lock_owner == owner))
-                .values(last_seq=c.last_seq + 2, updated_at=now, lock_owner=owner, lock_until=now + ttl)
-                .returning(conversations)
-            )).mappings().first()
+            if app is not None:
+                stmt = _CLAIM
+                params: dict[str, Any] = {"b_id": conversation_id, "b_user": user, "b_app": app, "b_now": now,
+                                          "b_owner": owner, "b_until": now + ttl}
+            else:
+                stmt = (update(conversations)
+                        .where(*conds, or_(c.lock_until.is_(None), c.lock_until < now, c.lock_owner == owner))
+                        .values(last_seq=c.last_seq + 2, updated_at=now, lock_owner=owner, lock_until=now + ttl)
+                        .returning(conversations))
+                params = {}
+            row = (await conn.execute(stmt, params)).mappings().first()
             if row is None:
                 exists = (await conn.execute(select(c.id).where(*conds))).first()
                 if exists is None:
@@ -283,12 +308,13 @@ class Store:
                           conversation_values: dict[str, Any] | None = None, **values: Any) -> None:
         now = time.time()
         values["updated_at"] = now
+        cv: dict[str, Any] = {"updated_at": now, **(conversation_values or {})}
+        if lock_owner:
+            cv.update(lock_owner=None, lock_until=None)
         async with self._tx() as conn:
-            await conn.execute(update(messages).where(messages.c.id == message_id).values(**values))
-            cv: dict[str, Any] = {"updated_at": now, **(conversation_values or {})}
-            if lock_owner:
-                cv.update(lock_owner=None, lock_until=None)
-            await conn.execute(update(conversations).where(conversations.c.id == conversation_id).values(**cv))
+            # Prebuilt statements with the SET columns given at execution: no per-call statement building.
+            await conn.execute(_UPDATE_MESSAGE, {"b_id": message_id, **values})
+            await conn.execute(_UPDATE_CONVERSATION, {"b_id": conversation_id, **cv})
 
     _HISTORY_COLS = (messages.c.seq, messages.c.role, messages.c.content, messages.c.parts, messages.c.reasoning,
                      messages.c.status, messages.c.token_estimate, messages.c.engine)
@@ -371,6 +397,7 @@ class Store:
     # ---- memory --------------------------------------------------------------------------------
 
     async def add_memory(self, *, app: str, user: str, text: str, token_estimate: int) -> dict[str, Any]:
+        self._memory_cache.pop((app, user), None)
         row = {"id": new_id(), "app": app, "user": user, "text": text, "token_estimate": token_estimate,
                "created_at": time.time()}
         async with self._tx() as conn:
@@ -378,12 +405,21 @@ class Store:
         return row
 
     async def list_memory(self, *, app: str, user: str) -> list[dict[str, Any]]:
+        """Every stateless turn packs memory, so it is cached briefly; changes made through this
+        process show at once, another process's within MEMORY_TTL."""
+        hit = self._memory_cache.get((app, user))
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            return [dict(r) for r in hit[1]]
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(select(memories).where(memories.c.app == app, memories.c.user == user)
-                                       .order_by(memories.c.created_at.asc()))).mappings().all()
+            rows = [dict(r) for r in (await conn.execute(_MEMORY, {"b_app": app, "b_user": user})).mappings().all()]
+        if len(self._memory_cache) > 10_000:
+            self._memory_cache.clear()
+        self._memory_cache[(app, user)] = (now + MEMORY_TTL, rows)
         return [dict(r) for r in rows]
 
     async def delete_memory(self, memory_id: str, *, app: str, user: str) -> None:
+        self._memory_cache.pop((app, user), None)
         async with self._tx() as conn:
             res = await conn.execute(delete(memories).where(memories.c.id == memory_id, memories.c.app == app,
                                                             memories.c.user == user))
