@@ -242,13 +242,17 @@ class Gateway:
         imgs = self.normalize_images(images, files)
         cid = conversation_id or new_id()
         async with self._local_lock(cid):
+            finished = False
             try:
                 async for ev in self._run(cid, conversation_id is not None, app_cfg, user, eng, query, imgs, stream,
                                           inputs or {}, workflow_id, auto_generate_name):
+                    finished = isinstance(ev, TurnCompleted | TurnFailed)
                     yield ev
             except BaseException:
-                # _run releases the lease with its final write; this covers early exits.
-                await asyncio.shield(self._release_if_held(cid))
+                # _run releases the lease with its final write; this covers exits before that write.
+                # (A caller that stops iterating after the last event is not one of them.)
+                if not finished:
+                    await asyncio.shield(self._release_if_held(cid))
                 raise
 
     async def _release_if_held(self, cid: str) -> None:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import and_, bindparam, delete, event, insert, or_, select, update
@@ -81,6 +82,8 @@ class Store:
         # Every use of a connection ends its own transaction (begin() commits or rolls back, connect()
         # rolls back on close), so the pool's extra rollback on return is a wasted round trip.
         kwargs["pool_reset_on_return"] = None
+        kwargs["json_serializer"] = lambda v: orjson.dumps(v).decode()
+        kwargs["json_deserializer"] = orjson.loads
         self.engine: AsyncEngine = create_async_engine(database_url, **kwargs)
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         self._memory_cache: dict[tuple[str, str], tuple[float, list[dict[str, Any]]]] = {}
