@@ -59,7 +59,8 @@ def history(r: dict[str, Any]) -> str:
         else:
             rows.append([f"{int(size):,} stored messages", fmt_ms(a["p50_ms"]), fmt_ms(a["p99_ms"]),
                          fmt_ms(a["overhead_p50_ms"]), fmt_ms(a["overhead_p99_ms"]), fmt_ms(a.get("server_overhead_p50_ms"))])
-    return "\n### history scaling (stateful turn, SQLite, concurrency 1)\n" + table(
+    return ("\n### history scaling (stateful turn, SQLite, concurrency 1, 4k-token window; 4 turns per conversation: "
+            "the first reads history from the store, the rest from the process cache)\n") + table(
         ["conversation", "latency p50 ms", "latency p99 ms", "overhead p50 ms", "overhead p99 ms", "self-reported p50 ms"],
         rows)
 

@@ -35,6 +35,7 @@ from report import pct, render
 
 CID = re.compile(rb'"conversation_id":\s*"([0-9a-f-]{36})"')
 MASTER = "sk-bench-master"
+TURNS_PER_CONVERSATION = 4
 
 
 class Arm:
@@ -247,14 +248,13 @@ class Bench:
     # ---- history scaling -------------------------------------------------------------------------
 
     def history_plan(self) -> dict[int, list[str]]:
-        """Enough conversations per size that each stays near its size while it is continued."""
-        turns = 150 if self.opts.quick else 400
-        plan = {}
-        for size in (10, 100, 1000, 10_000):
-            per_conv = max(1, size // 50)
-            plan[size] = [str(uuid.uuid4()) for _ in range(max(1, turns // per_conv))]
+        """The same pattern for every size — TURNS_PER_CONVERSATION turns on each of N conversations — so
+        each size sees the same mix of first turns (history read from the store) and later turns (history
+        already in the process's cache), and each conversation stays near its size."""
+        turns = 160 if self.opts.quick else 400
+        n = turns // TURNS_PER_CONVERSATION
         self.history_turns = turns
-        return plan
+        return {size: [str(uuid.uuid4()) for _ in range(n)] for size in (10, 100, 1000, 10_000)}
 
     async def history(self, plan: dict[int, list[str]], port: int, key: str, fast: int) -> dict[str, Any]:
         headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
@@ -267,7 +267,7 @@ class Bench:
             ids = plan[size]
 
             def make(_w: int) -> bytes:
-                cid = ids[counters[size] % len(ids)]
+                cid = ids[counters[size] // TURNS_PER_CONVERSATION % len(ids)]
                 counters[size] += 1
                 body = orjson.dumps({"inputs": {}, "query": "Say hello to the benchmark.", "user": "hist",
                                      "conversation_id": cid, "response_mode": "blocking"})
