@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen
 import procs
+from report import pct
 from run import dify_arm, write_config
 
 
@@ -43,7 +44,7 @@ async def main(opts: argparse.Namespace) -> None:
         res = await loadgen.run(port, arm.maker(opts.stream), concurrency=opts.concurrency, duration=opts.seconds,
                                 after=arm.after, stream=opts.stream)
         spy.wait(30)
-        print(f"{res.ok / res.elapsed:.0f} turns/s, p50 {loadgen_pct(res.latencies, 50) * 1000:.2f} ms")
+        print(f"{res.ok / res.elapsed:.0f} turns/s, p50 {pct(res.latencies, 50) * 1000:.2f} ms")
         report(raw, opts.top)
     finally:
         tl.stop()
@@ -55,11 +56,6 @@ def start_spy(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen([exe, "record", "--pid", str(pid), "--format", "raw", "--rate", "500", "--duration",
                              str(seconds), "--output", str(out), "--nonblocking"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def loadgen_pct(v: list[float], p: float) -> float:
-    s = sorted(v)
-    return s[min(len(s) - 1, int(len(s) * p / 100))] if s else 0.0
 
 
 def report(raw: Path, top: int) -> None:

@@ -38,11 +38,28 @@ MEMORY_TTL = 2.0  # seconds another process's memory change may take to be seen 
 _UPDATE_MESSAGE = update(messages).where(messages.c.id == bindparam("b_id"))
 _UPDATE_CONVERSATION = update(conversations).where(conversations.c.id == bindparam("b_id"))
 _c = conversations.c
+
+
+def _lease_free(now: Any, owner: Any) -> Any:
+    """The turn lease is free for `owner`: nobody holds it, it expired, or `owner` holds it already."""
+    return or_(_c.lock_until.is_(None), _c.lock_until < now, _c.lock_owner == owner)
+
+
+def _turn_rows(conversation_id: str, seq: int, now: float, user_msg: dict[str, Any],
+               assistant_msg: dict[str, Any]) -> list[dict[str, Any]]:
+    """A turn's two rows: the user message and the streaming assistant placeholder after it."""
+    return [
+        {**_MSG_DEFAULTS, "conversation_id": conversation_id, "seq": seq + 1, "role": "user", "status": "completed",
+         "created_at": now, "updated_at": now, **user_msg},
+        {**_MSG_DEFAULTS, "conversation_id": conversation_id, "seq": seq + 2, "role": "assistant",
+         "status": "streaming", "created_at": now + 1e-6, "updated_at": now, **assistant_msg},
+    ]
+
+
 _CLAIM = (
     update(conversations)
     .where(_c.id == bindparam("b_id"), _c.user == bindparam("b_user"), _c.app == bindparam("b_app"),
-           _c.deleted.is_(False),
-           or_(_c.lock_until.is_(None), _c.lock_until < bindparam("b_now"), _c.lock_owner == bindparam("b_owner")))
+           _c.deleted.is_(False), _lease_free(bindparam("b_now"), bindparam("b_owner")))
     .values(last_seq=_c.last_seq + 2, updated_at=bindparam("b_now"), lock_owner=bindparam("b_owner"),
             lock_until=bindparam("b_until"))
     .returning(conversations)
@@ -206,9 +223,7 @@ class Store:
         async with self._tx() as conn:
             res = await conn.execute(
                 update(conversations)
-                .where(conversations.c.id == conversation_id,
-                       or_(conversations.c.lock_until.is_(None), conversations.c.lock_until < now,
-                           conversations.c.lock_owner == owner))
+                .where(conversations.c.id == conversation_id, _lease_free(now, owner))
                 .values(lock_owner=owner, lock_until=now + ttl)
             )
         return res.rowcount == 1
@@ -245,15 +260,11 @@ class Store:
                     .values(last_seq=conversations.c.last_seq + 2, updated_at=now)
                     .returning(conversations.c.last_seq)
                 )).scalar_one() - 2
-            u = {**_MSG_DEFAULTS, "conversation_id": conversation_id, "seq": seq + 1, "role": "user",
-                 "status": "completed", "created_at": now, "updated_at": now, **user_msg}
-            a = {**_MSG_DEFAULTS, "conversation_id": conversation_id, "seq": seq + 2, "role": "assistant",
-                 "status": "streaming", "created_at": now + 1e-6, "updated_at": now, **assistant_msg}
-            await conn.execute(insert(messages), [u, a])
+            await conn.execute(insert(messages), _turn_rows(conversation_id, seq, now, user_msg, assistant_msg))
         return seq + 1, seq + 2
 
     async def claim_turn(
-        self, conversation_id: str, *, app: str | None, user: str, owner: str, ttl: float,
+        self, conversation_id: str, *, app: str, user: str, owner: str, ttl: float,
         user_msg: dict[str, Any], assistant_msg: dict[str, Any],
     ) -> tuple[dict[str, Any], int, int] | None:
         """Start a turn on an existing conversation in one transaction: check ownership, take the turn
@@ -263,33 +274,18 @@ class Store:
         raises NotFoundError for a conversation that is missing, deleted or someone else's.
         """
         now = time.time()
-        c = conversations.c
-        conds = [c.id == conversation_id, c.user == user, c.deleted.is_(False)]
-        if app is not None:
-            conds.append(c.app == app)
         async with self._tx() as conn:
-            if app is not None:
-                stmt = _CLAIM
-                params: dict[str, Any] = {"b_id": conversation_id, "b_user": user, "b_app": app, "b_now": now,
-                                          "b_owner": owner, "b_until": now + ttl}
-            else:
-                stmt = (update(conversations)
-                        .where(*conds, or_(c.lock_until.is_(None), c.lock_until < now, c.lock_owner == owner))
-                        .values(last_seq=c.last_seq + 2, updated_at=now, lock_owner=owner, lock_until=now + ttl)
-                        .returning(conversations))
-                params = {}
-            row = (await conn.execute(stmt, params)).mappings().first()
+            row = (await conn.execute(_CLAIM, {"b_id": conversation_id, "b_user": user, "b_app": app, "b_now": now,
+                                               "b_owner": owner, "b_until": now + ttl})).mappings().first()
             if row is None:
-                exists = (await conn.execute(select(c.id).where(*conds))).first()
+                c = conversations.c
+                exists = (await conn.execute(select(c.id).where(
+                    c.id == conversation_id, c.user == user, c.app == app, c.deleted.is_(False)))).first()
                 if exists is None:
                     raise NotFoundError("Conversation Not Exists.")
                 return None
             seq = row["last_seq"] - 2
-            u = {**_MSG_DEFAULTS, "conversation_id": conversation_id, "seq": seq + 1, "role": "user",
-                 "status": "completed", "created_at": now, "updated_at": now, **user_msg}
-            a = {**_MSG_DEFAULTS, "conversation_id": conversation_id, "seq": seq + 2, "role": "assistant",
-                 "status": "streaming", "created_at": now + 1e-6, "updated_at": now, **assistant_msg}
-            await conn.execute(insert(messages), [u, a])
+            await conn.execute(insert(messages), _turn_rows(conversation_id, seq, now, user_msg, assistant_msg))
         return dict(row), seq + 1, seq + 2
 
     async def update_message(self, message_id: str, **values: Any) -> None:

@@ -268,7 +268,7 @@ function image(url) {
     // Uploaded files need the app key, which an <img src> cannot send.
     api("GET", `${url}?${q({})}`, undefined, { raw: true })
       .then((r) => (r.ok ? r.blob() : null)).then((b) => { if (b) img.src = URL.createObjectURL(b); });
-  } else if (/^(https?:|data:image\/)/i.test(url)) {
+  } else if (/^(https?:|data:image\/|blob:)/i.test(url)) {  // blob: previews of this page's own uploads
     img.src = url;
   }
   return img;
@@ -404,14 +404,7 @@ async function send(ev) {
   if (engine) body.engine = engine;
   const used = engine || S.appEngine;
   if (S.lastEngine && used && S.lastEngine !== used) $("turns").append(switchMarker(S.lastEngine, used));
-  $("turns").append(userBubble(text, []));
-  const ub = $("turns").lastChild;
-  if (previews.length) {
-    const row = document.createElement("div");
-    row.className = "images";
-    for (const p of previews) { const i = document.createElement("img"); i.alt = "attached image"; i.src = p; row.append(i); }
-    ub.append(row);
-  }
+  $("turns").append(userBubble(text, previews));
   const a = answerBubble();
   a.streaming(true);
   $("turns").append(a.el);
