@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from ..errors import ConfigError, NotFoundError
 from .schema import api_keys, conversations, files, memories, messages
+from .sqlite_hot import Busy, SqliteHotPath
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -31,6 +32,9 @@ _MSG_DEFAULTS: dict[str, Any] = {
     "model": None, "token_estimate": 0, "parent_id": None, "task_id": None, "remote_id": None, "inputs": None,
     "feedback": None, "latency": None, "stop_requested": False,
 }
+
+_CONV_DEFAULTS: dict[str, Any] = {"name": "", "inputs": {}, "remote": {}, "last_seq": 0, "deleted": False,
+                                  "lock_owner": None, "lock_until": None}
 
 CONV_SORTS = {"created_at", "-created_at", "updated_at", "-updated_at"}
 MEMORY_TTL = 2.0  # seconds another process's memory change may take to be seen here
@@ -93,6 +97,7 @@ class Store:
             path = database_url.split(":///", 1)[-1]
             if path:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._sqlite_path = path.split("?", 1)[0]
             kwargs["connect_args"] = {"timeout": 30}
         else:
             kwargs.update(pool_size=20, max_overflow=20, pool_pre_ping=False)
@@ -103,6 +108,8 @@ class Store:
         kwargs["json_deserializer"] = orjson.loads
         self.engine: AsyncEngine = create_async_engine(database_url, **kwargs)
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        # The turn's writes skip the async adapter on SQLite (see sqlite_hot); opened after migrate().
+        self.hot: SqliteHotPath | None = None
         self._memory_cache: dict[tuple[str, str], tuple[float, list[dict[str, Any]]]] = {}
         if self.is_sqlite:
             @event.listens_for(self.engine.sync_engine, "connect")
@@ -128,8 +135,13 @@ class Store:
     async def migrate(self) -> None:
         async with self._tx() as conn:
             await conn.run_sync(_run_migrations)
+        if self.is_sqlite and self.hot is None:
+            self.hot = SqliteHotPath(self._sqlite_path, self._write_lock)  # type: ignore[arg-type]
 
     async def close(self) -> None:
+        if self.hot is not None:
+            self.hot.close()
+            self.hot = None
         await self.engine.dispose()
 
     # ---- conversations ---------------------------------------------------------------------------
@@ -246,6 +258,14 @@ class Store:
         conversation row (already holding the turn lock) is inserted in the same transaction.
         """
         now = time.time()
+        if self.hot is not None and new_conversation is not None:
+            row = {**_CONV_DEFAULTS, **new_conversation, "last_seq": 2}
+            if lock:
+                row["lock_owner"], row["lock_until"] = lock[0], now + lock[1]
+            async with self._write_lock:  # type: ignore[union-attr]
+                with contextlib.suppress(Busy):
+                    self.hot.begin_turn(_turn_rows(conversation_id, 0, now, user_msg, assistant_msg), row)
+                    return 1, 2
         async with self._tx() as conn:
             if new_conversation is not None:
                 row = dict(new_conversation)
@@ -274,6 +294,18 @@ class Store:
         raises NotFoundError for a conversation that is missing, deleted or someone else's.
         """
         now = time.time()
+        if self.hot is not None:
+            params = {"id": conversation_id, "user": user, "app": app, "now": now, "owner": owner, "until": now + ttl}
+            async with self._write_lock:  # type: ignore[union-attr]
+                with contextlib.suppress(Busy):
+                    conv = self.hot.claim(params, lambda seq: _turn_rows(conversation_id, seq, now, user_msg,
+                                                                          assistant_msg))
+                    if conv is False:
+                        raise NotFoundError("Conversation Not Exists.")
+                    if conv is None:
+                        return None
+                    seq = conv["last_seq"] - 2
+                    return conv, seq + 1, seq + 2
         async with self._tx() as conn:
             row = (await conn.execute(_CLAIM, {"b_id": conversation_id, "b_user": user, "b_app": app, "b_now": now,
                                                "b_owner": owner, "b_until": now + ttl})).mappings().first()
@@ -310,6 +342,11 @@ class Store:
         cv: dict[str, Any] = {"updated_at": now, **(conversation_values or {})}
         if lock_owner:
             cv.update(lock_owner=None, lock_until=None)
+        if self.hot is not None:
+            async with self._write_lock:  # type: ignore[union-attr]
+                with contextlib.suppress(Busy):
+                    self.hot.finish_turn(conversation_id, message_id, cv, values)
+                    return
         async with self._tx() as conn:
             # Prebuilt statements with the SET columns given at execution: no per-call statement building.
             await conn.execute(_UPDATE_MESSAGE, {"b_id": message_id, **values})

@@ -1,0 +1,150 @@
+"""The SQLite hot path (store/sqlite_hot.py): the rows it writes are the rows the async path writes, it
+never makes the event loop wait on another process's lock, and it keeps the WAL checkpointed."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from threadline.errors import NotFoundError
+from threadline.store import Store, new_id, sqlite_hot
+
+
+@pytest.fixture
+async def store(tmp_path: Path):
+    s = Store(f"sqlite+aiosqlite:///{tmp_path}/t.db")
+    await s.migrate()
+    assert s.hot is not None
+    yield s
+    await s.close()
+
+
+def _size(path: str) -> int:
+    return Path(path).stat().st_size
+
+
+def _conv(cid: str) -> dict:
+    return {"id": cid, "app": "a", "user": "alice", "engine": "e", "name": "", "inputs": {"k": [1, "два"]},
+            "remote": {}, "last_seq": 0, "created_at": 1000.0, "updated_at": 1000.0, "deleted": False}
+
+
+async def _full_turn(store: Store, cid: str, *, first: bool) -> tuple[str, str, dict]:
+    """A turn as the gateway runs it, with every kind of column set: JSON, None-valued JSON, floats."""
+    uid, aid = new_id(), new_id()
+    user_msg = {"id": uid, "content": "q ✓", "parts": [{"type": "image", "url": "https://x/y.png"}],
+                "engine": "e", "model": "m", "token_estimate": 5, "inputs": None}
+    asst_msg = {"id": aid, "parent_id": uid, "engine": "e", "model": "m", "task_id": new_id()}
+    if first:
+        await store.begin_turn(cid, user_msg=user_msg, assistant_msg=asst_msg, new_conversation=_conv(cid),
+                               lock=("me", 900.0))
+        conv = await store.get_conversation(cid, app="a", user="alice")
+    else:
+        conv, _, _ = await store.claim_turn(cid, app="a", user="alice", owner="me", ttl=900.0,
+                                            user_msg=user_msg, assistant_msg=asst_msg)
+    await store.finish_turn(cid, aid, "me", conversation_values={"engine": "e", "remote": {"dify": {"id": "r", "seq": 2}}},
+                            content="a ✓", reasoning=None, status="completed", usage={"prompt_tokens": 3},
+                            price={"total_price": "0.1"}, latency=0.25, error=None, token_estimate=3, remote_id=None)
+    return uid, aid, conv
+
+
+def _comparable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("id", "conversation_id", "parent_id", "task_id", "created_at",
+                                                      "updated_at", "lock_until")}
+
+
+async def test_hot_rows_read_back_like_rows_written_by_the_async_path(store):
+    hot_cid, slow_cid = new_id(), new_id()
+    hot = [await _full_turn(store, hot_cid, first=True), await _full_turn(store, hot_cid, first=False)]
+    store_hot, store.hot = store.hot, None  # the async path, as used when the hot path is busy
+    try:
+        slow = [await _full_turn(store, slow_cid, first=True), await _full_turn(store, slow_cid, first=False)]
+    finally:
+        store.hot = store_hot
+    # The claimed conversation handed to the gateway has the same shape and types either way.
+    assert _comparable({**hot[1][2], "id": None}) == _comparable({**slow[1][2], "id": None})
+    assert hot[1][2]["inputs"] == {"k": [1, "два"]} and hot[1][2]["deleted"] is False
+    for (hu, ha, _), (su, sa, _) in zip(hot, slow, strict=True):
+        for h, s in ((hu, su), (ha, sa)):
+            hm, sm = await store.get_message(h), await store.get_message(s)
+            assert _comparable(hm) == _comparable(sm)
+    assert (await store.get_message(hot[1][0]))["parts"] == [{"type": "image", "url": "https://x/y.png"}]
+    # Python None in a JSON column is stored as JSON null by both paths, not as SQL NULL.
+    raw = sqlite3.connect(store._sqlite_path)
+    kinds = raw.execute("SELECT DISTINCT typeof(inputs), typeof(error) FROM messages").fetchall()
+    raw.close()
+    assert kinds == [("text", "text")]
+    hc = await store.get_conversation(hot_cid, app="a", user="alice")
+    sc = await store.get_conversation(slow_cid, app="a", user="alice")
+    assert hc["remote"] == sc["remote"] == {"dify": {"id": "r", "seq": 2}}
+    assert hc["lock_owner"] is None and hc["last_seq"] == sc["last_seq"] == 4
+
+
+async def test_hot_claim_keeps_the_lease_and_ownership_rules(store):
+    cid = new_id()
+    await _full_turn(store, cid, first=True)
+    msg = {"id": new_id(), "content": "q"}
+    first = await store.claim_turn(cid, app="a", user="alice", owner="p1", ttl=900.0, user_msg=msg,
+                                   assistant_msg={"id": new_id()})
+    assert first is not None and first[1:] == (3, 4)
+    # Another process's turn is running: not claimable, and nothing was written.
+    assert await store.claim_turn(cid, app="a", user="alice", owner="p2", ttl=900.0,
+                                  user_msg={"id": new_id(), "content": "q"}, assistant_msg={"id": new_id()}) is None
+    assert (await store.get_conversation(cid, app="a", user="alice"))["last_seq"] == 4
+    with pytest.raises(NotFoundError):
+        await store.claim_turn(cid, app="a", user="bob", owner="p2", ttl=900.0,
+                               user_msg={"id": new_id(), "content": "q"}, assistant_msg={"id": new_id()})
+
+
+async def test_a_write_lock_held_by_another_process_never_blocks_the_event_loop(store):
+    cid = new_id()
+    await _full_turn(store, cid, first=True)
+    other = sqlite3.connect(store._sqlite_path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # as another Threadline process mid-write would
+    release = threading.Timer(0.4, lambda: other.execute("COMMIT"))
+    release.start()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    t = asyncio.create_task(ticker())
+    started = time.monotonic()
+    try:
+        claimed = await store.claim_turn(cid, app="a", user="alice", owner="me", ttl=900.0,
+                                         user_msg={"id": new_id(), "content": "waited"}, assistant_msg={"id": new_id()})
+    finally:
+        t.cancel()
+        release.join()
+        other.close()
+    waited = time.monotonic() - started
+    assert claimed is not None and claimed[1] == 3
+    assert waited >= 0.35  # it really had to wait for the other writer ...
+    assert ticks >= 15  # ... and the loop kept running meanwhile
+    msgs, _ = await store.list_messages(cid)
+    assert [m["content"] for m in msgs][-2:] == ["waited", ""]
+
+
+async def test_the_wal_is_checkpointed_off_the_hot_connection(store, monkeypatch):
+    monkeypatch.setattr(sqlite_hot, "CHECKPOINT_EVERY", 20)
+    cid = new_id()
+    await _full_turn(store, cid, first=True)
+    wal = store._sqlite_path + "-wal"
+    sizes = []
+    for _ in range(10):
+        for _ in range(20):
+            await _full_turn(store, cid, first=False)
+        await asyncio.sleep(0.05)  # let the checkpoint thread run
+        sizes.append(_size(wal))
+    # Without checkpoints the WAL would grow by every commit (400 commits here); with them it is
+    # rewound and stays near the size of one checkpoint interval.
+    assert max(sizes[3:]) <= max(sizes[:3]) * 1.5
+    msgs, _ = await store.list_messages(cid, limit=1000)
+    assert len(msgs) == 2 + 200 * 2
