@@ -4,9 +4,13 @@ carries the full, current history."""
 
 from __future__ import annotations
 
+import random
+
 from tests.conftest import engines_for
 from threadline import AsyncThreadline
+from threadline.context import pack
 from threadline.history_cache import HistoryCache
+from threadline.messages import ChatMessage
 from threadline.store import Store, new_id
 
 
@@ -62,5 +66,57 @@ async def test_pages_older_than_the_cached_run_come_from_the_store(sqlite_url):
         cache.append_turn(cid, [{"seq": 105, "role": "user", "content": "x", "parts": None, "status": "completed",
                                  "token_estimate": 1}])
         assert [r["seq"] for r in await cache.history_newest(cid, before_seq=101, limit=3)] == [100, 99, 98]
+    finally:
+        await store.close()
+
+
+async def test_the_cached_window_packs_exactly_what_walking_the_rows_packs(sqlite_url):
+    """Random histories (failed empty answers, images, repeated roles, uneven token counts) and random
+    budgets: packing through the cache's bisected window must equal packing row by row from the store."""
+    rng = random.Random(7)
+    store = Store(sqlite_url)
+    await store.migrate()
+    cache = HistoryCache(store)
+    windows = 0
+    real_fitting = cache.newest_fitting
+
+    async def counting(*args, **kwargs):
+        nonlocal windows
+        win = await real_fitting(*args, **kwargs)
+        windows += win is not None
+        return win
+
+    cache.newest_fitting = counting  # type: ignore[method-assign]
+    try:
+        for conv_no in range(6):
+            cid = new_id()
+            conv = {"id": cid, "app": "a", "user": "u", "engine": "e", "name": "", "inputs": {}, "remote": {},
+                    "last_seq": 0, "created_at": 1.0, "updated_at": 1.0, "deleted": False}
+            odd_rate = [0.0, 0.0, 0.02, 0.05, 0.2, 0.0][conv_no]
+            for i in range(rng.randint(20, 160)):
+                q = f"q{i} " + "w " * rng.randint(0, 30)
+                parts = [{"type": "image", "url": "https://img/x.png"}] if rng.random() < odd_rate else None
+                uid, aid = new_id(), new_id()
+                await store.begin_turn(cid, user_msg={"id": uid, "content": q, "parts": parts,
+                                                      "token_estimate": rng.randint(1, 40)},
+                                       assistant_msg={"id": aid, "parent_id": uid},
+                                       new_conversation=conv if i == 0 else None)
+                answer = "" if rng.random() < odd_rate else f"a{i} " + "w " * rng.randint(0, 30)
+                await store.finish_turn(cid, aid, None, content=answer, status="completed" if answer else "failed",
+                                        token_estimate=rng.randint(0, 60))
+            last = (await store.get_conversation(cid, app="a", user="u"))["last_seq"]
+            for _ in range(25):
+                before = rng.choice([last + 1, last + 1, rng.randint(2, last + 1)])
+                budget = rng.choice([0, 5, rng.randint(10, 400), rng.randint(400, 4000), 100_000])
+                args = {"before_seq": before, "system_modules": ["sys"], "memories": [("m", 2)],
+                        "new_message": ChatMessage("user", "new"), "new_message_tokens": 3, "budget": budget}
+                await pack(cache, cid, **args)  # the first call may fill the cache
+                fast = await pack(cache, cid, **args)
+                slow = await pack(store, cid, **args)
+                assert [(m.role, m.text, [i.url for i in m.images]) for m in fast.messages] == \
+                       [(m.role, m.text, [i.url for i in m.images]) for m in slow.messages]
+                assert (fast.estimated_tokens, fast.history_used, fast.history_dropped) == \
+                       (slow.estimated_tokens, slow.history_used, slow.history_dropped)
+        assert windows > 100  # the bisected window really answered most of these
     finally:
         await store.close()

@@ -23,6 +23,17 @@ class HistorySource(Protocol):
 
 
 @dataclass
+class Window:
+    """The newest history that fits a budget, ready to send: what `pack` would build from the same
+    rows, when a source can answer without a row-by-row walk (see HistoryCache.newest_fitting)."""
+
+    messages: list[ChatMessage]  # alternating roles, starting with a user turn; no images
+    tokens: int
+    rows: int
+    dropped: bool
+
+
+@dataclass
 class Packed:
     system: list[str]
     messages: list[ChatMessage]
@@ -77,6 +88,14 @@ async def pack(
     if memories:
         system.append(memory_text([t for t, _ in memories]))
         used += sum(n for _, n in memories) + 12
+    if conversation_id is not None and before_seq > 1:
+        fitting = getattr(source, "newest_fitting", None)
+        win: Window | None = None
+        if fitting is not None:
+            win = await fitting(conversation_id, before_seq=before_seq, budget=budget - used)
+        if win is not None and (not win.messages or win.messages[-1].role != new_message.role):
+            file_ids = [img.file_id for img in new_message.images if img.file_id and img.data is None]
+            return Packed(system, [*win.messages, new_message], used + win.tokens, win.rows, win.dropped, file_ids)
     picked: list[dict[str, Any]] = []
     dropped = False
     if conversation_id is not None and before_seq > 1:

@@ -6,15 +6,21 @@ serialised by the turn lock, and `seq` is contiguous per conversation, so a cach
 [lo..hi] stays valid: a turn only has to fetch rows newer than `hi` (written by another process) and
 this process appends its own finished turn. Rows holding images are not turned into cached messages,
 because hydration attaches the image bytes to them.
+
+Each run also keeps prefix sums (tokens, rows that are not a plain message, role repeats), so the
+newest history that fits a budget is found by bisection and handed over as a slice of ready
+messages: a turn over a full 4k-token window no longer walks hundreds of rows.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from .context import row_to_message
+from .context import Window, row_to_message
+from .messages import ChatMessage
 from .store import Store
 
 MAX_CONVERSATIONS = 512
@@ -26,12 +32,39 @@ class _Run:
     lo: int  # oldest cached seq; 1 means the run reaches the start of the conversation
     hi: int  # newest cached seq
     rows: list[dict[str, Any]] = field(default_factory=list)  # ascending seq, contiguous
+    # Parallel to rows, and prefix sums over them (index i covers rows[:i]):
+    msgs: list[ChatMessage | None] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=lambda: [0])
+    odd: list[int] = field(default_factory=lambda: [0])  # rows with no ready message (images, skipped)
+    repeats: list[int] = field(default_factory=lambda: [0])  # rows whose role repeats the row before
+
+    def extend(self, rows: list[dict[str, Any]]) -> None:
+        prev = self.rows[-1]["role"] if self.rows else None
+        for r in rows:
+            msg = r.get("_msg")
+            self.rows.append(r)
+            self.msgs.append(msg)
+            self.tokens.append(self.tokens[-1] + int(r.get("token_estimate") or 0))
+            self.odd.append(self.odd[-1] + (msg is None))
+            self.repeats.append(self.repeats[-1] + (r["role"] == prev))
+            prev = r["role"]
+
+    def reindex(self) -> None:
+        rows = self.rows
+        self.rows, self.msgs, self.tokens, self.odd, self.repeats = [], [], [0], [0], [0]
+        self.extend(rows)
 
 
 def _prepare(row: dict[str, Any]) -> dict[str, Any]:
     if not row.get("parts"):
         row["_msg"] = row_to_message(row)
     return row
+
+
+def _new_run(lo: int, hi: int, rows: list[dict[str, Any]]) -> _Run:
+    run = _Run(lo, hi)
+    run.extend(rows)
+    return run
 
 
 class HistoryCache:
@@ -45,25 +78,51 @@ class HistoryCache:
         self._runs.pop(conversation_id, None)
 
     def _put(self, conversation_id: str, run: _Run) -> None:
-        if len(run.rows) > MAX_ROWS:
+        if len(run.rows) > MAX_ROWS + MAX_ROWS // 4:  # trimmed in steps, so reindexing is rare
             run.rows = run.rows[-MAX_ROWS:]
             run.lo = run.rows[0]["seq"]
+            run.reindex()
         self._runs[conversation_id] = run
         self._runs.move_to_end(conversation_id)
         while len(self._runs) > MAX_CONVERSATIONS:
             self._runs.popitem(last=False)
 
-    async def history_newest(self, conversation_id: str, *, before_seq: int, limit: int) -> list[dict[str, Any]]:
+    async def _current(self, conversation_id: str, before_seq: int) -> _Run | None:
+        """The cached run, first brought up to `before_seq` with turns another process finished."""
         run = self._runs.get(conversation_id)
         if run is not None and run.hi < before_seq - 1:
-            # Turns another process finished since we last looked.
             newer = await self.store.history_range(conversation_id, after_seq=run.hi, before_seq=before_seq)
             if newer and newer[0]["seq"] == run.hi + 1:
-                run.rows.extend(_prepare(r) for r in newer)
+                run.extend([_prepare(r) for r in newer])
                 run.hi = newer[-1]["seq"]
                 self._put(conversation_id, run)
             else:
+                self.forget(conversation_id)
                 run = None
+        return run
+
+    async def newest_fitting(self, conversation_id: str, *, before_seq: int, budget: int) -> Window | None:
+        """The newest rows before `before_seq` whose token estimates fit `budget`, as `pack` would
+        pick them; None when the answer needs rows this process does not hold or rows that are not
+        plain alternating messages (pack then walks the rows itself)."""
+        run = await self._current(conversation_id, before_seq)
+        if run is None or run.hi < before_seq - 1:
+            return None
+        end = len(run.rows) - (run.hi - (before_seq - 1))
+        start = min(end, bisect_left(run.tokens, run.tokens[end] - budget, 0, end + 1))
+        if start == 0 and run.lo > 1:
+            return None  # older rows might fit too
+        if run.odd[end] != run.odd[start] or (start < end and run.repeats[end] != run.repeats[start + 1]):
+            return None
+        first = start
+        if first < end and run.rows[first]["role"] != "user":
+            first += 1  # history sent to an engine starts on a user turn
+        self._runs.move_to_end(conversation_id)
+        return Window(run.msgs[first:end], run.tokens[end] - run.tokens[start], end - start,  # type: ignore[arg-type]
+                      dropped=start > 0)
+
+    async def history_newest(self, conversation_id: str, *, before_seq: int, limit: int) -> list[dict[str, Any]]:
+        run = await self._current(conversation_id, before_seq)
         if run is not None and run.hi >= before_seq - 1:
             if run.lo <= max(1, before_seq - limit):
                 end = len(run.rows) - (run.hi - (before_seq - 1))
@@ -75,12 +134,13 @@ class HistoryCache:
             return rows
         if run is None:
             if rows[0]["seq"] == before_seq - 1:
-                self._put(conversation_id, _Run(rows[-1]["seq"], rows[0]["seq"], rows[::-1]))
+                self._put(conversation_id, _new_run(rows[-1]["seq"], rows[0]["seq"], rows[::-1]))
         elif rows[0]["seq"] >= run.lo - 1 and rows[-1]["seq"] < run.lo:
             # An older page that joins the cached run.
             older = [r for r in reversed(rows) if r["seq"] < run.lo]
             run.rows[:0] = older
             run.lo = older[0]["seq"]
+            run.reindex()
             self._put(conversation_id, run)
         return rows
 
@@ -92,11 +152,11 @@ class HistoryCache:
         first = rows[0]["seq"]
         if run is None:
             if first == 1:
-                self._put(conversation_id, _Run(1, rows[-1]["seq"], [_prepare(r) for r in rows]))
+                self._put(conversation_id, _new_run(1, rows[-1]["seq"], [_prepare(r) for r in rows]))
             return
         if run.hi != first - 1:
             self.forget(conversation_id)
             return
-        run.rows.extend(_prepare(r) for r in rows)
+        run.extend([_prepare(r) for r in rows])
         run.hi = rows[-1]["seq"]
         self._put(conversation_id, run)

@@ -74,11 +74,14 @@ class OpenAICompatEngine(Engine):
             msgs.append({"role": self.profile.system, "content": system_text})
         folded = False
         for m in req.messages:
-            text = m.text
             if fold and system_text and not folded and m.role == "user":
-                text = f"{system_text}\n\n{text}"
                 folded = True
-            msgs.append({"role": m.role, "content": self._content(m, text)})
+                msgs.append({"role": m.role, "content": self._content(m, f"{system_text}\n\n{m.text}")})
+                continue
+            wire = m.wire.get("openai")
+            if wire is None:
+                wire = m.wire["openai"] = {"role": m.role, "content": self._content(m, m.text)}
+            msgs.append(wire)
         body: dict[str, Any] = {"model": self.model, "messages": msgs, "stream": req.stream}
         limit = req.max_output_tokens or self.config.max_output_tokens
         if limit:
