@@ -48,9 +48,9 @@ class ChatMessage:
     text: str
     images: list[ImagePart] = field(default_factory=list)
     reasoning: str | None = None
-    # An engine's wire form of this message, by engine kind. History messages are cached and sent
-    # again on every turn, so an engine builds each one once. Treat both the message and it as frozen.
-    wire: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # This message in OpenAI's chat format, the one most engines speak, built once: history messages
+    # are cached and sent again on every turn. Treat both the message and it as frozen.
+    openai_wire: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True)

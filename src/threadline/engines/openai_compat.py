@@ -6,6 +6,7 @@ from `reasoning_content` deltas or from `<think>` tags in content, and never goe
 
 from __future__ import annotations
 
+import operator
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,6 +29,9 @@ from . import retry
 from .base import Engine, EngineRequest
 from .profiles import Profile, ThinkTagSplitter, resolve_profile
 from .sse import iter_sse
+
+
+_OPENAI_WIRE = operator.attrgetter("openai_wire")
 
 
 def usage_from_openai(u: dict[str, Any]) -> Usage:
@@ -72,16 +76,17 @@ class OpenAICompatEngine(Engine):
         fold = self.profile.system == "fold"
         if system_text and not fold:
             msgs.append({"role": self.profile.system, "content": system_text})
-        folded = False
-        for m in req.messages:
-            if fold and system_text and not folded and m.role == "user":
-                folded = True
-                msgs.append({"role": m.role, "content": self._content(m, f"{system_text}\n\n{m.text}")})
-                continue
-            wire = m.wire.get("openai")
-            if wire is None:
-                wire = m.wire["openai"] = {"role": m.role, "content": self._content(m, m.text)}
-            msgs.append(wire)
+        wires = list(map(_OPENAI_WIRE, req.messages))  # a C-level gather: most are built already
+        if not all(wires):
+            for i, m in enumerate(req.messages):
+                if wires[i] is None:
+                    wires[i] = m.openai_wire = {"role": m.role, "content": self._content(m, m.text)}
+        if fold and system_text:
+            for i, m in enumerate(req.messages):
+                if m.role == "user":  # the first user turn carries the system text (a copy, not the memo)
+                    wires[i] = {"role": m.role, "content": self._content(m, f"{system_text}\n\n{m.text}")}
+                    break
+        msgs.extend(wires)
         body: dict[str, Any] = {"model": self.model, "messages": msgs, "stream": req.stream}
         limit = req.max_output_tokens or self.config.max_output_tokens
         if limit:
