@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -63,3 +66,50 @@ def test_engines_lists_why_an_engine_is_unusable(tmp_path, oai):
                          env={"PATH": "/usr/bin:/bin", "COLUMNS": "200"}, timeout=60)
     assert out.returncode == 0
     assert "acc" in out.stdout and "nim" in out.stdout and "no API key" in out.stdout
+
+
+def test_serve_workers_share_one_port_and_every_conversation(tmp_path, oai):
+    """`serve --workers 2`: two processes on one port (each its own SO_REUSEPORT socket); turns sent
+    on fresh connections land on either, and each still carries the whole history. Stopping the
+    parent stops the workers."""
+    d, url = oai
+    cfg = _config(tmp_path, url)
+    env = {"TL_TEST_KEY": "sk-test-double-key", "PATH": "/usr/bin:/bin"}
+    key = subprocess.run([EXE, "keys", "create", "--config", str(cfg), "--app", "demo"], capture_output=True,
+                         text=True, env=env, timeout=60, cwd=tmp_path).stdout.strip().splitlines()[-1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([EXE, "serve", "--config", str(cfg), "--port", str(port), "--workers", "2"], env=env,
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "server did not start"
+            time.sleep(0.2)
+        children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        assert len(children) == 2
+        d.reset()
+        cid = ""
+        for i in range(6):
+            with httpx.Client(timeout=30) as c:  # a new connection every turn
+                r = c.post(f"{base}/v1/chat-messages", headers={"Authorization": f"Bearer {key}"},
+                           json={"query": f"q{i}", "user": "u", "inputs": {}, "conversation_id": cid})
+            assert r.status_code == 200, r.text
+            cid = r.json()["conversation_id"]
+        sent = [(m["role"], m["content"]) for m in d.requests[-1]["messages"] if m["role"] != "system"]
+        assert sent == [x for i in range(5) for x in (("user", f"q{i}"), ("assistant", f"Answer to: q{i}"))] + \
+            [("user", "q5")]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()

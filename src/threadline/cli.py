@@ -10,6 +10,8 @@ import contextlib
 import datetime as dt
 import getpass
 import os
+import socket
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -70,6 +72,9 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
     open_access: Annotated[bool, typer.Option("--open", help="Local single-user mode: no app key needed.")] = False,
+    workers: Annotated[int, typer.Option(min=1, help="Server processes sharing the port (one per core uses "
+                                                     "them all; turns coordinate through the store).")] = 1,
+    reuse_port: Annotated[bool, typer.Option("--reuse-port", hidden=True)] = False,
 ) -> None:
     """Run the HTTP server: Dify-compatible and OpenAI-compatible APIs, and the web page at /."""
     import uvicorn
@@ -80,11 +85,70 @@ def serve(
         settings = load_settings(config)
     except ThreadlineError as exc:
         _fail(exc)
-    application = create_app(settings, open_access=open_access)
-    console.print(f"Threadline on http://{host}:{port}  (store: {settings.database_url.split('://')[0]}, "
-                  f"default engine: {settings.default_engine or 'none'})")
-    uvicorn.run(application, host=host, port=port, log_level="info", access_log=False,
-                loop="auto", http="auto")
+    if not reuse_port:
+        console.print(f"Threadline on http://{host}:{port}  (store: {settings.database_url.split('://')[0]}, "
+                      f"default engine: {settings.default_engine or 'none'}, workers: {workers})")
+    if workers == 1 and not reuse_port:
+        uvicorn.run(create_app(settings, open_access=open_access), host=host, port=port, log_level="info",
+                    access_log=False, loop="auto", http="auto")
+        return
+    if reuse_port:  # one of `--workers N`: its own socket on the shared port
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.set_inheritable(True)
+        cfg = uvicorn.Config(create_app(settings, open_access=open_access), host=host, port=port,
+                             log_level="info", access_log=False, loop="auto", http="auto")
+        uvicorn.Server(cfg).run(sockets=[sock])
+        return
+    argv = [sys.executable, "-m", "threadline.cli", "serve", "--host", host, "--port", str(port), "--reuse-port",
+            *(["--config", config] if config else []), *(["--open"] if open_access else [])]
+    _serve_workers(settings, workers, argv)
+
+
+def _serve_workers(settings: Settings, workers: int, argv: list[str]) -> None:
+    """N processes, each with its own SO_REUSEPORT socket, so the kernel spreads connections evenly
+    (with one shared socket the first process to wake accepts a whole burst of keep-alive
+    connections and the others idle). Any process exiting stops the rest."""
+    import signal
+    import subprocess
+    import time
+
+    from .store import Store
+
+    async def migrate() -> None:  # once, so the workers never race each other's schema changes
+        store = Store(settings.database_url)
+        try:
+            await store.migrate()
+        finally:
+            await store.close()
+
+    asyncio.run(migrate())
+    children = [subprocess.Popen(argv) for _ in range(workers)]
+
+    asked = False
+
+    def stop(*_: object) -> None:
+        nonlocal asked
+        asked = True
+        for c in children:
+            if c.poll() is None:
+                c.send_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while not asked and all(c.poll() is None for c in children):
+        time.sleep(0.2)
+    crashed = not asked  # a worker exited by itself: stop the others and fail
+    stop()
+    for c in children:
+        try:
+            c.wait(15)
+        except subprocess.TimeoutExpired:
+            c.kill()
+    if crashed:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -254,3 +318,7 @@ def keys_revoke(key_id: str, config: ConfigOpt = None) -> None:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":  # the worker processes of `serve --workers N`
+    main()

@@ -30,7 +30,6 @@ from .base import Engine, EngineRequest
 from .profiles import Profile, ThinkTagSplitter, resolve_profile
 from .sse import iter_sse
 
-
 _OPENAI_WIRE = operator.attrgetter("openai_wire")
 
 

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,9 @@ _MSG_DEFAULTS: dict[str, Any] = {
 
 _CONV_DEFAULTS: dict[str, Any] = {"name": "", "inputs": {}, "remote": {}, "last_seq": 0, "deleted": False,
                                   "lock_owner": None, "lock_until": None}
+
+HOT_RETRIES = 8  # about 7 ms of short sleeps before a write falls back to the async path
+_GAVE_UP = object()
 
 CONV_SORTS = {"created_at", "-created_at", "updated_at", "-updated_at"}
 MEMORY_TTL = 2.0  # seconds another process's memory change may take to be seen here
@@ -131,6 +134,18 @@ class Store:
             return
         async with self._write_lock, self.engine.begin() as conn:
             yield conn
+
+    async def _on_hot(self, write: Callable[..., Any], *args: Any) -> Any:
+        """Run a hot-path write under this process's writer lock. While another process holds SQLite's
+        write lock, retry on the loop after short sleeps (writes take tens of microseconds, so it is
+        usually free again at once); after HOT_RETRIES, return _GAVE_UP for the waiting async path."""
+        async with self._write_lock:  # type: ignore[union-attr]
+            for attempt in range(HOT_RETRIES):
+                try:
+                    return write(*args)
+                except Busy:
+                    await asyncio.sleep(0.0002 * (attempt + 1))
+        return _GAVE_UP
 
     async def migrate(self) -> None:
         async with self._tx() as conn:
@@ -262,10 +277,9 @@ class Store:
             row = {**_CONV_DEFAULTS, **new_conversation, "last_seq": 2}
             if lock:
                 row["lock_owner"], row["lock_until"] = lock[0], now + lock[1]
-            async with self._write_lock:  # type: ignore[union-attr]
-                with contextlib.suppress(Busy):
-                    self.hot.begin_turn(_turn_rows(conversation_id, 0, now, user_msg, assistant_msg), row)
-                    return 1, 2
+            if await self._on_hot(self.hot.begin_turn, _turn_rows(conversation_id, 0, now, user_msg, assistant_msg),
+                                  row) is not _GAVE_UP:
+                return 1, 2
         async with self._tx() as conn:
             if new_conversation is not None:
                 row = dict(new_conversation)
@@ -296,16 +310,15 @@ class Store:
         now = time.time()
         if self.hot is not None:
             params = {"id": conversation_id, "user": user, "app": app, "now": now, "owner": owner, "until": now + ttl}
-            async with self._write_lock:  # type: ignore[union-attr]
-                with contextlib.suppress(Busy):
-                    conv = self.hot.claim(params, lambda seq: _turn_rows(conversation_id, seq, now, user_msg,
-                                                                          assistant_msg))
-                    if conv is False:
-                        raise NotFoundError("Conversation Not Exists.")
-                    if conv is None:
-                        return None
-                    seq = conv["last_seq"] - 2
-                    return conv, seq + 1, seq + 2
+            conv = await self._on_hot(self.hot.claim, params,
+                                      lambda seq: _turn_rows(conversation_id, seq, now, user_msg, assistant_msg))
+            if conv is False:
+                raise NotFoundError("Conversation Not Exists.")
+            if conv is None:
+                return None
+            if conv is not _GAVE_UP:
+                seq = conv["last_seq"] - 2
+                return conv, seq + 1, seq + 2
         async with self._tx() as conn:
             row = (await conn.execute(_CLAIM, {"b_id": conversation_id, "b_user": user, "b_app": app, "b_now": now,
                                                "b_owner": owner, "b_until": now + ttl})).mappings().first()
@@ -343,10 +356,8 @@ class Store:
         if lock_owner:
             cv.update(lock_owner=None, lock_until=None)
         if self.hot is not None:
-            async with self._write_lock:  # type: ignore[union-attr]
-                with contextlib.suppress(Busy):
-                    self.hot.finish_turn(conversation_id, message_id, cv, values)
-                    return
+            if await self._on_hot(self.hot.finish_turn, conversation_id, message_id, cv, values) is not _GAVE_UP:
+                return
         async with self._tx() as conn:
             # Prebuilt statements with the SET columns given at execution: no per-call statement building.
             await conn.execute(_UPDATE_MESSAGE, {"b_id": message_id, **values})
