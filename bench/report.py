@@ -6,6 +6,8 @@ from typing import Any
 
 TL = "threadline chat-messages sqlite"
 LITE = "litellm proxy"
+TL2 = "threadline chat-messages sqlite, 2 processes"
+LITE2 = "litellm proxy, 2 workers"
 
 
 def pct(values: list[float], p: float) -> float:
@@ -92,12 +94,17 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
     out.append(("stateful turn overhead p50 ≤ 2 ms (SQLite, c=1)", f"{b1['overhead_p50_ms']:.2f} ms",
                 b1["overhead_p50_ms"] <= 2))
     b16 = thr["blocking c=16"]
-    if LITE in b16:
-        ratio = b16[TL]["rps"] / max(1e-9, b16[LITE]["rps"])
-        out.append(("c=16 requests/s ≥ 10× LiteLLM", f"{b16[TL]['rps']:.0f} vs {b16[LITE]['rps']:.0f} = {ratio:.1f}×",
-                    ratio >= 10))
-    out.append(("c=16 overhead p99 ≤ 20 ms", f"{b16[TL]['overhead_p99_ms']:.2f} ms", b16[TL]["overhead_p99_ms"] <= 20))
-    out.append(("c=16 success 100%", f"{b16[TL]['success'] * 100:.2f}%", b16[TL]["success"] == 1.0))
+    for tl, lite, label in ((TL, LITE, "1 process each"), (TL2, LITE2, "2 processes each")):
+        if tl not in b16:
+            continue
+        if lite in b16:
+            ratio = b16[tl]["rps"] / max(1e-9, b16[lite]["rps"])
+            out.append((f"c=16 requests/s ≥ 10× LiteLLM ({label})",
+                        f"{b16[tl]['rps']:.0f} vs {b16[lite]['rps']:.0f} = {ratio:.1f}×", ratio >= 10))
+        out.append((f"c=16 overhead p99 ≤ 20 ms ({label.replace(' each', '')})",
+                    f"{b16[tl]['overhead_p99_ms']:.2f} ms", b16[tl]["overhead_p99_ms"] <= 20))
+        out.append((f"c=16 success 100% ({label.replace(' each', '')})", f"{b16[tl]['success'] * 100:.2f}%",
+                    b16[tl]["success"] == 1.0))
     s1 = thr["streaming c=1"][TL]
     out.append(("streaming TTFT overhead p50 ≤ 2 ms", f"{s1['overhead_p50_ms']:.2f} ms", s1["overhead_p50_ms"] <= 2))
     h = r["history"]

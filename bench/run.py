@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen
 import procs
+import report
 import seed
 from report import pct, render
 
@@ -179,12 +180,13 @@ class Bench:
         self.procs.append(p)
         return p
 
-    async def threadline(self, name: str, database_url: str, fast: int, slow: int) -> tuple[procs.Proc, str]:
+    async def threadline(self, name: str, database_url: str, fast: int, slow: int,
+                         workers: int = 1) -> tuple[procs.Proc, str]:
         cfg = self.work / f"{name}.toml"
         write_config(cfg, database_url, fast, slow)
         key = procs.create_key(cfg)
         port = procs.free_port()
-        p = self.start(name, procs.threadline_argv(cfg, port), port)
+        p = self.start(name, [*procs.threadline_argv(cfg, port), "--workers", str(workers)], port)
         await procs.wait_http(p, "/healthz")
         return p, key
 
@@ -205,6 +207,9 @@ class Bench:
         print(f"seeded history conversations in {time.perf_counter() - t:.1f}s", flush=True)
         tl_sqlite, key_s = await self.threadline("threadline-sqlite", sqlite_url, fast, slow)
         tl_pg, key_p = await self.threadline("threadline-pg", pg_url, fast, slow)
+        # Both servers also as two processes (one per core), to compare like with like.
+        tl_sqlite2, key_s2 = await self.threadline("threadline-sqlite-2", f"sqlite+aiosqlite:///{self.work}/bench2.db",
+                                                   fast, slow, workers=2)
 
         lite = None
         if not o.no_litellm and (exe := procs.ensure_litellm()):
@@ -216,13 +221,21 @@ class Bench:
                               {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_MASTER_KEY": MASTER,
                                "LITELLM_LOG": "ERROR"})
             await procs.wait_http(lite, "/health/liveliness", within=180)
+            port2 = procs.free_port()
+            lite2 = self.start("litellm-2", [str(exe), "--config", str(cfg), "--host", "127.0.0.1", "--port",
+                                             str(port2), "--num_workers", "2"], port2,
+                               {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_MASTER_KEY": MASTER,
+                                "LITELLM_LOG": "ERROR"})
+            await procs.wait_http(lite2, "/health/liveliness", within=180)
 
         arms = [openai_arm("direct (upstream)", fast, "/v1/chat/completions", "sk-upstream", up),
                 dify_arm("threadline chat-messages sqlite", tl_sqlite.port, key_s, tl_sqlite),
                 dify_arm("threadline chat-messages postgres", tl_pg.port, key_p, tl_pg),
-                openai_arm("threadline chat/completions sqlite", tl_sqlite.port, "/v1/chat/completions", key_s, tl_sqlite)]
+                openai_arm("threadline chat/completions sqlite", tl_sqlite.port, "/v1/chat/completions", key_s, tl_sqlite),
+                dify_arm(report.TL2, tl_sqlite2.port, key_s2, tl_sqlite2)]
         if lite:
-            arms.append(openai_arm("litellm proxy", lite.port, "/v1/chat/completions", MASTER, lite))
+            arms.append(openai_arm(report.LITE, lite.port, "/v1/chat/completions", MASTER, lite))
+            arms.append(openai_arm(report.LITE2, lite2.port, "/v1/chat/completions", MASTER, lite2))
 
         rounds, secs = (2, 1.0) if o.quick else (3, 2.0)
         thr: dict[str, Any] = {}
