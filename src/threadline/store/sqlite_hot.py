@@ -109,7 +109,11 @@ class SqliteHotPath:
             raise
 
     def _commit(self) -> None:
-        self.conn.execute("COMMIT")
+        try:
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()  # never leave the connection inside a transaction
+            raise
         self._commits += 1
         if self._commits % CHECKPOINT_EVERY == 0 and self._checkpoint_task is None:
             self._checkpoint_task = asyncio.get_running_loop().create_task(self._checkpoint_cycle())
