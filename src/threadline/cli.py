@@ -88,26 +88,26 @@ def serve(
     if not reuse_port:
         console.print(f"Threadline on http://{host}:{port}  (store: {settings.database_url.split('://')[0]}, "
                       f"default engine: {settings.default_engine or 'none'}, workers: {workers})")
-    if workers == 1 and not reuse_port:
-        uvicorn.run(create_app(settings, open_access=open_access), host=host, port=port, log_level="info",
-                    access_log=False, loop="auto", http="auto")
-        return
-    if reuse_port:  # one of `--workers N`: its own socket on the shared port
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.set_inheritable(True)
-        cfg = uvicorn.Config(create_app(settings, open_access=open_access), host=host, port=port,
-                             log_level="info", access_log=False, loop="auto", http="auto")
-        uvicorn.Server(cfg).run(sockets=[sock])
+    if workers == 1 or reuse_port:
+        server = uvicorn.Server(uvicorn.Config(create_app(settings, open_access=open_access), host=host, port=port,
+                                               log_level="info", access_log=False, loop="auto", http="auto"))
+        sockets = None
+        if reuse_port:  # one of `serve --workers N`: its own socket on the shared port
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            sockets = [sock]
+        server.run(sockets=sockets)
+        if not server.started:  # as uvicorn.run: a server that never started (port taken ...) fails
+            raise typer.Exit(3)
         return
     argv = [sys.executable, "-m", "threadline.cli", "serve", "--host", host, "--port", str(port), "--reuse-port",
             *(["--config", config] if config else []), *(["--open"] if open_access else [])]
-    _serve_workers(settings, workers, argv)
+    _serve_workers(config, workers, argv)
 
 
-def _serve_workers(settings: Settings, workers: int, argv: list[str]) -> None:
+def _serve_workers(config: str | None, workers: int, argv: list[str]) -> None:
     """N processes, each with its own SO_REUSEPORT socket, so the kernel spreads connections evenly
     (with one shared socket the first process to wake accepts a whole burst of keep-alive
     connections and the others idle). Any process exiting stops the rest."""
@@ -115,16 +115,7 @@ def _serve_workers(settings: Settings, workers: int, argv: list[str]) -> None:
     import subprocess
     import time
 
-    from .store import Store
-
-    async def migrate() -> None:  # once, so the workers never race each other's schema changes
-        store = Store(settings.database_url)
-        try:
-            await store.migrate()
-        finally:
-            await store.close()
-
-    asyncio.run(migrate())
+    _call(config, lambda tl: tl.gateway.start())  # migrate once: workers never race each other's schema changes
     children = [subprocess.Popen(argv) for _ in range(workers)]
 
     asked = False

@@ -7,7 +7,7 @@ microseconds, less than the hops around it. So the turn's three writes (start, c
 here, under the store's in-process writer lock, and never wait on the loop:
 
 - another process holding SQLite's write lock makes a call raise `Busy` at once (busy_timeout=0);
-  the store then runs the same write on its async path, which waits in a worker thread;
+  the store retries briefly, then runs the same write on its async path, which waits in a thread;
 - WAL checkpoints, which do sync, are switched off on this connection and run in a thread instead.
 
 Rows written here are the rows SQLAlchemy would write: JSON columns are serialised the same way
@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -108,6 +108,19 @@ class SqliteHotPath:
                 raise Busy from None
             raise
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction: rolled back on any error, committed otherwise (unless the body
+        already rolled back, as a refused claim does)."""
+        self._begin()
+        try:
+            yield
+        except BaseException:
+            self._rollback()
+            raise
+        if self.conn.in_transaction:
+            self._commit()
+
     def _commit(self) -> None:
         try:
             self.conn.execute("COMMIT")
@@ -160,24 +173,18 @@ class SqliteHotPath:
     # ---- the turn's writes (same contracts as the Store methods of the same names) -------------------
 
     def begin_turn(self, rows: list[dict[str, Any]], new_conversation: dict[str, Any] | None) -> None:
-        self._begin()
-        try:
+        with self._transaction():
             if new_conversation is not None:
                 self.conn.execute(_INSERT_CONVERSATION, tuple(
                     _dump(new_conversation[c]) if c in _CONV_JSON else new_conversation[c] for c in _CONV_COLS))
             self.conn.executemany(_INSERT_MESSAGE, [_message_params(r) for r in rows])
-        except BaseException:
-            self._rollback()
-            raise
-        self._commit()
 
     def claim(self, params: dict[str, Any],
               rows_for: Callable[[int], list[dict[str, Any]]]) -> dict[str, Any] | bool | None:
         """Take the lease and write the turn's rows (`rows_for(seq before the turn)`) in one
         transaction. Returns the claimed conversation; None while another turn holds the lease;
         False when the conversation is missing, deleted or someone else's."""
-        self._begin()
-        try:
+        with self._transaction():
             row = self.conn.execute(_CLAIM, params).fetchone()
             if row is None:
                 found = self.conn.execute(_EXISTS, (params["id"], params["user"], params["app"])).fetchone()
@@ -185,10 +192,6 @@ class SqliteHotPath:
                 return None if found else False
             conv = _conversation_row(row)
             self.conn.executemany(_INSERT_MESSAGE, [_message_params(r) for r in rows_for(conv["last_seq"] - 2)])
-        except BaseException:
-            self._rollback()
-            raise
-        self._commit()
         return conv
 
     def _update_sql(self, table: str, cols: tuple[str, ...]) -> str:
@@ -200,14 +203,9 @@ class SqliteHotPath:
 
     def finish_turn(self, conversation_id: str, message_id: str, conversation_values: dict[str, Any],
                     message_values: dict[str, Any]) -> None:
-        self._begin()
-        try:
+        with self._transaction():
             for table, json_cols, values, key in (("messages", _MSG_JSON, message_values, message_id),
                                                    ("conversations", _CONV_JSON, conversation_values, conversation_id)):
                 cols = tuple(values)
                 self.conn.execute(self._update_sql(table, cols),
                                   (*(_dump(values[c]) if c in json_cols else values[c] for c in cols), key))
-        except BaseException:
-            self._rollback()
-            raise
-        self._commit()
