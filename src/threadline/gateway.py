@@ -23,11 +23,11 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
-from httpx_aiohttp import AiohttpTransport
 
 from .config import AppConfig, EngineConfig, Settings
 from .context import pack, seeded_query, transcript
 from .engines.base import Engine, EngineRequest, build_engine
+from .engines.http import AiohttpPoster
 from .errors import (
     ConfigError,
     ConversationBusyError,
@@ -102,12 +102,11 @@ class Gateway:
         self.turn_wait = turn_wait
         self.calibration = Calibration()
         self.owner = uuid.uuid4().hex
-        # httpx's API everywhere, aiohttp's connection pool and C parser underneath: httpcore's pool
-        # polls every idle connection on each request and h11 parses in Python, together about a
-        # fifth of a turn's CPU under load.
-        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0), limits=limits,
-                                      transport=AiohttpTransport(limits=limits))
+        # Engines' side calls (uploads, image fetches, listings) go through httpx; each turn's request
+        # through one shared aiohttp pool (engines/http.py says why).
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0),
+                                      limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200))
+        self.poster = AiohttpPoster()
         self._engines: dict[str, Engine] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.running: dict[str, RunningTurn] = {}
@@ -124,6 +123,7 @@ class Gateway:
                 t.producer.cancel()
         for e in self._engines.values():
             await e.aclose()
+        await self.poster.aclose()
         await self.http.aclose()
         await self.store.close()
 
@@ -147,7 +147,7 @@ class Gateway:
             cfg = self.settings.engine(name)
             if cfg.missing:
                 raise ConfigError(f"engine {name!r} is not usable: {cfg.missing}", code="engine_unavailable", status=503)
-            eng = build_engine(cfg, self.http)
+            eng = build_engine(cfg, self.http, self.poster)
             self._engines[name] = eng
         return eng
 

@@ -15,6 +15,7 @@ import httpx
 from ..config import EngineConfig
 from ..errors import ConfigError
 from ..messages import ChatMessage, EngineEvent, ImagePart
+from .http import HttpxPoster, Poster
 
 
 @dataclass
@@ -37,17 +38,22 @@ class EngineRequest:
 
 
 class Engine:
-    """Base class: subclasses implement `events()`; `stop()` is for engines with server-side tasks."""
+    """Base class: subclasses implement `events()`; `stop()` is for engines with server-side tasks.
+
+    `http` serves an engine's side calls (uploads, image fetches, listings); `poster` sends its turn
+    request, through `http` unless a faster one is given (see engines/http.py)."""
 
     kind: str = ""
     stateful: bool = False
 
-    def __init__(self, config: EngineConfig, http: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, config: EngineConfig, http: httpx.AsyncClient | None = None,
+                 poster: Poster | None = None) -> None:
         self.config = config
         self.name = config.name
         self.model = config.model
         self._own_http = http is None
         self.http = http or httpx.AsyncClient(timeout=httpx.Timeout(config.timeout, connect=10.0))
+        self.poster: Poster = poster or HttpxPoster(self.http)
 
     def events(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
         raise NotImplementedError
@@ -60,22 +66,22 @@ class Engine:
             await self.http.aclose()
 
 
-def build_engine(config: EngineConfig, http: httpx.AsyncClient | None = None) -> Engine:
+def build_engine(config: EngineConfig, http: httpx.AsyncClient | None = None, poster: Poster | None = None) -> Engine:
     """One engine instance per configured engine, built once and reused for every turn."""
     if config.kind == "openai":
         from .openai_compat import OpenAICompatEngine
 
-        return OpenAICompatEngine(config, http)
+        return OpenAICompatEngine(config, http, poster)
     if config.kind == "gemini":
         from .gemini import GeminiEngine
 
-        return GeminiEngine(config, http)
+        return GeminiEngine(config, http, poster)
     if config.kind == "dify":
         from .dify import DifyEngine
 
-        return DifyEngine(config, http)
+        return DifyEngine(config, http, poster)
     if config.kind == "local":
         from .local import LocalEngine
 
-        return LocalEngine(config, http)
+        return LocalEngine(config, http, poster)
     raise ConfigError(f"unknown engine kind {config.kind!r}")

@@ -28,6 +28,7 @@ from ..messages import (
 )
 from . import retry
 from .base import Engine, EngineRequest
+from .http import Poster, UpstreamResponse
 from .sse import iter_sse
 
 # Fields of POST /chat-messages that Threadline sends (reference §2.1): nothing else, ever.
@@ -50,8 +51,8 @@ class DifyEngine(Engine):
     kind = "dify"
     stateful = True
 
-    def __init__(self, config: Any, http: httpx.AsyncClient | None = None) -> None:
-        super().__init__(config, http)
+    def __init__(self, config: Any, http: httpx.AsyncClient | None = None, poster: Poster | None = None) -> None:
+        super().__init__(config, http, poster)
         self.base = config.base_url
         self.headers = {"Authorization": f"Bearer {config.api_key}"}
         self._uploads: dict[tuple[str, str], str] = {}
@@ -131,8 +132,7 @@ class DifyEngine(Engine):
         sent_remote = bool(req.remote_conversation_id)
         headers = {**self.headers, "Content-Type": "application/json"}
         resp = await retry.send(
-            self.http, lambda: self.http.build_request("POST", f"{self.base}/chat-messages", content=payload,
-                                                       headers=headers),
+            lambda: self.poster.post(f"{self.base}/chat-messages", payload, headers, read_timeout=self.config.timeout),
             max_retries=self.config.max_retries, secrets=(self.config.api_key,), engine=self.name,
             map_error=lambda s, b, m: self._map(s, b, m, sent_remote=sent_remote),
         )
@@ -154,7 +154,7 @@ class DifyEngine(Engine):
         finally:
             await resp.aclose()
 
-    async def _stream(self, resp: httpx.Response, req: EngineRequest, sent_remote: bool) -> AsyncIterator[EngineEvent]:
+    async def _stream(self, resp: UpstreamResponse, req: EngineRequest, sent_remote: bool) -> AsyncIterator[EngineEvent]:
         it = iter_sse(resp).__aiter__()
         bound = False
         got_data = False

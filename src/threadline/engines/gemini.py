@@ -19,6 +19,7 @@ from ..media import b64, fetch_image, split_data_uri
 from ..messages import ChatMessage, EngineEvent, Finished, ReasoningDelta, TextDelta, Usage, UsageReport
 from . import retry
 from .base import Engine, EngineRequest
+from .http import Poster
 from .sse import iter_sse
 
 BLOCK_FINISHES = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY",
@@ -36,8 +37,8 @@ def usage_from_gemini(u: dict[str, Any]) -> Usage:
 class GeminiEngine(Engine):
     kind = "gemini"
 
-    def __init__(self, config: Any, http: httpx.AsyncClient | None = None) -> None:
-        super().__init__(config, http)
+    def __init__(self, config: Any, http: httpx.AsyncClient | None = None, poster: Poster | None = None) -> None:
+        super().__init__(config, http, poster)
         model = quote(config.model, safe="")
         self.url_blocking = f"{config.base_url}/models/{model}:generateContent"
         self.url_stream = f"{config.base_url}/models/{model}:streamGenerateContent?alt=sse"
@@ -85,7 +86,7 @@ class GeminiEngine(Engine):
         body = orjson.dumps(await self.build_body(req))
         url = self.url_stream if req.stream else self.url_blocking
         resp = await retry.send(
-            self.http, lambda: self.http.build_request("POST", url, content=body, headers=self.headers),
+            lambda: self.poster.post(url, body, self.headers, read_timeout=self.config.timeout),
             max_retries=self.config.max_retries, secrets=(self.config.api_key,), engine=self.name,
         )
         finish: str | None = None

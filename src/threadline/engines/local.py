@@ -17,6 +17,7 @@ from ..errors import ConfigError, UpstreamError
 from ..messages import EngineEvent, Finished, TextDelta, Usage, UsageReport
 from ..tokens import estimate_text
 from .base import Engine, EngineRequest
+from .http import Poster
 
 _MODELS: dict[str, Any] = {}
 _LOAD_LOCK = threading.Lock()
@@ -37,8 +38,8 @@ def _load(path: str, n_ctx: int) -> Any:
 class LocalEngine(Engine):
     kind = "local"
 
-    def __init__(self, config: Any, http: httpx.AsyncClient | None = None) -> None:
-        super().__init__(config, http)
+    def __init__(self, config: Any, http: httpx.AsyncClient | None = None, poster: Poster | None = None) -> None:
+        super().__init__(config, http, poster)
         path = config.extra.get("model_path")
         if not path:
             raise ConfigError(config.missing or "local engine: no model_path configured")

@@ -27,6 +27,7 @@ from ..messages import (
 )
 from . import retry
 from .base import Engine, EngineRequest
+from .http import Poster, UpstreamResponse
 from .profiles import Profile, ThinkTagSplitter, resolve_profile
 from .sse import iter_sse
 
@@ -47,8 +48,8 @@ def usage_from_openai(u: dict[str, Any]) -> Usage:
 class OpenAICompatEngine(Engine):
     kind = "openai"
 
-    def __init__(self, config: Any, http: httpx.AsyncClient | None = None) -> None:
-        super().__init__(config, http)
+    def __init__(self, config: Any, http: httpx.AsyncClient | None = None, poster: Poster | None = None) -> None:
+        super().__init__(config, http, poster)
         self.profile: Profile = resolve_profile(config)
         self.url = f"{config.base_url}/chat/completions"
         self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -106,8 +107,9 @@ class OpenAICompatEngine(Engine):
         headers = dict(self.headers)
         if req.stream:
             headers["Accept"] = "text/event-stream"
+        timeout = self.config.timeout
         resp = await retry.send(
-            self.http, lambda: self.http.build_request("POST", self.url, content=body, headers=headers),
+            lambda: self.poster.post(self.url, body, headers, read_timeout=timeout),
             max_retries=self.config.max_retries, secrets=(self.config.api_key,), engine=self.name,
         )
         try:
@@ -134,7 +136,7 @@ class OpenAICompatEngine(Engine):
             evs.append(AnswerReplaced("", reason="no_think_tags"))
         return evs
 
-    async def _stream(self, resp: httpx.Response) -> AsyncIterator[EngineEvent]:
+    async def _stream(self, resp: UpstreamResponse) -> AsyncIterator[EngineEvent]:
         splitter = ThinkTagSplitter() if self.profile.think_tags else None
         finish: str | None = None
         async for sse in iter_sse(resp):
@@ -169,7 +171,7 @@ class OpenAICompatEngine(Engine):
             yield ev
         yield Finished(finish)
 
-    async def _blocking(self, resp: httpx.Response) -> AsyncIterator[EngineEvent]:
+    async def _blocking(self, resp: UpstreamResponse) -> AsyncIterator[EngineEvent]:
         raw = await resp.aread()
         try:
             data = orjson.loads(raw)

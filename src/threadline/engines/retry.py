@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -17,13 +17,14 @@ import httpx
 import orjson
 
 from ..errors import UpstreamError, redact, upstream_error_from_status
+from .http import UpstreamResponse
 
 log = logging.getLogger("threadline.engines")
 
 MAX_RETRY_AFTER = 60.0
 
 
-def retry_after_seconds(headers: httpx.Headers, body: Any) -> float | None:
+def retry_after_seconds(headers: Mapping[str, str], body: Any) -> float | None:
     ms = headers.get("retry-after-ms")
     if ms:
         try:
@@ -69,19 +70,19 @@ def error_message(body: Any, text: str) -> str:
 
 
 async def send(
-    http: httpx.AsyncClient,
-    build: Callable[[], httpx.Request],
+    post: Callable[[], Awaitable[UpstreamResponse]],
     *,
     max_retries: int,
     secrets: tuple[str | None, ...],
     engine: str,
     map_error: Callable[[int, Any, str], UpstreamError | None] | None = None,
 ) -> httpx.Response:
-    """Send a request (streamed) and return the open 2xx response, or raise a mapped UpstreamError."""
+    """Send a request (`post` sends one attempt, body streamed) and return the open 2xx response, or
+    raise a mapped UpstreamError."""
     attempt = 0
     while True:
         try:
-            resp = await http.send(build(), stream=True)
+            resp = await post()
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
                 httpx.ReadTimeout, httpx.WriteError, httpx.PoolTimeout) as exc:
             err = UpstreamError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import httpx
+from .http import UpstreamResponse, iter_lines
 
 
 @dataclass(slots=True)
@@ -19,11 +19,11 @@ class SSEEvent:
     data: str
 
 
-async def iter_sse(response: httpx.Response) -> AsyncIterator[SSEEvent]:
+async def iter_sse(response: UpstreamResponse) -> AsyncIterator[SSEEvent]:
     event: str | None = None
     data: list[str] = []
     raw: list[str] = []
-    async for line in response.aiter_lines():
+    async for line in iter_lines(response.aiter_bytes()):
         if line == "":
             if data or event:
                 yield SSEEvent(event, "\n".join(data))

@@ -19,6 +19,7 @@ from starlette.responses import FileResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .. import __version__
 from ..config import Settings
 from ..errors import ThreadlineError
 from ..gateway import Gateway, upstream_time
@@ -75,7 +76,7 @@ def create_app(settings: Settings, *, open_access: bool = False, gateway: Gatewa
         yield
         await gw.close()
 
-    app = FastAPI(title="Threadline", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="Threadline", version=__version__, lifespan=lifespan,
                   description="Dify-compatible and OpenAI-compatible conversation API over any engine.")
     app.state.tl = ServerState(gateway=gw, open_access=open_access)
     app.state.key_cache = {}
