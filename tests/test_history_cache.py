@@ -120,3 +120,43 @@ async def test_the_cached_window_packs_exactly_what_walking_the_rows_packs(sqlit
         assert windows > 100  # the bisected window really answered most of these
     finally:
         await store.close()
+
+
+async def test_cached_history_costs_the_garbage_collector_one_object_per_message(sqlite_url):
+    """A full collection walks every tracked object, and the cache holds thousands of messages for as
+    long as the process lives: rows must hold no tracked object, a text message no tracked list, and
+    trimming a long run must keep its messages (and the wire forms memoized on them)."""
+    import gc
+
+    from threadline import history_cache
+
+    store = Store(sqlite_url)
+    await store.migrate()
+    cache = HistoryCache(store)
+    cid = new_id()
+    try:
+        conv = {"id": cid, "app": "a", "user": "u", "engine": "e", "name": "", "inputs": {}, "remote": {},
+                "last_seq": 0, "created_at": 1.0, "updated_at": 1.0, "deleted": False}
+        await store.begin_turn(cid, user_msg={"id": new_id(), "content": "q0", "token_estimate": 3},
+                               assistant_msg={"id": new_id()}, new_conversation=conv)
+        await cache.history_newest(cid, before_seq=3, limit=10)
+        run = cache._runs[cid]
+        seq = 2
+        for i in range(history_cache.MAX_ROWS):  # appended the way the gateway appends finished turns
+            cache.append_turn(cid, [
+                {"seq": seq + 1, "role": "user", "content": f"q{i}", "parts": None, "reasoning": None,
+                 "status": "completed", "token_estimate": 2, "engine": "e"},
+                {"seq": seq + 2, "role": "assistant", "content": f"a{i}", "parts": None, "reasoning": None,
+                 "status": "completed", "token_estimate": 2, "engine": "e"}])
+            seq += 2
+            if i == history_cache.MAX_ROWS // 2:
+                kept = run.msgs[-10:]
+        gc.collect()
+        assert not any(gc.is_tracked(r) for r in run.rows)
+        assert not any(gc.is_tracked(m.images) for m in run.msgs if m is not None)
+        assert len(run.rows) <= history_cache.MAX_ROWS + history_cache.MAX_ROWS // 4  # it was trimmed
+        assert all(any(k is m for m in run.msgs) for k in kept)  # the same message objects survived the trim
+        win = await cache.newest_fitting(cid, before_seq=seq + 1, budget=40)
+        assert [m.text for m in win.messages][-2:] == [f"q{history_cache.MAX_ROWS - 1}", f"a{history_cache.MAX_ROWS - 1}"]
+    finally:
+        await store.close()

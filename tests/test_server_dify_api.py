@@ -313,3 +313,24 @@ def test_openai_sdk_blocking_and_streaming_continue_one_conversation(server):
         openai.OpenAI(base_url=f"{base}/v1", api_key="bad", max_retries=0).chat.completions.create(model="demo", messages=msgs)
     assert {m.id for m in client.models.list()} >= {"demo", "acc"}
 
+
+
+async def test_only_a_server_that_owns_its_process_freezes_its_startup_heap(sqlite_url):
+    """`threadline serve` moves its startup objects out of the collector's sight (server/app.py says
+    why); an app built by someone else's program leaves their process's GC alone."""
+    import gc
+
+    from threadline.config import Settings
+    from threadline.server.app import create_app
+
+    settings = Settings.build(database_url=sqlite_url, engines={}, apps={}, include_presets=False)
+    gc.unfreeze()
+    try:
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            assert gc.get_freeze_count() == 0
+        app = create_app(settings, own_process=True)
+        async with app.router.lifespan_context(app):
+            assert gc.get_freeze_count() > 10_000  # the modules and the app, at least
+    finally:
+        gc.unfreeze()

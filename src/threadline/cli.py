@@ -89,8 +89,9 @@ def serve(
         console.print(f"Threadline on http://{host}:{port}  (store: {settings.database_url.split('://')[0]}, "
                       f"default engine: {settings.default_engine or 'none'}, workers: {workers})")
     if workers == 1 or reuse_port:
-        server = uvicorn.Server(uvicorn.Config(create_app(settings, open_access=open_access), host=host, port=port,
-                                               log_level="info", access_log=False, loop="auto", http="auto"))
+        app_ = create_app(settings, open_access=open_access, own_process=True)
+        server = uvicorn.Server(uvicorn.Config(app_, host=host, port=port, log_level="info", access_log=False,
+                                               loop="auto", http="auto"))
         sockets = None
         if reuse_port:  # one of `serve --workers N`: its own socket on the shared port
             sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)

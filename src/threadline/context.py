@@ -50,12 +50,15 @@ def memory_text(entries: list[str]) -> str:
 def row_to_message(row: dict[str, Any]) -> ChatMessage | None:
     """History rows become engine messages; reasoning is never replayed, failed empty answers skipped."""
     text = row.get("content") or ""
-    images = [ImagePart.from_json(p) for p in (row.get("parts") or []) if p.get("type") == "image"]
     if row["role"] == "assistant" and not text:
         return None
     if row["role"] not in ("user", "assistant"):
         return None
-    return ChatMessage(role=row["role"], text=text, images=images)
+    parts = row.get("parts")
+    if not parts:
+        return ChatMessage(role=row["role"], text=text)
+    return ChatMessage(role=row["role"], text=text,
+                       images=[ImagePart.from_json(p) for p in parts if p.get("type") == "image"])
 
 
 def merge_roles(msgs: list[ChatMessage]) -> list[ChatMessage]:
@@ -64,7 +67,7 @@ def merge_roles(msgs: list[ChatMessage]) -> list[ChatMessage]:
     for m in msgs:
         if out and out[-1].role == m.role:
             prev = out[-1]
-            out[-1] = ChatMessage(prev.role, f"{prev.text}\n\n{m.text}".strip(), prev.images + m.images)
+            out[-1] = ChatMessage(prev.role, f"{prev.text}\n\n{m.text}".strip(), [*prev.images, *m.images])
         else:
             out.append(m)
     while out and out[0].role != "user":
@@ -116,8 +119,7 @@ async def pack(
             cursor = rows[-1]["seq"]
             page = min(page * 4, MAX_PAGE)
     picked.reverse()
-    # "_msg": a message the history cache already built from this row.
-    history = [m for m in (r["_msg"] if "_msg" in r else row_to_message(r) for r in picked) if m is not None]
+    history = [m for m in map(row_to_message, picked) if m is not None]
     msgs = merge_roles([*history, new_message])
     file_ids = [img.file_id for m in msgs for img in m.images if img.file_id and img.data is None]
     return Packed(system, msgs, used, len(picked), dropped, file_ids)

@@ -38,10 +38,12 @@ class _Run:
     odd: list[int] = field(default_factory=lambda: [0])  # rows with no ready message (images, skipped)
     repeats: list[int] = field(default_factory=lambda: [0])  # rows whose role repeats the row before
 
-    def extend(self, rows: list[dict[str, Any]]) -> None:
+    def extend(self, rows: list[dict[str, Any]], msgs: list[ChatMessage | None] | None = None) -> None:
+        """Append rows; `msgs` are their messages when already built (they carry memoized wire forms)."""
+        if msgs is None:
+            msgs = list(map(_message, rows))
         prev = self.rows[-1]["role"] if self.rows else None
-        for r in rows:
-            msg = r.get("_msg")
+        for r, msg in zip(rows, msgs, strict=True):
             self.rows.append(r)
             self.msgs.append(msg)
             self.tokens.append(self.tokens[-1] + int(r.get("token_estimate") or 0))
@@ -49,16 +51,16 @@ class _Run:
             self.repeats.append(self.repeats[-1] + (r["role"] == prev))
             prev = r["role"]
 
-    def reindex(self) -> None:
-        rows = self.rows
+    def reindex(self, rows: list[dict[str, Any]], msgs: list[ChatMessage | None]) -> None:
         self.rows, self.msgs, self.tokens, self.odd, self.repeats = [], [], [0], [0], [0]
-        self.extend(rows)
+        self.extend(rows, msgs)
 
 
-def _prepare(row: dict[str, Any]) -> dict[str, Any]:
-    if not row.get("parts"):
-        row["_msg"] = row_to_message(row)
-    return row
+def _message(row: dict[str, Any]) -> ChatMessage | None:
+    """A cached row's ready message. Rows holding images get none and are left to pack's walk, since
+    hydration attaches the image bytes to their messages. Rows keep no reference to their message, so
+    they hold only strings and numbers, which the garbage collector does not track."""
+    return None if row.get("parts") else row_to_message(row)
 
 
 def _new_run(lo: int, hi: int, rows: list[dict[str, Any]]) -> _Run:
@@ -79,9 +81,8 @@ class HistoryCache:
 
     def _put(self, conversation_id: str, run: _Run) -> None:
         if len(run.rows) > MAX_ROWS + MAX_ROWS // 4:  # trimmed in steps, so reindexing is rare
-            run.rows = run.rows[-MAX_ROWS:]
+            run.reindex(run.rows[-MAX_ROWS:], run.msgs[-MAX_ROWS:])
             run.lo = run.rows[0]["seq"]
-            run.reindex()
         self._runs[conversation_id] = run
         self._runs.move_to_end(conversation_id)
         while len(self._runs) > MAX_CONVERSATIONS:
@@ -93,7 +94,7 @@ class HistoryCache:
         if run is not None and run.hi < before_seq - 1:
             newer = await self.store.history_range(conversation_id, after_seq=run.hi, before_seq=before_seq)
             if newer and newer[0]["seq"] == run.hi + 1:
-                run.extend([_prepare(r) for r in newer])
+                run.extend(newer)
                 run.hi = newer[-1]["seq"]
                 self._put(conversation_id, run)
             else:
@@ -129,7 +130,7 @@ class HistoryCache:
                 start = max(0, end - limit)
                 self._runs.move_to_end(conversation_id)
                 return run.rows[start:end][::-1]
-        rows = [_prepare(r) for r in await self.store.history_newest(conversation_id, before_seq=before_seq, limit=limit)]
+        rows = await self.store.history_newest(conversation_id, before_seq=before_seq, limit=limit)
         if not rows:
             return rows
         if run is None:
@@ -138,9 +139,8 @@ class HistoryCache:
         elif rows[0]["seq"] >= run.lo - 1 and rows[-1]["seq"] < run.lo:
             # An older page that joins the cached run.
             older = [r for r in reversed(rows) if r["seq"] < run.lo]
-            run.rows[:0] = older
+            run.reindex([*older, *run.rows], [*map(_message, older), *run.msgs])
             run.lo = older[0]["seq"]
-            run.reindex()
             self._put(conversation_id, run)
         return rows
 
@@ -152,11 +152,11 @@ class HistoryCache:
         first = rows[0]["seq"]
         if run is None:
             if first == 1:
-                self._put(conversation_id, _new_run(1, rows[-1]["seq"], [_prepare(r) for r in rows]))
+                self._put(conversation_id, _new_run(1, rows[-1]["seq"], rows))
             return
         if run.hi != first - 1:
             self.forget(conversation_id)
             return
-        run.extend([_prepare(r) for r in rows])
+        run.extend(rows)
         run.hi = rows[-1]["seq"]
         self._put(conversation_id, run)

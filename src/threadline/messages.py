@@ -6,6 +6,7 @@ Nothing here knows a provider.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -46,7 +47,9 @@ class ChatMessage:
 
     role: Role
     text: str
-    images: list[ImagePart] = field(default_factory=list)
+    # A tuple when empty: history messages are cached by the thousand, and an empty list would be one
+    # more object per message for every garbage-collector pass to walk.
+    images: Sequence[ImagePart] = ()
     reasoning: str | None = None
     # This message in OpenAI's chat format, the one most engines speak, built once: history messages
     # are cached and sent again on every turn. Treat both the message and it as frozen.
