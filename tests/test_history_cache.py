@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import random
 
+import orjson
+
 from tests.conftest import engines_for
 from threadline import AsyncThreadline
+from threadline.config import EngineConfig
 from threadline.context import pack
+from threadline.engines.base import EngineRequest
+from threadline.engines.openai_compat import OpenAICompatEngine
 from threadline.history_cache import HistoryCache
 from threadline.messages import ChatMessage
 from threadline.store import Store, new_id
@@ -87,6 +92,11 @@ async def test_the_cached_window_packs_exactly_what_walking_the_rows_packs(sqlit
         return win
 
     cache.newest_fitting = counting  # type: ignore[method-assign]
+    engines = [OpenAICompatEngine(EngineConfig(name="o", kind="openai", model="m", base_url="http://x/v1")),
+               OpenAICompatEngine(EngineConfig(name="r1", kind="openai", model="deepseek-ai/deepseek-r1",
+                                               base_url="http://x/v1", profile="deepseek-r1"))]
+    assert engines[1].profile.system == "fold"
+    encoded = 0
     try:
         for conv_no in range(6):
             cid = new_id()
@@ -117,15 +127,23 @@ async def test_the_cached_window_packs_exactly_what_walking_the_rows_packs(sqlit
                        [(m.role, m.text, [i.url for i in m.images]) for m in slow.messages]
                 assert (fast.estimated_tokens, fast.history_used, fast.history_dropped) == \
                        (slow.estimated_tokens, slow.history_used, slow.history_dropped)
+                # What an engine sends is the same bytes, pre-encoded history or not, folded system or not.
+                for eng in engines:
+                    sent = orjson.dumps(eng.build_body(EngineRequest(messages=fast.messages, system=fast.system,
+                                                                     openai_history=fast.openai_history)))
+                    assert sent == orjson.dumps(eng.build_body(EngineRequest(messages=list(slow.messages),
+                                                                             system=slow.system)))
+                    encoded += len(fast.openai_history)
         assert windows > 100  # the bisected window really answered most of these
+        assert encoded > 1000  # and handed over encoded history
     finally:
         await store.close()
 
 
-async def test_cached_history_costs_the_garbage_collector_one_object_per_message(sqlite_url):
+async def test_cached_history_is_data_the_garbage_collector_never_walks(sqlite_url):
     """A full collection walks every tracked object, and the cache holds thousands of messages for as
-    long as the process lives: rows must hold no tracked object, a text message no tracked list, and
-    trimming a long run must keep its messages (and the wire forms memoized on them)."""
+    long as the process lives: rows and their encoded messages must hold no tracked object, trimming a
+    long run must keep the encodings, and the window must still be the newest history."""
     import gc
 
     from threadline import history_cache
@@ -150,13 +168,16 @@ async def test_cached_history_costs_the_garbage_collector_one_object_per_message
                  "status": "completed", "token_estimate": 2, "engine": "e"}])
             seq += 2
             if i == history_cache.MAX_ROWS // 2:
-                kept = run.msgs[-10:]
+                kept = run.wires[-10:]
         gc.collect()
         assert not any(gc.is_tracked(r) for r in run.rows)
-        assert not any(gc.is_tracked(m.images) for m in run.msgs if m is not None)
+        assert all(w is not None and not gc.is_tracked(w) for w in run.wires[1:])  # row 1 is the empty answer
         assert len(run.rows) <= history_cache.MAX_ROWS + history_cache.MAX_ROWS // 4  # it was trimmed
-        assert all(any(k is m for m in run.msgs) for k in kept)  # the same message objects survived the trim
+        assert all(any(k is w for w in run.wires) for k in kept)  # trimming kept the encodings
         win = await cache.newest_fitting(cid, before_seq=seq + 1, budget=40)
-        assert [m.text for m in win.messages][-2:] == [f"q{history_cache.MAX_ROWS - 1}", f"a{history_cache.MAX_ROWS - 1}"]
+        last = history_cache.MAX_ROWS - 1
+        assert [r["content"] for r in win.rows][-2:] == [f"q{last}", f"a{last}"]
+        assert [orjson.loads(orjson.dumps(w)) for w in win.wires][-2:] == [
+            {"role": "user", "content": f"q{last}"}, {"role": "assistant", "content": f"a{last}"}]
     finally:
         await store.close()

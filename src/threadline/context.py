@@ -8,8 +8,11 @@ a 10-message one once the budget is full.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
+
+import orjson
 
 from .messages import ChatMessage, ImagePart
 from .tokens import estimate_text
@@ -27,20 +30,66 @@ class Window:
     """The newest history that fits a budget, ready to send: what `pack` would build from the same
     rows, when a source can answer without a row-by-row walk (see HistoryCache.newest_fitting)."""
 
-    messages: list[ChatMessage]  # alternating roles, starting with a user turn; no images
+    rows: list[dict[str, Any]]  # alternating roles, starting with a user turn; plain text, no images
+    wires: list[Any]  # each row's message in OpenAI's chat format, pre-encoded (see openai_wire)
     tokens: int
-    rows: int
+    considered: int  # rows inside the budget, including a leading answer left out to start on a user turn
     dropped: bool
+
+
+def openai_wire(row: dict[str, Any]) -> orjson.Fragment | None:
+    """A text row's message as OpenAI's chat format encodes it, `{"role": ..., "content": ...}`, kept
+    as ready JSON: most engines speak this format, history is resent on every turn, and a row with no
+    images encodes the same way for every one of them. None for rows that are no plain message."""
+    if row.get("parts"):
+        return None
+    msg = row_to_message(row)
+    return None if msg is None else orjson.Fragment(orjson.dumps({"role": msg.role, "content": msg.text}))
+
+
+class History(Sequence[ChatMessage]):
+    """Packed history rows followed by the new message(s), read as messages. The rows turn into
+    `ChatMessage`s only when an engine reads them that way (once, then kept); an engine speaking
+    OpenAI's format sends the rows' pre-encoded wires instead and never builds them."""
+
+    __slots__ = ("_built", "_rows", "_tail")
+
+    def __init__(self, rows: list[dict[str, Any]], tail: list[ChatMessage]) -> None:
+        self._rows, self._tail = rows, tail
+        self._built: list[ChatMessage] | None = None
+
+    def _list(self) -> list[ChatMessage]:
+        if self._built is None:
+            self._built = [*(m for m in map(row_to_message, self._rows) if m is not None), *self._tail]
+        return self._built
+
+    def __len__(self) -> int:
+        return len(self._rows) + len(self._tail)
+
+    @overload
+    def __getitem__(self, i: int) -> ChatMessage: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[ChatMessage]: ...
+
+    def __getitem__(self, i: int | slice) -> ChatMessage | list[ChatMessage]:
+        if isinstance(i, int) and self._built is None and i >= len(self._rows):
+            return self._tail[i - len(self._rows)]  # the new message: no need to build the history
+        return self._list()[i]
+
+    def __iter__(self) -> Iterator[ChatMessage]:
+        return iter(self._list())
 
 
 @dataclass
 class Packed:
     system: list[str]
-    messages: list[ChatMessage]
+    messages: Sequence[ChatMessage]
     estimated_tokens: int
     history_used: int
     history_dropped: bool
     file_ids: list[str] = field(default_factory=list)
+    openai_history: Sequence[Any] = ()  # the first messages' OpenAI wires, when the cache had them ready
 
 
 def memory_text(entries: list[str]) -> str:
@@ -96,9 +145,10 @@ async def pack(
         win: Window | None = None
         if fitting is not None:
             win = await fitting(conversation_id, before_seq=before_seq, budget=budget - used)
-        if win is not None and (not win.messages or win.messages[-1].role != new_message.role):
+        if win is not None and (not win.rows or win.rows[-1]["role"] != new_message.role):
             file_ids = [img.file_id for img in new_message.images if img.file_id and img.data is None]
-            return Packed(system, [*win.messages, new_message], used + win.tokens, win.rows, win.dropped, file_ids)
+            return Packed(system, History(win.rows, [new_message]), used + win.tokens, win.considered, win.dropped,
+                          file_ids, win.wires)
     picked: list[dict[str, Any]] = []
     dropped = False
     if conversation_id is not None and before_seq > 1:

@@ -490,7 +490,8 @@ class Gateway:
                             budget=budget)
         if packed.file_ids:
             await self._hydrate([i for m in packed.messages for i in m.images if i.file_id], app_cfg.name, user)
-        return EngineRequest(messages=packed.messages, system=packed.system, stream=stream), packed.estimated_tokens
+        return (EngineRequest(messages=packed.messages, system=packed.system, stream=stream,
+                              openai_history=packed.openai_history), packed.estimated_tokens)
 
     async def import_history(self, *, app: str, user: str, engine: str, turns: list[tuple[str, str]],
                              name: str = "") -> str:

@@ -4,12 +4,17 @@ Packing a stateless request needs the newest messages that fit the budget — of
 per turn. Stored messages never change once their turn has finished, turns on one conversation are
 serialised by the turn lock, and `seq` is contiguous per conversation, so a cached run of rows
 [lo..hi] stays valid: a turn only has to fetch rows newer than `hi` (written by another process) and
-this process appends its own finished turn. Rows holding images are not turned into cached messages,
-because hydration attaches the image bytes to them.
+this process appends its own finished turn. Rows holding images are left to pack's row walk, because
+hydration attaches the image bytes to their messages.
 
 Each run also keeps prefix sums (tokens, rows that are not a plain message, role repeats), so the
-newest history that fits a budget is found by bisection and handed over as a slice of ready
-messages: a turn over a full 4k-token window no longer walks hundreds of rows.
+newest history that fits a budget is found by bisection and handed over as slices: a turn over a
+full 4k-token window no longer walks hundreds of rows.
+
+The cache is data, not objects: rows hold only strings and numbers, and each row's message is kept
+as ready JSON (an `orjson.Fragment`), none of which the garbage collector tracks. A long-lived
+process caches tens of thousands of messages, and a full collection walks every tracked object, so
+a message object per row stalled every request for milliseconds on each full pass.
 """
 
 from __future__ import annotations
@@ -19,8 +24,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from .context import Window, row_to_message
-from .messages import ChatMessage
+from .context import Window, openai_wire
 from .store import Store
 
 MAX_CONVERSATIONS = 512
@@ -33,34 +37,27 @@ class _Run:
     hi: int  # newest cached seq
     rows: list[dict[str, Any]] = field(default_factory=list)  # ascending seq, contiguous
     # Parallel to rows, and prefix sums over them (index i covers rows[:i]):
-    msgs: list[ChatMessage | None] = field(default_factory=list)
+    wires: list[Any] = field(default_factory=list)  # context.openai_wire of each row (None: no plain message)
     tokens: list[int] = field(default_factory=lambda: [0])
-    odd: list[int] = field(default_factory=lambda: [0])  # rows with no ready message (images, skipped)
+    odd: list[int] = field(default_factory=lambda: [0])  # rows with no plain message (images, skipped)
     repeats: list[int] = field(default_factory=lambda: [0])  # rows whose role repeats the row before
 
-    def extend(self, rows: list[dict[str, Any]], msgs: list[ChatMessage | None] | None = None) -> None:
-        """Append rows; `msgs` are their messages when already built (they carry memoized wire forms)."""
-        if msgs is None:
-            msgs = list(map(_message, rows))
+    def extend(self, rows: list[dict[str, Any]], wires: list[Any] | None = None) -> None:
+        """Append rows (with their wires when already encoded)."""
+        if wires is None:
+            wires = list(map(openai_wire, rows))
         prev = self.rows[-1]["role"] if self.rows else None
-        for r, msg in zip(rows, msgs, strict=True):
+        for r, wire in zip(rows, wires, strict=True):
             self.rows.append(r)
-            self.msgs.append(msg)
+            self.wires.append(wire)
             self.tokens.append(self.tokens[-1] + int(r.get("token_estimate") or 0))
-            self.odd.append(self.odd[-1] + (msg is None))
+            self.odd.append(self.odd[-1] + (wire is None))
             self.repeats.append(self.repeats[-1] + (r["role"] == prev))
             prev = r["role"]
 
-    def reindex(self, rows: list[dict[str, Any]], msgs: list[ChatMessage | None]) -> None:
-        self.rows, self.msgs, self.tokens, self.odd, self.repeats = [], [], [0], [0], [0]
-        self.extend(rows, msgs)
-
-
-def _message(row: dict[str, Any]) -> ChatMessage | None:
-    """A cached row's ready message. Rows holding images get none and are left to pack's walk, since
-    hydration attaches the image bytes to their messages. Rows keep no reference to their message, so
-    they hold only strings and numbers, which the garbage collector does not track."""
-    return None if row.get("parts") else row_to_message(row)
+    def reindex(self, rows: list[dict[str, Any]], wires: list[Any]) -> None:
+        self.rows, self.wires, self.tokens, self.odd, self.repeats = [], [], [0], [0], [0]
+        self.extend(rows, wires)
 
 
 def _new_run(lo: int, hi: int, rows: list[dict[str, Any]]) -> _Run:
@@ -81,7 +78,7 @@ class HistoryCache:
 
     def _put(self, conversation_id: str, run: _Run) -> None:
         if len(run.rows) > MAX_ROWS + MAX_ROWS // 4:  # trimmed in steps, so reindexing is rare
-            run.reindex(run.rows[-MAX_ROWS:], run.msgs[-MAX_ROWS:])
+            run.reindex(run.rows[-MAX_ROWS:], run.wires[-MAX_ROWS:])
             run.lo = run.rows[0]["seq"]
         self._runs[conversation_id] = run
         self._runs.move_to_end(conversation_id)
@@ -119,7 +116,7 @@ class HistoryCache:
         if first < end and run.rows[first]["role"] != "user":
             first += 1  # history sent to an engine starts on a user turn
         self._runs.move_to_end(conversation_id)
-        return Window(run.msgs[first:end], run.tokens[end] - run.tokens[start], end - start,  # type: ignore[arg-type]
+        return Window(run.rows[first:end], run.wires[first:end], run.tokens[end] - run.tokens[start], end - start,
                       dropped=start > 0)
 
     async def history_newest(self, conversation_id: str, *, before_seq: int, limit: int) -> list[dict[str, Any]]:
@@ -139,7 +136,7 @@ class HistoryCache:
         elif rows[0]["seq"] >= run.lo - 1 and rows[-1]["seq"] < run.lo:
             # An older page that joins the cached run.
             older = [r for r in reversed(rows) if r["seq"] < run.lo]
-            run.reindex([*older, *run.rows], [*map(_message, older), *run.msgs])
+            run.reindex([*older, *run.rows], [*map(openai_wire, older), *run.wires])
             run.lo = older[0]["seq"]
             self._put(conversation_id, run)
         return rows

@@ -7,7 +7,7 @@ Nothing here knows a provider.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant"]
@@ -51,9 +51,6 @@ class ChatMessage:
     # more object per message for every garbage-collector pass to walk.
     images: Sequence[ImagePart] = ()
     reasoning: str | None = None
-    # This message in OpenAI's chat format, the one most engines speak, built once: history messages
-    # are cached and sent again on every turn. Treat both the message and it as frozen.
-    openai_wire: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True)

@@ -6,7 +6,7 @@ it never imports the store or the server, and the gateway decides what is stored
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +23,11 @@ class EngineRequest:
     """Everything an engine may need for one turn. Stateless engines use `system` + `messages`;
     stateful ones use `query`, `remote_conversation_id`, `remote_user`, `inputs` and `files`."""
 
-    messages: list[ChatMessage]
+    messages: Sequence[ChatMessage]
     system: list[str] = field(default_factory=list)
+    # The first len(openai_history) messages already encoded in OpenAI's chat format (orjson
+    # Fragments from the history cache): engines speaking that format send them as they are.
+    openai_history: Sequence[Any] = ()
     stream: bool = True
     max_output_tokens: int | None = None
     # stateful engines

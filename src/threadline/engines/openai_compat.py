@@ -6,7 +6,6 @@ from `reasoning_content` deltas or from `<think>` tags in content, and never goe
 
 from __future__ import annotations
 
-import operator
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,8 +29,6 @@ from .base import Engine, EngineRequest
 from .http import Poster, UpstreamResponse
 from .profiles import Profile, ThinkTagSplitter, resolve_profile
 from .sse import iter_sse
-
-_OPENAI_WIRE = operator.attrgetter("openai_wire")
 
 
 def usage_from_openai(u: dict[str, Any]) -> Usage:
@@ -71,19 +68,19 @@ class OpenAICompatEngine(Engine):
         return parts
 
     def build_body(self, req: EngineRequest) -> dict[str, Any]:
-        msgs: list[dict[str, Any]] = []
+        msgs: list[Any] = []
         system_text = "\n\n".join(s for s in req.system if s)
         fold = self.profile.system == "fold"
         if system_text and not fold:
             msgs.append({"role": self.profile.system, "content": system_text})
-        wires = list(map(_OPENAI_WIRE, req.messages))  # a C-level gather: most are built already
-        if not all(wires):
-            for i, m in enumerate(req.messages):
-                if wires[i] is None:
-                    wires[i] = m.openai_wire = {"role": m.role, "content": self._content(m, m.text)}
+        messages = req.messages
+        done = len(req.openai_history)  # history the cache encoded already: sent as it is
+        wires: list[Any] = [*req.openai_history, *({"role": messages[i].role,
+                                                   "content": self._content(messages[i], messages[i].text)}
+                                                  for i in range(done, len(messages)))]
         if fold and system_text:
-            for i, m in enumerate(req.messages):
-                if m.role == "user":  # the first user turn carries the system text (a copy, not the memo)
+            for i, m in enumerate(messages):
+                if m.role == "user":  # the first user turn carries the system text
                     wires[i] = {"role": m.role, "content": self._content(m, f"{system_text}\n\n{m.text}")}
                     break
         msgs.extend(wires)
