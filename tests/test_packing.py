@@ -92,3 +92,22 @@ def test_calibration_moves_towards_reported_usage():
     for _ in range(10):
         c.observe("e", 100, 200)
     assert 1.9 < c.ratio("e") <= 2.0
+
+
+def test_token_estimate_counts_ascii_by_fours_and_every_other_character_as_one():
+    import random
+
+    from threadline.tokens import estimate_text
+
+    def by_definition(text: str) -> int:
+        ascii_count = sum(1 for ch in text if ord(ch) < 128)
+        return -(-ascii_count // 4) + len(text) - ascii_count
+
+    rng = random.Random(3)
+    alphabet = "ab c\n\x00\x7f" + "é中文😀\u2028" + "\udc80"  # a lone surrogate, as a bad client might send
+    for _ in range(500):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        assert estimate_text(text) == by_definition(text), repr(text)
+    assert estimate_text("") == 0
+    assert estimate_text("abcde") == 2
+    assert estimate_text("中文") == 2

@@ -334,3 +334,40 @@ async def test_only_a_server_that_owns_its_process_freezes_its_startup_heap(sqli
             assert gc.get_freeze_count() > 10_000  # the modules and the app, at least
     finally:
         gc.unfreeze()
+
+
+def test_chat_routes_fail_unexpectedly_in_their_own_shape_and_keep_details_private(oai, tmp_path, caplog):
+    """The chat routes run in the server's fast lane (server/app.py): an unexpected failure there must
+    still be the surface's own generic 500, carry the overhead header, and keep its message (which
+    might hold a secret) out of both the answer and the log."""
+    from threadline.gateway import Gateway
+
+    settings = Settings.build(database_url=f"sqlite+aiosqlite:///{tmp_path}/x.db",
+                              engines={"acc": {"kind": "openai", "base_url": f"{oai[1]}/v1", "model": "m"}},
+                              apps={"demo": {"engine": "acc"}}, include_presets=False)
+    gw = Gateway(settings)
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("sk-live-0123456789 leaked into a message")
+        yield
+
+    gw.turn = broken  # type: ignore[method-assign]
+    srv = LiveServer(create_app(settings, open_access=True, gateway=gw)).start()
+    try:
+        with httpx.Client(base_url=srv.url) as c:
+            r = c.post("/v1/chat-messages", json={"query": "hi", "user": "u", "inputs": {}, "response_mode": "blocking"})
+            assert r.status_code == 500
+            assert r.json() == {"code": "internal_server_error", "status": 500,
+                                "message": "Internal Server Error, please contact support."}
+            assert float(r.headers["x-threadline-overhead-ms"]) >= 0
+            r = c.post("/v1/chat/completions", json={"model": "demo", "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 500
+            assert r.json()["error"]["type"] == "api_error" and r.json()["error"]["code"] == "internal_server_error"
+            assert "sk-live" not in r.text
+            # Other methods on the same path still take the full stack.
+            r = c.get("/v1/chat-messages")
+            assert r.status_code == 405 and r.json()["code"] == "method_not_allowed"
+    finally:
+        srv.stop()
+    assert "unhandled RuntimeError on /v1/chat-messages" in caplog.text
+    assert "sk-live" not in caplog.text

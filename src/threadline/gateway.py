@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import time
 import uuid
@@ -84,9 +85,13 @@ class RunningTurn:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+@functools.lru_cache(maxsize=256)
+def _unit_prices(per_mtok_in: float, per_mtok_out: float) -> tuple[Decimal, Decimal]:
+    return Decimal(str(per_mtok_in)) / Decimal(1_000_000), Decimal(str(per_mtok_out)) / Decimal(1_000_000)
+
+
 def _price(cfg: EngineConfig, usage: Usage) -> dict[str, Any]:
-    pin = Decimal(str(cfg.price_input_per_mtok)) / Decimal(1_000_000)
-    pout = Decimal(str(cfg.price_output_per_mtok)) / Decimal(1_000_000)
+    pin, pout = _unit_prices(cfg.price_input_per_mtok, cfg.price_output_per_mtok)
     p = pin * usage.prompt_tokens
     c = pout * usage.completion_tokens
     return {"prompt_unit_price": str(pin), "prompt_price_unit": "0.000001", "prompt_price": str(p),
@@ -160,11 +165,16 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def _local_lock(self, conversation_id: str) -> AsyncIterator[None]:
-        lock = self._locks.setdefault(conversation_id, asyncio.Lock())
-        try:
-            await asyncio.wait_for(lock.acquire(), self.turn_wait)
-        except TimeoutError:
-            raise ConversationBusyError("Another turn of this conversation is still running; retry when it ends.") from None
+        lock = self._locks.get(conversation_id)
+        if lock is None:
+            lock = self._locks[conversation_id] = asyncio.Lock()
+        if not lock.locked():
+            await lock.acquire()  # free: taken without suspending (wait_for would start a task for it)
+        else:
+            try:
+                await asyncio.wait_for(lock.acquire(), self.turn_wait)
+            except TimeoutError:
+                raise ConversationBusyError("Another turn of this conversation is still running; retry when it ends.") from None
         try:
             yield
         finally:

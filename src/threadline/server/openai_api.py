@@ -34,10 +34,13 @@ def openai_error(exc: OpenAIError) -> Response:
                                             "code": exc.code}}), status_code=exc.status, media_type="application/json")
 
 
+def error_type(status: int) -> str:
+    return {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+            409: "conflict_error", 429: "rate_limit_error"}.get(status, "api_error")
+
+
 def _from_tl(exc: ThreadlineError) -> OpenAIError:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-            409: "conflict_error", 429: "rate_limit_error"}.get(exc.status, "api_error")
-    return OpenAIError(exc.status, exc.message, kind, exc.code)
+    return OpenAIError(exc.status, exc.message, error_type(exc.status), exc.code)
 
 
 def _text_and_images(content: Any) -> tuple[str, list[ImagePart]]:
