@@ -15,6 +15,7 @@ from threadline import (
     TextDelta,
     Threadline,
     TurnCompleted,
+    TurnFailed,
     UpstreamError,
 )
 
@@ -320,6 +321,51 @@ async def test_stop_keeps_partial_answer(atl, oai):
     assert 5 * 2 <= len(final.answer) < 200
     msgs = await atl.messages(final.conversation_id, user="u")
     assert msgs[1].status == "stopped" and msgs[1].content == final.answer
+
+
+async def test_conversation_is_free_when_the_final_event_arrives(atl, oai):
+    """A blocking caller returns on the final event and never resumes the generator: the turn must
+    not keep its conversation locked until that generator is garbage-collected."""
+    gw = atl.gateway
+    agen = gw.turn("q1", user="u", app="demo", stream=False)
+    events = [ev async for ev in _until_final(agen)]
+    cid = events[0].conversation_id
+    assert isinstance(events[-1], TurnCompleted)
+    assert cid not in gw._locks  # released (and dropped) before the caller saw the end
+    r = await asyncio.wait_for(atl.chat("q2", user="u", app="demo", conversation_id=cid), 5)
+    assert r.status == "completed"
+    await agen.aclose()
+
+
+async def _until_final(agen):
+    async for ev in agen:
+        yield ev
+        if isinstance(ev, TurnCompleted | TurnFailed):
+            return
+
+
+async def test_a_caller_leaving_mid_answer_has_the_partial_stored_before_the_turn_ends(atl, oai):
+    d, _ = oai
+    d.reset(reply="y" * 200, chunk_size=2, slow=0.01)
+    agen = atl.gateway.turn("go", user="u", app="demo", stream=True)
+    started = await agen.__anext__()
+    got = [await agen.__anext__() for _ in range(3)]
+    assert all(isinstance(ev, TextDelta) for ev in got)
+    await agen.aclose()  # the client went away
+    msgs = await atl.messages(started.conversation_id, user="u")  # no waiting: already stored
+    assert msgs[1].status == "stopped"
+    assert msgs[1].content.startswith("yyyyyy") and len(msgs[1].content) < 200
+    assert started.conversation_id not in atl.gateway._locks
+
+
+async def test_a_caller_leaving_right_after_the_start_leaves_no_answer_streaming(atl, oai):
+    agen = atl.gateway.turn("go", user="u", app="demo", stream=True)
+    started = await agen.__anext__()
+    await agen.aclose()
+    msgs = await atl.messages(started.conversation_id, user="u")
+    assert [(m.role, m.status) for m in msgs] == [("user", "completed"), ("assistant", "stopped")]
+    r = await atl.chat("again", user="u", app="demo", conversation_id=started.conversation_id)
+    assert r.status == "completed"
 
 
 def test_sync_facade_same_shape(oai, gem, tmp_path):

@@ -254,19 +254,24 @@ class Gateway:
         eng = self.engine(engine_name)
         imgs = self.normalize_images(images, files)
         cid = conversation_id or new_id()
+        final: TurnEvent | None = None
         async with self._local_lock(cid):
-            finished = False
+            run = self._run(cid, conversation_id is not None, app_cfg, user, eng, query, imgs, stream, inputs or {},
+                            workflow_id, auto_generate_name)
             try:
-                async for ev in self._run(cid, conversation_id is not None, app_cfg, user, eng, query, imgs, stream,
-                                          inputs or {}, workflow_id, auto_generate_name):
-                    finished = isinstance(ev, TurnCompleted | TurnFailed)
+                async for ev in run:
+                    if isinstance(ev, TurnCompleted | TurnFailed):
+                        final = ev  # stored, lease released: the conversation is free before the caller hears
+                        break
                     yield ev
-            except BaseException:
-                # _run releases the lease with its final write; this covers exits before that write.
-                # (A caller that stops iterating after the last event is not one of them.)
-                if not finished:
+            finally:
+                # Inside the lock: a caller that leaves early (closed stream, cancelled request) has its
+                # partial answer stored as stopped before the next turn of this conversation begins.
+                await run.aclose()
+                if final is None:  # _run releases the lease with its final write; this covers exits before it
                     await asyncio.shield(self._release_if_held(cid))
-                raise
+        if final is not None:
+            yield final
 
     async def _release_if_held(self, cid: str) -> None:
         with contextlib.suppress(Exception):
@@ -292,8 +297,6 @@ class Gateway:
                     "created_at": started, "updated_at": started, "deleted": False}
             user_seq, asst_seq = await self.store.begin_turn(cid, user_msg=user_row, assistant_msg=asst_row,
                                                              new_conversation=conv, lock=(self.owner, LOCK_TTL))
-        yield TurnStarted(cid, asst_mid, user_mid, task_id, eng.name, started)
-
         running = RunningTurn(task_id, app_cfg.name, user, asst_mid, eng, self.remote_user(app_cfg.name, user),
                               user_message_id=user_mid)
         running.history_row = {"seq": user_seq, "role": "user", "content": query, "parts": user_row["parts"],
@@ -307,6 +310,8 @@ class Gateway:
         status, error = "completed", None
         est_prompt = 0
         try:
+            # Inside the try: a caller leaving right after this still ends the turn as stopped.
+            yield TurnStarted(cid, asst_mid, user_mid, task_id, eng.name, started)
             for attempt in range(2):
                 try:
                     req, est_prompt = await self._request(conv, app_cfg, user, eng, query, imgs, stream, inputs,

@@ -7,6 +7,7 @@ any engine, including a stateful Dify app that only wants the newest query.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -149,27 +150,33 @@ async def _chat_completions(request: Request) -> Response:
     created = int(first.created_at)
     headers = {"X-Threadline-Conversation-Id": first.conversation_id}
     if not stream:
-        async for ev in agen:
-            if isinstance(ev, TurnFailed):
-                if isinstance(ev.error, ThreadlineError):
-                    raise _from_tl(ev.error)
-                raise OpenAIError(500, "Internal error", "api_error")
-            if isinstance(ev, TurnCompleted):
-                r = ev.reply
-                message: dict[str, Any] = {"role": "assistant", "content": r.answer, "refusal": None}
-                if r.reasoning:
-                    message["reasoning_content"] = r.reasoning
-                return Response(orjson.dumps({
-                    "id": completion_id, "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "message": message, "logprobs": None,
-                                 "finish_reason": "stop" if r.status == "completed" else "length"}],
-                    "usage": {"prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens,
-                              "total_tokens": r.usage.total_tokens,
-                              "completion_tokens_details": {"reasoning_tokens": r.usage.reasoning_tokens}},
-                }), media_type="application/json", headers=headers)
-        raise OpenAIError(500, "Internal error", "api_error")
+        async with contextlib.aclosing(agen):  # closed here, not by a finalizer task later
+            return await _blocking(agen, completion_id, created, model, headers)
     return StreamingResponse(_sse(agen, completion_id, created, model, include_usage), media_type="text/event-stream",
                              headers=headers)
+
+
+async def _blocking(agen: AsyncIterator[Any], completion_id: str, created: int, model: str,
+                    headers: dict[str, str]) -> Response:
+    async for ev in agen:
+        if isinstance(ev, TurnFailed):
+            if isinstance(ev.error, ThreadlineError):
+                raise _from_tl(ev.error)
+            raise OpenAIError(500, "Internal error", "api_error")
+        if isinstance(ev, TurnCompleted):
+            r = ev.reply
+            message: dict[str, Any] = {"role": "assistant", "content": r.answer, "refusal": None}
+            if r.reasoning:
+                message["reasoning_content"] = r.reasoning
+            return Response(orjson.dumps({
+                "id": completion_id, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": message, "logprobs": None,
+                             "finish_reason": "stop" if r.status == "completed" else "length"}],
+                "usage": {"prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens,
+                          "total_tokens": r.usage.total_tokens,
+                          "completion_tokens_details": {"reasoning_tokens": r.usage.reasoning_tokens}},
+            }), media_type="application/json", headers=headers)
+    raise OpenAIError(500, "Internal error", "api_error")
 
 
 async def _sse(agen: AsyncIterator[Any], cid: str, created: int, model: str, include_usage: bool) -> AsyncIterator[bytes]:
