@@ -148,3 +148,61 @@ async def test_the_wal_is_checkpointed_off_the_hot_connection(store, monkeypatch
     assert max(sizes[3:]) <= max(sizes[:3]) * 1.5
     msgs, _ = await store.list_messages(cid, limit=1000)
     assert len(msgs) == 2 + 200 * 2
+
+
+async def test_concurrent_turns_commit_together_and_each_gets_its_own_answer(store, monkeypatch):
+    cids = [new_id() for _ in range(12)]
+    for cid in cids:
+        await _full_turn(store, cid, first=True)
+    commits = 0
+    real_commit = store.hot._commit
+
+    def counting(writes: int) -> None:
+        nonlocal commits
+        commits += 1
+        real_commit(writes)
+
+    monkeypatch.setattr(store.hot, "_commit", counting)
+    claims = await asyncio.gather(*(
+        store.claim_turn(cid, app="a", user="alice", owner="me", ttl=900.0, user_msg={"id": new_id(), "content": cid},
+                         assistant_msg={"id": new_id()}) for cid in cids))
+    assert commits == 1  # twelve claims, one transaction
+    assert [c[0]["id"] for c in claims] == cids and all(c[1:] == (3, 4) for c in claims)
+    for cid in cids:
+        msgs, _ = await store.list_messages(cid)
+        assert [m["content"] for m in msgs][2] == cid
+
+
+async def test_a_failing_write_fails_alone_and_its_group_still_commits(store):
+    cids = [new_id() for _ in range(3)]
+    for cid in cids:
+        await _full_turn(store, cid, first=True)
+    taken = (await store.list_messages(cids[0]))[0][0]["id"]  # a message id that exists already
+
+    def claim(cid: str, user_id: str):  # type: ignore[no-untyped-def]
+        return store.claim_turn(cid, app="a", user="alice", owner="me", ttl=900.0,
+                                user_msg={"id": user_id, "content": "new"}, assistant_msg={"id": new_id()})
+
+    ok1, bad, ok2 = await asyncio.gather(claim(cids[0], new_id()), claim(cids[1], taken), claim(cids[2], new_id()),
+                                         return_exceptions=True)
+    assert isinstance(bad, sqlite3.IntegrityError)
+    assert ok1[1] == 3 and ok2[1] == 3
+    assert len((await store.list_messages(cids[1]))[0]) == 2  # nothing of the failed claim was kept
+    assert (await store.get_conversation(cids[1], app="a", user="alice"))["last_seq"] == 2
+    assert len((await store.list_messages(cids[2]))[0]) == 4
+
+
+async def test_a_write_whose_caller_left_before_the_group_ran_is_skipped(store):
+    cid = new_id()
+    await _full_turn(store, cid, first=True)
+    task = asyncio.create_task(store.claim_turn(cid, app="a", user="alice", owner="me", ttl=900.0,
+                                                user_msg={"id": new_id(), "content": "never"},
+                                                assistant_msg={"id": new_id()}))
+    await asyncio.sleep(0)  # queued, the group not yet run
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.01)
+    msgs, _ = await store.list_messages(cid)
+    assert "never" not in [m["content"] for m in msgs]
+    assert (await store.get_conversation(cid, app="a", user="alice"))["last_seq"] == 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -23,7 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from ..errors import ConfigError, NotFoundError
 from .schema import api_keys, conversations, files, memories, messages
-from .sqlite_hot import Busy, SqliteHotPath
+from .sqlite_hot import GAVE_UP as _GAVE_UP
+from .sqlite_hot import SqliteHotPath
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -36,8 +38,6 @@ _MSG_DEFAULTS: dict[str, Any] = {
 _CONV_DEFAULTS: dict[str, Any] = {"name": "", "inputs": {}, "remote": {}, "last_seq": 0, "deleted": False,
                                   "lock_owner": None, "lock_until": None}
 
-HOT_RETRIES = 8  # about 7 ms of short sleeps before a write falls back to the async path
-_GAVE_UP = object()
 
 CONV_SORTS = {"created_at", "-created_at", "updated_at", "-updated_at"}
 MEMORY_TTL = 2.0  # seconds another process's memory change may take to be seen here
@@ -136,16 +136,10 @@ class Store:
             yield conn
 
     async def _on_hot(self, write: Callable[..., Any], *args: Any) -> Any:
-        """Run a hot-path write under this process's writer lock. While another process holds SQLite's
-        write lock, retry on the loop after short sleeps (writes take tens of microseconds, so it is
-        usually free again at once); after HOT_RETRIES, return _GAVE_UP for the waiting async path."""
-        async with self._write_lock:  # type: ignore[union-attr]
-            for attempt in range(HOT_RETRIES):
-                try:
-                    return write(*args)
-                except Busy:
-                    await asyncio.sleep(0.0002 * (attempt + 1))
-        return _GAVE_UP
+        """A write on the SQLite hot path, group-committed with whatever else is being written (see
+        sqlite_hot); _GAVE_UP when another process kept SQLite's write lock and the caller must take
+        the waiting async path."""
+        return await self.hot.write(functools.partial(write, *args))  # type: ignore[union-attr]
 
     async def migrate(self) -> None:
         async with self._tx() as conn:
