@@ -134,6 +134,7 @@ async def test_a_write_lock_held_by_another_process_never_blocks_the_event_loop(
 
 async def test_the_wal_is_checkpointed_off_the_hot_connection(store, monkeypatch):
     monkeypatch.setattr(sqlite_hot, "CHECKPOINT_EVERY", 20)
+    monkeypatch.setattr(sqlite_hot, "WAL_RESET_BYTES", 256 * 1024)
     cid = new_id()
     await _full_turn(store, cid, first=True)
     wal = store._sqlite_path + "-wal"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 
 import pytest
 
@@ -155,3 +157,87 @@ async def test_concurrent_writers_do_not_interleave_seq(store):
     for c in cids:
         msgs, _ = await store.list_messages(c)
         assert [m["seq"] for m in msgs] == list(range(1, 9))
+
+
+def test_ids_are_uuid7_ordered_by_time():
+    import time
+    import uuid
+
+    from threadline.store import new_id
+
+    before = time.time_ns() // 1_000_000
+    ids = [new_id() for _ in range(2000)]
+    after = time.time_ns() // 1_000_000
+    parsed = [uuid.UUID(i) for i in ids]
+    assert all(u.version == 7 and u.variant == uuid.RFC_4122 and str(u) == i for u, i in zip(parsed, ids, strict=True))
+    assert all(before <= u.int >> 80 <= after for u in parsed)  # the leading 48 bits are Unix milliseconds
+    assert len(set(ids)) == len(ids)
+    # Time-ordered to the 12 bits of sub-millisecond precision: consecutive ids (almost) never go back.
+    backwards = sum(1 for a, b in itertools.pairwise(parsed) if (b.int >> 64) < (a.int >> 64))
+    assert backwards <= 2  # only if the wall clock itself steps back
+
+
+async def test_expired_memory_answers_at_once_and_is_read_again_once(database_url, monkeypatch):
+    """Every stateless turn packs memory. When the cached copy expires, the turns in flight must not
+    all stop to read it again: they get the cached copy, one read refreshes it in the background, and
+    a change made through this process is never hidden by a read that began before it."""
+    from threadline.store import store as store_module
+
+    here, there = Store(database_url), Store(database_url)  # two server processes on one database
+    await here.migrate()
+    try:
+        await here.add_memory(app="a", user="u", text="one", token_estimate=2)
+        assert [m["text"] for m in await here.list_memory(app="a", user="u")] == ["one"]
+        await there.add_memory(app="a", user="u", text="two", token_estimate=2)  # another process's change
+        monkeypatch.setattr(store_module, "MEMORY_TTL", 0.0)
+        here._memory_cache[("a", "u")] = (0.0, here._memory_cache[("a", "u")][1])  # expired
+        reads = 0
+        real_read = here._read_memory
+
+        async def counting(key):  # type: ignore[no-untyped-def]
+            nonlocal reads
+            reads += 1
+            return await real_read(key)
+
+        monkeypatch.setattr(here, "_read_memory", counting)
+        answers = await asyncio.gather(*(here.list_memory(app="a", user="u") for _ in range(16)))
+        assert all([m["text"] for m in a] == ["one"] for a in answers)  # the cached copy, at once
+        assert reads == 1
+        await asyncio.sleep(0.2)
+        assert [m["text"] for m in await here.list_memory(app="a", user="u")] == ["one", "two"]
+        # A local change while a read is in flight: the read (it saw the older rows) must not put
+        # them back in the cache. The read is held between its query and its end until the change is made.
+        gate, read_done = asyncio.Event(), asyncio.Event()
+        real_engine = here.engine
+
+        class HeldConnection:
+            def __init__(self, conn):  # type: ignore[no-untyped-def]
+                self.conn = conn
+
+            async def execute(self, *args):  # type: ignore[no-untyped-def]
+                result = await self.conn.execute(*args)
+                read_done.set()
+                await gate.wait()
+                return result
+
+        class HeldEngine:
+            def begin(self):  # type: ignore[no-untyped-def]
+                return real_engine.begin()
+
+            @contextlib.asynccontextmanager
+            async def connect(self):  # type: ignore[no-untyped-def]
+                async with real_engine.connect() as conn:
+                    yield HeldConnection(conn)
+
+        monkeypatch.setattr(here, "engine", HeldEngine())
+        here._memory_cache[("a", "u")] = (0.0, here._memory_cache[("a", "u")][1])
+        await here.list_memory(app="a", user="u")  # starts the background read
+        await read_done.wait()  # it has read ["one", "two"]
+        await here.add_memory(app="a", user="u", text="three", token_estimate=2)
+        gate.set()
+        await asyncio.sleep(0.05)
+        monkeypatch.setattr(here, "engine", real_engine)
+        assert [m["text"] for m in await here.list_memory(app="a", user="u")] == ["one", "two", "three"]
+    finally:
+        await here.close()
+        await there.close()

@@ -14,7 +14,9 @@ here, under the store's in-process writer lock, and never wait on the loop:
 - another process holding SQLite's write lock makes BEGIN fail at once (busy_timeout=0); the group
   is retried briefly, then every write in it answers GAVE_UP and runs on the store's async path,
   which waits in a thread;
-- WAL checkpoints, which do sync, are switched off on this connection and run in a thread instead.
+- WAL checkpoints, which copy pages and sync, are switched off on this connection and run in a
+  thread instead; only the last few frames before the WAL starts over are copied here (see
+  _checkpoint_cycle).
 
 Rows written here are the rows SQLAlchemy would write: JSON columns are serialised the same way
 (Python None becomes JSON `null`), so every reader sees one format.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -34,7 +37,9 @@ from sqlalchemy import JSON, Boolean, Table
 
 from .schema import conversations, messages
 
-CHECKPOINT_EVERY = 256  # writes between WAL checkpoints (each adds a handful of pages)
+CHECKPOINT_EVERY = 1024  # writes between WAL checkpoints (each write adds a handful of pages)
+WAL_RESET_BYTES = 64 * 1024 * 1024  # a WAL this large is started over (see _checkpoint_cycle)
+CATCH_UP_FRAMES = 256  # uncopied frames small enough (about 1 MB) to copy on the event loop's thread
 HOT_RETRIES = 8  # about 7 ms of short sleeps before a group falls back to the async path
 GAVE_UP = object()  # a write's answer when it must run on the store's async path instead
 T = TypeVar("T")
@@ -105,6 +110,7 @@ class SqliteHotPath:
         self._queue: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._checkpoint_task: asyncio.Task[None] | None = None
+        self._reset_due = False
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._checkpoint_lock = threading.Lock()
         self._closed = False
@@ -149,6 +155,8 @@ class SqliteHotPath:
         live = [(body, fut) for body, fut in batch if not fut.done()]  # a caller already gone: skip its write
         if not live:
             return True
+        if self._reset_due:
+            self._catch_up()
         try:
             self._begin()
         except Busy:
@@ -214,29 +222,41 @@ class SqliteHotPath:
             self.conn.execute("ROLLBACK")
 
     async def _checkpoint_cycle(self) -> None:
-        """Two PASSIVE checkpoints in a worker thread. The first copies the bulk of the WAL while
-        turns go on writing; the second, with this process's writers held back (they wait on the
-        asyncio lock, the loop does not), copies the few frames written meanwhile. Only a fully
-        copied WAL is rewound by the next writer; without the second step a busy server would never
-        reach that point and the WAL file would grow without end."""
-        loop = asyncio.get_running_loop()
+        """PASSIVE checkpoints in a worker thread copy the WAL into the database while turns go on
+        writing. The WAL file is only started over by a writer that finds it fully copied, which a
+        busy server never does (frames keep arriving during the copy), so the file would grow
+        without end. Once it is large, the thread copies until only a few frames are left and the
+        next group commit copies those itself, on the loop's thread, right before its BEGIN starts
+        the WAL over. The alternative, holding every writer while a thread copies, stalled turns by
+        the copy plus a hop back to a busy loop: tens of milliseconds every few seconds."""
         try:
-            await loop.run_in_executor(None, self._checkpoint)
-            async with self.write_lock:
-                await loop.run_in_executor(None, self._checkpoint)
+            self._reset_due = await asyncio.get_running_loop().run_in_executor(None, self._checkpoint)
         finally:
             self._checkpoint_task = None
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self) -> bool:
+        """PASSIVE passes until few frames are left uncopied; True when the WAL is due to start over."""
         with self._checkpoint_lock:
             if self._closed:
-                return
+                return False
             try:
                 if self._checkpoint_conn is None:
                     self._checkpoint_conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-                self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            except sqlite3.Error:
-                pass  # the next cycle, or another connection's autocheckpoint, catches up
+                for _ in range(4):
+                    _, frames, copied = self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if frames - copied <= CATCH_UP_FRAMES:
+                        break
+                else:
+                    return False  # writing faster than copying: the next cycle tries again
+                return os.stat(self.path + "-wal").st_size > WAL_RESET_BYTES
+            except (sqlite3.Error, OSError):
+                return False  # the next cycle, or another connection's autocheckpoint, catches up
+
+    def _catch_up(self) -> None:
+        """Copy the WAL's last few frames (see _checkpoint_cycle); called with no transaction open."""
+        self._reset_due = False
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def close(self) -> None:
         if self._checkpoint_task is not None:
