@@ -181,3 +181,41 @@ async def test_cached_history_is_data_the_garbage_collector_never_walks(sqlite_u
             {"role": "user", "content": f"q{last}"}, {"role": "assistant", "content": f"a{last}"}]
     finally:
         await store.close()
+
+
+async def test_a_burst_of_short_chats_does_not_evict_a_long_conversation_and_memory_stays_bounded(sqlite_url,
+                                                                                                   monkeypatch):
+    from threadline import history_cache
+
+    store = Store(sqlite_url)
+    await store.migrate()
+    cache = HistoryCache(store)
+
+    def turn(seq: int, text: str) -> list[dict]:
+        return [{"seq": seq, "role": "user", "content": text, "parts": None, "reasoning": None, "status": "completed",
+                 "token_estimate": 3, "engine": "e"},
+                {"seq": seq + 1, "role": "assistant", "content": text * 3, "parts": None, "reasoning": "r",
+                 "status": "completed", "token_estimate": 9, "engine": "e"}]
+
+    def accounted() -> int:
+        assert cache.size == sum(r.counted for r in cache._runs.values())
+        assert all(r.counted == r.size == sum(map(history_cache._row_bytes, r.rows)) for r in cache._runs.values())
+        return cache.size
+
+    try:
+        long_id = new_id()
+        for i in range(150):
+            cache.append_turn(long_id, turn(2 * i + 1, f"long question {i}"))
+        for _ in range(2000):  # one-turn chats, as an OpenAI-style client without history makes them
+            cache.append_turn(new_id(), turn(1, "hi"))
+        assert long_id in cache._runs and len(cache._runs[long_id].rows) == 300
+        assert accounted() > 0
+        monkeypatch.setattr(history_cache, "MAX_BYTES", 200_000)
+        for _ in range(50):
+            cache.append_turn(new_id(), turn(1, "hello there"))
+        assert accounted() <= 200_000
+        assert long_id not in cache._runs  # now the least recently used had to go
+        cache.forget(next(iter(cache._runs)))
+        accounted()
+    finally:
+        await store.close()

@@ -27,8 +27,12 @@ from typing import Any
 from .context import Window, openai_wire
 from .store import Store
 
-MAX_CONVERSATIONS = 512
-MAX_ROWS = 2048
+# The cache is bounded by an estimate of the memory it holds, not by a count of conversations: a
+# burst of short chats must not evict the long conversations that are dear to read back (hundreds of
+# rows each, several milliseconds), and a few long ones must not crowd out everything else.
+MAX_BYTES = 64 * 1024 * 1024
+ROW_BYTES = 640  # a cached row's own cost beyond its text: dict, numbers, the wire fragment's framing
+MAX_ROWS = 2048  # per conversation: enough for a 128k-token window of short turns
 
 
 @dataclass
@@ -41,6 +45,8 @@ class _Run:
     tokens: list[int] = field(default_factory=lambda: [0])
     odd: list[int] = field(default_factory=lambda: [0])  # rows with no plain message (images, skipped)
     repeats: list[int] = field(default_factory=lambda: [0])  # rows whose role repeats the row before
+    size: int = 0  # estimated bytes held (see _row_bytes)
+    counted: int = 0  # the part of `size` the cache's total includes
 
     def extend(self, rows: list[dict[str, Any]], wires: list[Any] | None = None) -> None:
         """Append rows (with their wires when already encoded)."""
@@ -48,6 +54,7 @@ class _Run:
             wires = list(map(openai_wire, rows))
         prev = self.rows[-1]["role"] if self.rows else None
         for r, wire in zip(rows, wires, strict=True):
+            self.size += _row_bytes(r)
             self.rows.append(r)
             self.wires.append(wire)
             self.tokens.append(self.tokens[-1] + int(r.get("token_estimate") or 0))
@@ -56,8 +63,14 @@ class _Run:
             prev = r["role"]
 
     def reindex(self, rows: list[dict[str, Any]], wires: list[Any]) -> None:
-        self.rows, self.wires, self.tokens, self.odd, self.repeats = [], [], [0], [0], [0]
+        self.rows, self.wires, self.tokens, self.odd, self.repeats, self.size = [], [], [0], [0], [0], 0
         self.extend(rows, wires)
+
+
+def _row_bytes(row: dict[str, Any]) -> int:
+    """About what a cached row costs: its text twice (the row's and the encoded wire's), its
+    reasoning, and fixed overhead."""
+    return ROW_BYTES + 2 * len(row.get("content") or "") + len(row.get("reasoning") or "")
 
 
 def _new_run(lo: int, hi: int, rows: list[dict[str, Any]]) -> _Run:
@@ -72,18 +85,26 @@ class HistoryCache:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._runs: OrderedDict[str, _Run] = OrderedDict()
+        self.size = 0  # estimated bytes held by every run
 
     def forget(self, conversation_id: str) -> None:
-        self._runs.pop(conversation_id, None)
+        run = self._runs.pop(conversation_id, None)
+        if run is not None:
+            self.size -= run.counted
 
     def _put(self, conversation_id: str, run: _Run) -> None:
         if len(run.rows) > MAX_ROWS + MAX_ROWS // 4:  # trimmed in steps, so reindexing is rare
             run.reindex(run.rows[-MAX_ROWS:], run.wires[-MAX_ROWS:])
             run.lo = run.rows[0]["seq"]
+        if self._runs.get(conversation_id, run) is not run:
+            self.forget(conversation_id)
         self._runs[conversation_id] = run
         self._runs.move_to_end(conversation_id)
-        while len(self._runs) > MAX_CONVERSATIONS:
-            self._runs.popitem(last=False)
+        self.size += run.size - run.counted
+        run.counted = run.size
+        while self.size > MAX_BYTES and len(self._runs) > 1:  # least recently used first
+            _, old = self._runs.popitem(last=False)
+            self.size -= old.counted
 
     async def _current(self, conversation_id: str, before_seq: int) -> _Run | None:
         """The cached run, first brought up to `before_seq` with turns another process finished."""
