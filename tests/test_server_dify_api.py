@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import SHARED
 from tests.doubles.live import LiveServer
 from threadline.config import Settings
+from threadline.server import dify_api
 from threadline.server.app import create_app
 from threadline.server.keys import create_key
 
@@ -371,3 +372,22 @@ def test_chat_routes_fail_unexpectedly_in_their_own_shape_and_keep_details_priva
         srv.stop()
     assert "unhandled RuntimeError on /v1/chat-messages" in caplog.text
     assert "sk-live" not in caplog.text
+
+
+def test_a_slow_stream_is_kept_alive_with_pings_and_loses_nothing(server, monkeypatch):
+    url, key, d = server
+    monkeypatch.setattr(dify_api, "PING_INTERVAL", 0.05)
+    d.reset(reply="one two three four", chunk_size=4, slow=0.15)
+    frames = []
+    with httpx.stream("POST", f"{url}/v1/chat-messages", headers={"Authorization": f"Bearer {key}"}, timeout=30,
+                      json={"inputs": {}, "query": "q", "user": "u", "response_mode": "streaming"}) as r:
+        for line in r.iter_lines():
+            if line.startswith("event: ping"):
+                frames.append("ping")
+            elif line.startswith("data: "):
+                frames.append(json.loads(line[6:]))
+    answer = "".join(f["answer"] for f in frames if isinstance(f, dict) and f["event"] == "message")
+    assert answer == "one two three four"
+    first_message = next(i for i, f in enumerate(frames) if isinstance(f, dict))
+    assert "ping" in frames[first_message:]  # pinged while waiting between chunks, not only at the start
+    assert frames[-1]["event"] == "message_end"

@@ -188,11 +188,15 @@ async def _stream(request: Request, agen: AsyncIterator[Any], started: TurnStart
     task = asyncio.create_task(pump())
     try:
         while True:
-            try:
-                ev = await asyncio.wait_for(queue.get(), PING_INTERVAL)
-            except TimeoutError:
-                yield b"event: ping\n\n"
-                continue
+            if queue.empty():  # wait, pinging now and then (a timer, not wait_for's task per event)
+                try:
+                    async with asyncio.timeout(PING_INTERVAL):
+                        ev = await queue.get()
+                except TimeoutError:
+                    yield b"event: ping\n\n"
+                    continue
+            else:
+                ev = queue.get_nowait()
             if ev is None:
                 break
             if isinstance(ev, TextDelta):

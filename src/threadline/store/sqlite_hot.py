@@ -78,11 +78,14 @@ _EXISTS = 'SELECT 1 FROM conversations WHERE id = ? AND "user" = ? AND app = ? A
 
 
 def _dump(value: Any) -> str:
-    return orjson.dumps(value).decode()
+    return "null" if value is None else orjson.dumps(value).decode()  # most JSON columns of a turn are empty
+
+
+_MSG_IS_JSON = tuple(c in _MSG_JSON for c in _MSG_COLS)
 
 
 def _message_params(row: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(_dump(row[c]) if c in _MSG_JSON else row[c] for c in _MSG_COLS)
+    return tuple(_dump(row[c]) if j else row[c] for c, j in zip(_MSG_COLS, _MSG_IS_JSON, strict=True))
 
 
 def _conversation_row(values: tuple[Any, ...]) -> dict[str, Any]:
