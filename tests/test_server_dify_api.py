@@ -391,3 +391,38 @@ def test_a_slow_stream_is_kept_alive_with_pings_and_loses_nothing(server, monkey
     first_message = next(i for i, f in enumerate(frames) if isinstance(f, dict))
     assert "ping" in frames[first_message:]  # pinged while waiting between chunks, not only at the start
     assert frames[-1]["event"] == "message_end"
+
+
+@pytest.mark.parametrize("route", ["dify", "openai"])
+def test_a_client_hanging_up_mid_stream_stops_the_turn_and_keeps_the_partial(server, route):
+    """Nobody is reading any more: the engine call must end (not run on for nobody) and what came
+    must be stored as stopped."""
+    url, key, d = server
+    d.reset(reply="w " * 200, chunk_size=2, slow=0.02)
+    h = {"Authorization": f"Bearer {key}"}
+    if route == "dify":
+        path, body = "/v1/chat-messages", {"inputs": {}, "query": "q", "user": "u", "response_mode": "streaming"}
+    else:
+        path, body = "/v1/chat/completions", {"model": "demo", "messages": [{"role": "user", "content": "q"}],
+                                              "stream": True, "user": "u"}
+    with httpx.Client(base_url=url, headers=h, timeout=30) as c:
+        with c.stream("POST", path, json=body) as r:
+            seen = 0
+            for line in r.iter_lines():
+                if '"answer"' in line or '"content": "w' in line or '"content":"w' in line:
+                    seen += 1
+                    if seen == 3:
+                        cid = json.loads(line[6:]).get("conversation_id") or r.headers["x-threadline-conversation-id"]
+                        break
+        # The connection is closed here, mid-answer.
+        deadline = time.monotonic() + 5
+        while True:
+            msgs = c.get("/v1/messages", params={"conversation_id": cid, "user": "u"}).json()["data"]
+            if (msgs and msgs[-1]["threadline_status"] != "streaming") or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    assert msgs[-1]["threadline_status"] == "stopped"
+    assert msgs[-1]["answer"].startswith("w w") and len(msgs[-1]["answer"]) < 400
+    requests_before = len(d.requests)
+    time.sleep(0.3)
+    assert len(d.requests) == requests_before  # and nothing retried the call behind the client's back

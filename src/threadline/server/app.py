@@ -25,7 +25,7 @@ from ..config import Settings
 from ..errors import ThreadlineError
 from ..gateway import Gateway, upstream_time
 from . import dify_api, openai_api
-from .common import HTTPError, ServerState, dify_error
+from .common import EventStream, HTTPError, ServerState, dify_error
 
 access_log = logging.getLogger("threadline.access")
 WEB = Path(__file__).parent / "web"
@@ -94,7 +94,7 @@ def error_response(request: Request, exc: Exception) -> Response:
     return dify_error(status, code, message, headers)
 
 
-Endpoint = Callable[[Request], Awaitable[Response]]
+Endpoint = Callable[[Request], Awaitable[Response | EventStream]]
 
 
 class ThreadlineApp(FastAPI):

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from ..errors import NotFoundError, ThreadlineError
@@ -26,6 +26,7 @@ from ..messages import (
     TurnStarted,
 )
 from .common import (
+    EventStream,
     HTTPError,
     authenticate,
     dify_usage,
@@ -98,7 +99,7 @@ def _parse_files(files: Any) -> tuple[list[ImagePart], list[str]]:
     return images, uploads
 
 
-async def chat_messages(request: Request) -> Response:
+async def chat_messages(request: Request) -> Response | EventStream:
     app_cfg = await authenticate(request)
     body = await read_json(request)
     user = _user_from_json(body)
@@ -139,8 +140,8 @@ async def chat_messages(request: Request) -> Response:
     assert isinstance(first, TurnStarted)
     if mode == "blocking":
         return await _blocking(agen, first, app_cfg.name)
-    return StreamingResponse(_stream(request, agen, first, include_reasoning), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return EventStream(_stream(request, agen, first, include_reasoning),
+                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def _blocking(agen: AsyncGenerator[Any, None], started: TurnStarted, app: str) -> Response:

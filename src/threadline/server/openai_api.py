@@ -14,13 +14,13 @@ from typing import Any
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from ..config import AppConfig
 from ..errors import ThreadlineError
 from ..messages import ImagePart, ReasoningDelta, TextDelta, TurnCompleted, TurnFailed, TurnStarted
-from .common import HTTPError, authenticate, state
+from .common import EventStream, HTTPError, authenticate, state
 
 
 class OpenAIError(Exception):
@@ -85,14 +85,14 @@ async def _match_conversation(request: Request, app: str, user: str, history: li
     return None
 
 
-async def chat_completions(request: Request) -> Response:
+async def chat_completions(request: Request) -> Response | EventStream:
     try:
         return await _chat_completions(request)
     except OpenAIError as exc:
         return openai_error(exc)
 
 
-async def _chat_completions(request: Request) -> Response:
+async def _chat_completions(request: Request) -> Response | EventStream:
     key_app = await _auth(request)
     try:
         body = orjson.loads(await request.body())
@@ -152,8 +152,7 @@ async def _chat_completions(request: Request) -> Response:
     if not stream:
         async with contextlib.aclosing(agen):  # closed here, not by a finalizer task later
             return await _blocking(agen, completion_id, created, model, headers)
-    return StreamingResponse(_sse(agen, completion_id, created, model, include_usage), media_type="text/event-stream",
-                             headers=headers)
+    return EventStream(_sse(agen, completion_id, created, model, include_usage), headers)
 
 
 async def _blocking(agen: AsyncIterator[Any], completion_id: str, created: int, model: str,
