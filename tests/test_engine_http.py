@@ -182,3 +182,49 @@ async def test_httpx_poster_serves_any_httpx_client() -> None:
     assert seen[0].content == b'{"a":1}'
     assert seen[0].headers["authorization"] == "Bearer sk-test-double-key"
     assert seen[0].extensions["timeout"]["read"] == 3
+
+
+async def test_tls_trusts_what_httpx_trusts(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An upstream behind a private CA: refused (as a connect error) until SSL_CERT_FILE names that
+    CA, as httpx behaves, and then answered."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await _read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass  # the refused handshake
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=server_ctx)
+    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/chat/completions"
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    try:
+        poster = AiohttpPoster()
+        try:
+            with pytest.raises(httpx.ConnectError):
+                await poster.post(url, b"{}", HEADERS, read_timeout=5)
+        finally:
+            await poster.aclose()
+        pem = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(pem))
+        monkeypatch.setenv("SSL_CERT_FILE", str(pem))
+        poster = AiohttpPoster()
+        try:
+            resp = await poster.post(url, b"{}", HEADERS, read_timeout=5)
+            assert resp.status_code == 200 and await resp.aread() == b"{}"
+            await resp.aclose()
+        finally:
+            await poster.aclose()
+    finally:
+        server.close()
