@@ -326,15 +326,18 @@ async def test_only_a_server_that_owns_its_process_freezes_its_startup_heap(sqli
 
     settings = Settings.build(database_url=sqlite_url, engines={}, apps={}, include_presets=False)
     gc.unfreeze()
+    thresholds = gc.get_threshold()
     try:
         app = create_app(settings)
         async with app.router.lifespan_context(app):
-            assert gc.get_freeze_count() == 0
+            assert gc.get_freeze_count() == 0 and gc.get_threshold() == thresholds
         app = create_app(settings, own_process=True)
         async with app.router.lifespan_context(app):
             assert gc.get_freeze_count() > 10_000  # the modules and the app, at least
+            assert gc.get_threshold()[0] == 10_000
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
 
 
 def test_chat_routes_fail_unexpectedly_in_their_own_shape_and_keep_details_private(oai, tmp_path, caplog):

@@ -41,10 +41,10 @@ def openai_wire(row: dict[str, Any]) -> orjson.Fragment | None:
     """A text row's message as OpenAI's chat format encodes it, `{"role": ..., "content": ...}`, kept
     as ready JSON: most engines speak this format, history is resent on every turn, and a row with no
     images encodes the same way for every one of them. None for rows that are no plain message."""
-    if row.get("parts"):
-        return None
-    msg = row_to_message(row)
-    return None if msg is None else orjson.Fragment(orjson.dumps({"role": msg.role, "content": msg.text}))
+    role, text = row["role"], row.get("content") or ""
+    if row.get("parts") or role not in ("user", "assistant") or (role == "assistant" and not text):
+        return None  # the rows row_to_message makes no message of, or one with images
+    return orjson.Fragment(orjson.dumps({"role": role, "content": text}))
 
 
 class History(Sequence[ChatMessage]):

@@ -114,7 +114,7 @@ class OpenAICompatEngine(Engine):
                 async for ev in self._stream(resp):
                     yield ev
             else:
-                async for ev in self._blocking(resp):
+                for ev in await self._blocking(resp):
                     yield ev
         finally:
             await resp.aclose()
@@ -168,7 +168,7 @@ class OpenAICompatEngine(Engine):
             yield ev
         yield Finished(finish)
 
-    async def _blocking(self, resp: UpstreamResponse) -> AsyncIterator[EngineEvent]:
+    async def _blocking(self, resp: UpstreamResponse) -> list[EngineEvent]:
         raw = await resp.aread()
         try:
             data = orjson.loads(raw)
@@ -177,16 +177,16 @@ class OpenAICompatEngine(Engine):
                                 status=502) from None
         choices = data.get("choices") or []
         msg = (choices[0].get("message") if choices else None) or {}
+        events: list[EngineEvent] = []
         rc = msg.get("reasoning_content") or msg.get("reasoning")
         if rc:
-            yield ReasoningDelta(rc)
+            events.append(ReasoningDelta(rc))
         content = msg.get("content") or ""
         splitter = ThinkTagSplitter() if self.profile.think_tags else None
         if content:
-            for ev in self._split(splitter, content):
-                yield ev
-        for ev in self._finish_split(splitter):
-            yield ev
+            events += self._split(splitter, content)
+        events += self._finish_split(splitter)
         if data.get("usage"):
-            yield UsageReport(usage_from_openai(data["usage"]))
-        yield Finished(choices[0].get("finish_reason") if choices else None)
+            events.append(UsageReport(usage_from_openai(data["usage"])))
+        events.append(Finished(choices[0].get("finish_reason") if choices else None))
+        return events

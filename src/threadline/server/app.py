@@ -129,14 +129,24 @@ class ThreadlineApp(FastAPI):
         await response(scope, receive, send)
 
 
+YOUNG_GC_THRESHOLD = 10_000
+
+
 def settle_heap() -> None:
     """Move everything alive once the server has started (modules, the app, the migrated store) out
     of the garbage collector's sight. A full collection walks every tracked object; at startup that
     is a few hundred thousand of them, and they live as long as the process, so each full pass
-    stalled every request in flight by tens of milliseconds for nothing. Only the server does this:
-    it owns its process, a library user's program does not belong to us."""
+    stalled every request in flight by tens of milliseconds for nothing.
+
+    Young collections also run less often: at the default threshold (700 allocations) one ran every
+    couple of turns and walked the live objects of every turn in flight each time, promoting them to
+    older generations to be walked again; at 10,000 the collector's share of a turn's CPU went from
+    about 4% to under 1% (measured at concurrency 16), with each pause still under 2 ms.
+
+    Only the server does this: it owns its process, a library user's program does not belong to us."""
     gc.collect()
     gc.freeze()
+    gc.set_threshold(YOUNG_GC_THRESHOLD, 20, 20)
 
 
 def create_app(settings: Settings, *, open_access: bool = False, gateway: Gateway | None = None,
