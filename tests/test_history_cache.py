@@ -219,3 +219,53 @@ async def test_a_burst_of_short_chats_does_not_evict_a_long_conversation_and_mem
         accounted()
     finally:
         await store.close()
+
+
+async def test_a_run_far_behind_is_read_afresh_not_caught_up_row_by_row(sqlite_url):
+    """When a conversation went on in another process for a long time, catching the cached run up
+    would read every row of the gap; packing needs only the newest that fit, read newest first."""
+    from threadline import history_cache
+
+    store = Store(sqlite_url)
+    await store.migrate()
+    cache = HistoryCache(store)
+    cid = new_id()
+    conv = {"id": cid, "app": "a", "user": "u", "engine": "e", "name": "", "inputs": {}, "remote": {},
+            "last_seq": 0, "created_at": 1.0, "updated_at": 1.0, "deleted": False}
+
+    async def turns(first: int, n: int) -> None:
+        for i in range(first, first + n):
+            uid, aid = new_id(), new_id()
+            await store.begin_turn(cid, user_msg={"id": uid, "content": f"q{i}", "token_estimate": 5},
+                                   assistant_msg={"id": aid, "parent_id": uid},
+                                   new_conversation=conv if i == 0 else None)
+            await store.finish_turn(cid, aid, None, content=f"a{i}", status="completed", token_estimate=5)
+
+    read: list[int] = []
+    real_range, real_newest = store.history_range, store.history_newest
+
+    async def counting_range(*a, **k):  # type: ignore[no-untyped-def]
+        rows = await real_range(*a, **k)
+        read.append(len(rows))
+        return rows
+
+    async def counting_newest(*a, **k):  # type: ignore[no-untyped-def]
+        rows = await real_newest(*a, **k)
+        read.append(len(rows))
+        return rows
+
+    store.history_range, store.history_newest = counting_range, counting_newest  # type: ignore[method-assign]
+    try:
+        await turns(0, 5)
+        args = {"system_modules": [], "memories": [], "new_message": ChatMessage("user", "new"),
+                "new_message_tokens": 3, "budget": 200}
+        await pack(cache, cid, before_seq=11, **args)  # cached now
+        await turns(5, 600)  # another process went on: 1,200 rows the cache has not seen
+        read.clear()
+        packed = await pack(cache, cid, before_seq=1211, **args)
+        assert packed.history_used == 39 and [m.text for m in packed.messages][-2:] == ["a604", "new"]
+        assert sum(read) < 2 * 64 + history_cache.MAX_GAP  # pages of the newest rows, not the 1,200-row gap
+        slow = await pack(store, cid, before_seq=1211, **args)
+        assert [m.text for m in packed.messages] == [m.text for m in slow.messages]
+    finally:
+        await store.close()

@@ -100,9 +100,20 @@ async def test_hot_claim_keeps_the_lease_and_ownership_rules(store):
                                user_msg={"id": new_id(), "content": "q"}, assistant_msg={"id": new_id()})
 
 
-async def test_a_write_lock_held_by_another_process_never_blocks_the_event_loop(store):
+@pytest.mark.parametrize("hot_wait", [1.0, 0.05], ids=["polls-until-free", "falls-back-to-the-async-path"])
+async def test_a_write_lock_held_by_another_process_never_blocks_the_event_loop(store, monkeypatch, hot_wait):
+    monkeypatch.setattr(sqlite_hot, "HOT_WAIT", hot_wait)
     cid = new_id()
     await _full_turn(store, cid, first=True)
+    async_writes = 0
+    real_tx = store._tx
+
+    def counting_tx():  # type: ignore[no-untyped-def]
+        nonlocal async_writes
+        async_writes += 1
+        return real_tx()
+
+    monkeypatch.setattr(store, "_tx", counting_tx)
     other = sqlite3.connect(store._sqlite_path, isolation_level=None, check_same_thread=False)
     other.execute("BEGIN IMMEDIATE")  # as another Threadline process mid-write would
     release = threading.Timer(0.4, lambda: other.execute("COMMIT"))
@@ -128,6 +139,7 @@ async def test_a_write_lock_held_by_another_process_never_blocks_the_event_loop(
     assert claimed is not None and claimed[1] == 3
     assert waited >= 0.35  # it really had to wait for the other writer ...
     assert ticks >= 15  # ... and the loop kept running meanwhile
+    assert async_writes == (0 if hot_wait > 0.4 else 1)
     msgs, _ = await store.list_messages(cid)
     assert [m["content"] for m in msgs][-2:] == ["waited", ""]
 

@@ -33,6 +33,7 @@ from .store import Store
 MAX_BYTES = 64 * 1024 * 1024
 ROW_BYTES = 640  # a cached row's own cost beyond its text: dict, numbers, the wire fragment's framing
 MAX_ROWS = 2048  # per conversation: enough for a 128k-token window of short turns
+MAX_GAP = 256  # newer rows a cached run catches up on; further behind, it is read afresh
 
 
 @dataclass
@@ -109,6 +110,11 @@ class HistoryCache:
     async def _current(self, conversation_id: str, before_seq: int) -> _Run | None:
         """The cached run, first brought up to `before_seq` with turns another process finished."""
         run = self._runs.get(conversation_id)
+        if run is not None and before_seq - 1 - run.hi > MAX_GAP:
+            # Far behind (the conversation went on in another process): the newest rows, which pack
+            # reads newest first in growing pages, cost less than every row of the gap.
+            self.forget(conversation_id)
+            return None
         if run is not None and run.hi < before_seq - 1:
             newer = await self.store.history_range(conversation_id, after_seq=run.hi, before_seq=before_seq)
             if newer and newer[0]["seq"] == run.hi + 1:

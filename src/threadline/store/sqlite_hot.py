@@ -12,8 +12,8 @@ here, under the store's in-process writer lock, and never wait on the loop:
   updates) was the dearest statement of a turn, and busy servers have several turns to write at
   once; a write that fails is replayed alone so it fails alone;
 - another process holding SQLite's write lock makes BEGIN fail at once (busy_timeout=0); the group
-  is retried briefly, then every write in it answers GAVE_UP and runs on the store's async path,
-  which waits in a thread;
+  polls for the lock on the loop (see HOT_WAIT), and only if that takes long does every write in it
+  answer GAVE_UP and run on the store's async path, which waits in a thread;
 - WAL checkpoints, which copy pages and sync, are switched off on this connection and run in a
   thread instead; only the last few frames before the WAL starts over are copied here (see
   _checkpoint_cycle).
@@ -29,6 +29,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -40,7 +41,12 @@ from .schema import conversations, messages
 CHECKPOINT_EVERY = 1024  # writes between WAL checkpoints (each write adds a handful of pages)
 WAL_RESET_BYTES = 64 * 1024 * 1024  # a WAL this large is started over (see _checkpoint_cycle)
 CATCH_UP_FRAMES = 256  # uncopied frames small enough (about 1 MB) to copy on the event loop's thread
-HOT_RETRIES = 8  # about 7 ms of short sleeps before a group falls back to the async path
+# While another process holds SQLite's write lock, a group polls for it (a refused BEGIN costs
+# microseconds, and the other process's writes take a fraction of a millisecond) for up to HOT_WAIT
+# seconds before it falls back to the async path. Falling back after a few milliseconds handed busy
+# turns to SQLite's own busy handler, whose sleeps grow to 100 ms: tail latency of two processes.
+HOT_WAIT = 1.0
+HOT_POLL = 0.001
 GAVE_UP = object()  # a write's answer when it must run on the store's async path instead
 T = TypeVar("T")
 
@@ -134,21 +140,22 @@ class SqliteHotPath:
     async def _flush(self) -> None:
         try:
             async with self.write_lock:
-                attempt = 0
+                busy_since = 0.0
                 while self._queue:
                     batch, self._queue = self._queue, []
                     if self._commit_group(batch):
-                        attempt = 0
+                        busy_since = 0.0
                         continue
                     self._queue[:0] = batch  # another process is writing: wait a little, then try again
-                    if attempt == HOT_RETRIES:
+                    now = time.monotonic()
+                    busy_since = busy_since or now
+                    if now - busy_since > HOT_WAIT:
                         for _, fut in self._queue:
                             if not fut.done():
                                 fut.set_result(GAVE_UP)
                         self._queue = []
                         break
-                    attempt += 1
-                    await asyncio.sleep(0.0002 * attempt)  # about 7 ms in all; writes take tens of µs
+                    await asyncio.sleep(HOT_POLL)
         finally:
             self._flusher = None
 
