@@ -15,8 +15,7 @@ here, under the store's in-process writer lock, and never wait on the loop:
   polls for the lock on the loop (see HOT_WAIT), and only if that takes long does every write in it
   answer GAVE_UP and run on the store's async path, which waits in a thread;
 - WAL checkpoints, which copy pages and sync, are switched off on this connection and run in a
-  thread instead; only the last few frames before the WAL starts over are copied here (see
-  _checkpoint_cycle).
+  thread instead (see _checkpoint).
 
 Rows written here are the rows SQLAlchemy would write: JSON columns are serialised the same way
 (Python None becomes JSON `null`), so every reader sees one format.
@@ -40,7 +39,8 @@ from .schema import conversations, messages
 
 CHECKPOINT_EVERY = 1024  # writes between WAL checkpoints (each write adds a handful of pages)
 WAL_RESET_BYTES = 64 * 1024 * 1024  # a WAL this large is started over (see _checkpoint_cycle)
-CATCH_UP_FRAMES = 256  # uncopied frames small enough (about 1 MB) to copy on the event loop's thread
+CATCH_UP_FRAMES = 256  # uncopied frames few enough (about 1 MB) to copy with writers held back
+RESTART_WAIT_MS = 250  # how long the RESTART checkpoint waits for writers and readers to step aside
 # While another process holds SQLite's write lock, a group polls for it (a refused BEGIN costs
 # microseconds, and the other process's writes take a fraction of a millisecond) for up to HOT_WAIT
 # seconds before it falls back to the async path. Falling back after a few milliseconds handed busy
@@ -119,7 +119,7 @@ class SqliteHotPath:
         self._queue: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._checkpoint_task: asyncio.Task[None] | None = None
-        self._reset_due = False
+        self._restarting = False  # set by the checkpoint thread while a RESTART checkpoint runs
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._checkpoint_lock = threading.Lock()
         self._closed = False
@@ -142,6 +142,9 @@ class SqliteHotPath:
             async with self.write_lock:
                 busy_since = 0.0
                 while self._queue:
+                    if self._restarting:  # the checkpoint thread is starting the WAL over: a moment
+                        await asyncio.sleep(HOT_POLL)
+                        continue
                     batch, self._queue = self._queue, []
                     if self._commit_group(batch):
                         busy_since = 0.0
@@ -165,8 +168,6 @@ class SqliteHotPath:
         live = [(body, fut) for body, fut in batch if not fut.done()]  # a caller already gone: skip its write
         if not live:
             return True
-        if self._reset_due:
-            self._catch_up()
         try:
             self._begin()
         except Busy:
@@ -232,41 +233,41 @@ class SqliteHotPath:
             self.conn.execute("ROLLBACK")
 
     async def _checkpoint_cycle(self) -> None:
-        """PASSIVE checkpoints in a worker thread copy the WAL into the database while turns go on
-        writing. The WAL file is only started over by a writer that finds it fully copied, which a
-        busy server never does (frames keep arriving during the copy), so the file would grow
-        without end. Once it is large, the thread copies until only a few frames are left and the
-        next group commit copies those itself, on the loop's thread, right before its BEGIN starts
-        the WAL over. The alternative, holding every writer while a thread copies, stalled turns by
-        the copy plus a hop back to a busy loop: tens of milliseconds every few seconds."""
         try:
-            self._reset_due = await asyncio.get_running_loop().run_in_executor(None, self._checkpoint)
+            await asyncio.get_running_loop().run_in_executor(None, self._checkpoint)
         finally:
             self._checkpoint_task = None
 
-    def _checkpoint(self) -> bool:
-        """PASSIVE passes until few frames are left uncopied; True when the WAL is due to start over."""
+    def _checkpoint(self) -> None:
+        """In a worker thread: PASSIVE checkpoints copy the WAL into the database while turns go on
+        writing. The WAL file is only started over by a writer that finds it fully copied, which a
+        busy server never does (frames keep arriving during the copy), so it would grow without end;
+        with several server processes, even a catch-up just before this process's next write loses
+        the race to the others. So once the passes have left only a few frames and the file is large,
+        a RESTART checkpoint copies those while holding every process's writers back (they poll for
+        the lock, nobody's event loop waits), and the next write starts the WAL over."""
         with self._checkpoint_lock:
             if self._closed:
-                return False
+                return
             try:
                 if self._checkpoint_conn is None:
                     self._checkpoint_conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                    self._checkpoint_conn.execute(f"PRAGMA busy_timeout={RESTART_WAIT_MS}")
                 for _ in range(4):
                     _, frames, copied = self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     if frames - copied <= CATCH_UP_FRAMES:
                         break
-                else:
-                    return False  # writing faster than copying: the next cycle tries again
-                return os.stat(self.path + "-wal").st_size > WAL_RESET_BYTES
+                size = os.stat(self.path + "-wal").st_size
+                # Writing faster than the passes copy: wait for a later cycle, unless the file has grown
+                # far past its bound; then hold writers for the longer copy rather than grow on.
+                if size > WAL_RESET_BYTES and (frames - copied <= CATCH_UP_FRAMES or size > 2 * WAL_RESET_BYTES):
+                    self._restarting = True  # this process's writers step aside (they poll, see _flush)
+                    try:
+                        self._checkpoint_conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+                    finally:
+                        self._restarting = False
             except (sqlite3.Error, OSError):
-                return False  # the next cycle, or another connection's autocheckpoint, catches up
-
-    def _catch_up(self) -> None:
-        """Copy the WAL's last few frames (see _checkpoint_cycle); called with no transaction open."""
-        self._reset_due = False
-        with contextlib.suppress(sqlite3.Error):
-            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                pass  # the next cycle, or another connection's autocheckpoint, catches up
 
     def close(self) -> None:
         if self._checkpoint_task is not None:
