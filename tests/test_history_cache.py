@@ -199,7 +199,8 @@ async def test_a_burst_of_short_chats_does_not_evict_a_long_conversation_and_mem
 
     def accounted() -> int:
         assert cache.size == sum(r.counted for r in cache._runs.values())
-        assert all(r.counted == r.size == sum(map(history_cache._row_bytes, r.rows)) for r in cache._runs.values())
+        assert all(r.counted == r.size == history_cache.RUN_BYTES + sum(map(history_cache._row_bytes, r.rows))
+                   for r in cache._runs.values())
         return cache.size
 
     try:
@@ -269,3 +270,32 @@ async def test_a_run_far_behind_is_read_afresh_not_caught_up_row_by_row(sqlite_u
         assert [m.text for m in packed.messages] == [m.text for m in slow.messages]
     finally:
         await store.close()
+
+
+def test_the_cache_estimate_is_not_below_what_it_really_holds():
+    """The cache's bound is only as good as its estimate: measured with tracemalloc, one-turn chats
+    and a long conversation (distinct texts, as real ones are) must cost no more than estimated."""
+    import tracemalloc
+
+    def turn(seq: int, text: str) -> list[dict]:
+        return [{"seq": seq, "role": "user", "content": f"{text} q{seq}", "parts": None, "reasoning": None,
+                 "status": "completed", "token_estimate": 8, "engine": "e"},
+                {"seq": seq + 1, "role": "assistant", "content": f"{text} a{seq}", "parts": None,
+                 "reasoning": None, "status": "completed", "token_estimate": 12, "engine": "e"}]
+
+    for text in ("short", "long " * 600):
+        ids = [new_id() for _ in range(2000)]
+        long_id = new_id()
+        cache = HistoryCache(store=None)  # type: ignore[arg-type]
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for cid in ids:  # rows made here, as the gateway makes them for the cache
+                cache.append_turn(cid, turn(1, text))
+            for i in range(1000):
+                cache.append_turn(long_id, turn(2 * i + 1, text))
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert len(cache._runs) == 2001
+        assert held <= cache.size, (text[:5], held, cache.size)

@@ -32,6 +32,7 @@ from .store import Store
 # rows each, several milliseconds), and a few long ones must not crowd out everything else.
 MAX_BYTES = 64 * 1024 * 1024
 ROW_BYTES = 640  # a cached row's own cost beyond its text: dict, numbers, the wire fragment's framing
+RUN_BYTES = 800  # a conversation's own cost: its run, lists and place in the index (measured about 600)
 MAX_ROWS = 2048  # per conversation: enough for a 128k-token window of short turns
 MAX_GAP = 256  # newer rows a cached run catches up on; further behind, it is read afresh
 
@@ -46,7 +47,7 @@ class _Run:
     tokens: list[int] = field(default_factory=lambda: [0])
     odd: list[int] = field(default_factory=lambda: [0])  # rows with no plain message (images, skipped)
     repeats: list[int] = field(default_factory=lambda: [0])  # rows whose role repeats the row before
-    size: int = 0  # estimated bytes held (see _row_bytes)
+    size: int = RUN_BYTES  # estimated bytes held (see _row_bytes)
     counted: int = 0  # the part of `size` the cache's total includes
 
     def extend(self, rows: list[dict[str, Any]], wires: list[Any] | None = None) -> None:
@@ -64,7 +65,7 @@ class _Run:
             prev = r["role"]
 
     def reindex(self, rows: list[dict[str, Any]], wires: list[Any]) -> None:
-        self.rows, self.wires, self.tokens, self.odd, self.repeats, self.size = [], [], [0], [0], [0], 0
+        self.rows, self.wires, self.tokens, self.odd, self.repeats, self.size = [], [], [0], [0], [0], RUN_BYTES
         self.extend(rows, wires)
 
 
