@@ -4,6 +4,7 @@ every transport failure surfacing as the httpx error the retry layer and the gat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -14,6 +15,15 @@ import pytest
 from threadline.engines.http import AiohttpPoster, HttpxPoster, iter_lines
 
 HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer sk-test-double-key"}
+
+
+@contextlib.asynccontextmanager
+async def _poster() -> AsyncIterator[AiohttpPoster]:
+    poster = AiohttpPoster()
+    try:
+        yield poster
+    finally:
+        await poster.aclose()
 
 
 async def _chunks(parts: list[bytes]) -> AsyncIterator[bytes]:
@@ -44,8 +54,7 @@ async def test_lines_keep_a_trailing_cr_and_a_last_line_without_end() -> None:
 
 async def test_posts_a_body_and_reads_the_answer(oai) -> None:  # type: ignore[no-untyped-def]
     double, url = oai
-    poster = AiohttpPoster()
-    try:
+    async with _poster() as poster:
         body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": False})
         resp = await poster.post(f"{url}/v1/chat/completions", body, HEADERS, read_timeout=10)
         assert resp.status_code == 200
@@ -61,8 +70,6 @@ async def test_posts_a_body_and_reads_the_answer(oai) -> None:  # type: ignore[n
         assert resp.status_code == 400
         assert "conversation_id" in (await resp.aread()).decode()
         await resp.aclose()
-    finally:
-        await poster.aclose()
 
 
 async def _with_server(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
@@ -86,12 +93,9 @@ async def test_refused_connection_is_a_connect_error() -> None:
     port = server.sockets[0].getsockname()[1]
     server.close()
     await server.wait_closed()
-    poster = AiohttpPoster()
-    try:
+    async with _poster() as poster:
         with pytest.raises(httpx.ConnectError):
             await poster.post(f"http://127.0.0.1:{port}/v1/chat/completions", b"{}", HEADERS, read_timeout=5)
-    finally:
-        await poster.aclose()
 
 
 async def test_silent_upstream_is_a_read_timeout() -> None:
@@ -101,12 +105,9 @@ async def test_silent_upstream_is_a_read_timeout() -> None:
         writer.close()
 
     async def check(url: str) -> None:
-        poster = AiohttpPoster()
-        try:
+        async with _poster() as poster:
             with pytest.raises(httpx.ReadTimeout):
                 await poster.post(f"{url}/v1/chat/completions", b"{}", HEADERS, read_timeout=0.3)
-        finally:
-            await poster.aclose()
 
     await _with_server(silent, check)
 
@@ -125,15 +126,12 @@ async def test_cut_stream_is_a_transport_error_and_a_stopped_read_closes_the_con
         writer.close()
 
     async def stop_reading(url: str) -> None:
-        poster = AiohttpPoster()
-        try:
+        async with _poster() as poster:
             resp = await poster.post(f"{url}/x", b"{}", HEADERS, read_timeout=5)
             it = resp.aiter_bytes()
             assert b"data:" in await it.__anext__()
             await resp.aclose()  # a stop: the upstream must see the connection go
             await asyncio.wait_for(closed.wait(), 5)
-        finally:
-            await poster.aclose()
 
     await _with_server(cut, stop_reading)
 
@@ -145,15 +143,12 @@ async def test_cut_stream_is_a_transport_error_and_a_stopped_read_closes_the_con
         writer.transport.abort()
 
     async def read_to_the_cut(url: str) -> None:
-        poster = AiohttpPoster()
-        try:
+        async with _poster() as poster:
             resp = await poster.post(f"{url}/x", b"{}", HEADERS, read_timeout=5)
             with pytest.raises(httpx.TransportError):
                 async for _ in resp.aiter_bytes():
                     pass
             await resp.aclose()
-        finally:
-            await poster.aclose()
 
     await _with_server(drop, read_to_the_cut)
 
@@ -210,21 +205,15 @@ async def test_tls_trusts_what_httpx_trusts(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
     try:
-        poster = AiohttpPoster()
-        try:
+        async with _poster() as poster:
             with pytest.raises(httpx.ConnectError):
                 await poster.post(url, b"{}", HEADERS, read_timeout=5)
-        finally:
-            await poster.aclose()
         pem = tmp_path / "ca.pem"
         ca.cert_pem.write_to_path(str(pem))
         monkeypatch.setenv("SSL_CERT_FILE", str(pem))
-        poster = AiohttpPoster()
-        try:
+        async with _poster() as poster:
             resp = await poster.post(url, b"{}", HEADERS, read_timeout=5)
             assert resp.status_code == 200 and await resp.aread() == b"{}"
             await resp.aclose()
-        finally:
-            await poster.aclose()
     finally:
         server.close()
