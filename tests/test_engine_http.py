@@ -160,7 +160,13 @@ def test_proxy_comes_from_the_environment_once_per_origin(monkeypatch: pytest.Mo
     assert poster._proxy("https://api.example.test/v1/chat/completions") == "http://proxy.internal:3128"
     assert poster._proxy("http://127.0.0.1:8000/v1/chat/completions") is None
     monkeypatch.setenv("https_proxy", "http://other:1")
-    assert poster._proxy("https://api.example.test/v1/x") == "http://proxy.internal:3128"  # looked up once
+    assert poster._proxy("https://api.example.test/v1/chat/completions") == "http://proxy.internal:3128"  # once
+    monkeypatch.delenv("https_proxy")
+    monkeypatch.setenv("all_proxy", "http://everything:8080")
+    assert AiohttpPoster()._proxy("https://api.example.test/v1/x") == "http://everything:8080"
+    assert AiohttpPoster()._proxy("http://[::1]:8000/v1/x") == "http://everything:8080"
+    monkeypatch.setenv("no_proxy", "::1")
+    assert AiohttpPoster()._proxy("http://[::1]:8000/v1/x") is None
 
 
 async def test_httpx_poster_serves_any_httpx_client() -> None:

@@ -17,6 +17,7 @@ import codecs
 import os
 import re
 import ssl
+import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
@@ -139,15 +140,15 @@ class AiohttpPoster:
         return self._session
 
     def _proxy(self, url: str) -> str | None:
-        """The environment's proxy for this URL's origin, looked up once per origin (aiohttp's
-        trust_env would read the environment again on every request)."""
-        origin = url.split("/", 3)[:3]
-        key = "/".join(origin)
-        if key not in self._proxies:
-            scheme, host = origin[0].rstrip(":"), origin[2].rsplit("@", 1)[-1].split(":")[0]
-            proxy = urllib.request.getproxies().get(scheme)
-            self._proxies[key] = None if not proxy or urllib.request.proxy_bypass(host) else proxy
-        return self._proxies[key]
+        """The environment's proxy for this URL (HTTPS_PROXY, HTTP_PROXY or ALL_PROXY, unless NO_PROXY
+        names the host), as httpx picks it; looked up once per URL, since engines send to the same few
+        (aiohttp's trust_env would read the environment again on every request)."""
+        if url not in self._proxies:
+            parts = urllib.parse.urlsplit(url)
+            proxies = urllib.request.getproxies()
+            proxy = proxies.get(parts.scheme) or proxies.get("all")
+            self._proxies[url] = None if not proxy or urllib.request.proxy_bypass(parts.hostname or "") else proxy
+        return self._proxies[url]
 
     async def post(self, url: str, content: bytes, headers: Mapping[str, str], *,
                    read_timeout: float) -> UpstreamResponse:
