@@ -42,8 +42,8 @@ def openai_wire(row: dict[str, Any]) -> orjson.Fragment | None:
     as ready JSON: most engines speak this format, history is resent on every turn, and a row with no
     images encodes the same way for every one of them. None for rows that are no plain message."""
     role, text = row["role"], row.get("content") or ""
-    if row.get("parts") or role not in ("user", "assistant") or (role == "assistant" and not text):
-        return None  # the rows row_to_message makes no message of, or one with images
+    if row.get("parts") or not _replayed(role, text):
+        return None
     # Copied to a bytes object of its own size: orjson hands back a buffer with kilobytes to spare,
     # and the cache keeps thousands of these (measured: 4.1 KB per message kept as is, 0.1 KB copied).
     return orjson.Fragment(bytes(memoryview(orjson.dumps({"role": role, "content": text}))))
@@ -98,12 +98,15 @@ def memory_text(entries: list[str]) -> str:
     return "What you remember about this user (long-term memory):\n" + "\n".join(f"- {e}" for e in entries)
 
 
+def _replayed(role: str, text: str) -> bool:
+    """Which stored rows go back to an engine: user and assistant turns, but not a failed empty answer."""
+    return role == "user" or (role == "assistant" and bool(text))
+
+
 def row_to_message(row: dict[str, Any]) -> ChatMessage | None:
     """History rows become engine messages; reasoning is never replayed, failed empty answers skipped."""
     text = row.get("content") or ""
-    if row["role"] == "assistant" and not text:
-        return None
-    if row["role"] not in ("user", "assistant"):
+    if not _replayed(row["role"], text):
         return None
     parts = row.get("parts")
     if not parts:

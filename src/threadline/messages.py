@@ -47,8 +47,7 @@ class ChatMessage:
 
     role: Role
     text: str
-    # A tuple when empty: history messages are cached by the thousand, and an empty list would be one
-    # more object per message for every garbage-collector pass to walk.
+    # Most messages carry no image: they share the empty tuple instead of each holding an empty list.
     images: Sequence[ImagePart] = ()
     reasoning: str | None = None
 

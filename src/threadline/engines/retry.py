@@ -76,7 +76,7 @@ async def send(
     secrets: tuple[str | None, ...],
     engine: str,
     map_error: Callable[[int, Any, str], UpstreamError | None] | None = None,
-) -> httpx.Response:
+) -> UpstreamResponse:
     """Send a request (`post` sends one attempt, body streamed) and return the open 2xx response, or
     raise a mapped UpstreamError."""
     attempt = 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -139,17 +139,13 @@ async def chat_messages(request: Request) -> Response | EventStream:
         raise from_threadline(exc) from None
     assert isinstance(first, TurnStarted)
     if mode == "blocking":
-        return await _blocking(agen, first, app_cfg.name)
+        async with contextlib.aclosing(agen):  # closed here, not by a finalizer task later
+            return await _blocking(agen, first)
     return EventStream(_stream(request, agen, first, include_reasoning),
                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _blocking(agen: AsyncGenerator[Any, None], started: TurnStarted, app: str) -> Response:
-    async with contextlib.aclosing(agen):  # closed here, not by a finalizer task later
-        return await _blocking_reply(agen, started)
-
-
-async def _blocking_reply(agen: AsyncIterator[Any], started: TurnStarted) -> Response:
+async def _blocking(agen: AsyncIterator[Any], started: TurnStarted) -> Response:
     async for ev in agen:
         if isinstance(ev, TurnFailed):
             err = ev.error

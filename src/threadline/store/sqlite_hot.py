@@ -38,7 +38,7 @@ from sqlalchemy import JSON, Boolean, Table
 from .schema import conversations, messages
 
 CHECKPOINT_EVERY = 1024  # writes between WAL checkpoints (each write adds a handful of pages)
-WAL_RESET_BYTES = 64 * 1024 * 1024  # a WAL this large is started over (see _checkpoint_cycle)
+WAL_RESET_BYTES = 64 * 1024 * 1024  # a WAL this large is started over (see _checkpoint)
 CATCH_UP_FRAMES = 256  # uncopied frames few enough (about 1 MB) to copy with writers held back
 RESTART_WAIT_MS = 250  # how long the RESTART checkpoint waits for writers and readers to step aside
 # While another process holds SQLite's write lock, a group polls for it (a refused BEGIN costs
@@ -191,23 +191,9 @@ class SqliteHotPath:
         return True
 
     def _one_by_one(self, live: list[tuple[Callable[[], Any], asyncio.Future[Any]]]) -> None:
-        for body, fut in live:
-            try:
-                self._begin()
-            except Busy:
-                fut.set_result(GAVE_UP)
-                continue
-            except Exception as exc:
-                fut.set_exception(exc)
-                continue
-            try:
-                result = body()
-                self._commit(1)
-            except Exception as exc:
-                self._rollback()
-                fut.set_exception(exc)
-            else:
-                fut.set_result(result)
+        for write in live:
+            if not self._commit_group([write]):  # another process took the lock meanwhile
+                write[1].set_result(GAVE_UP)
 
     def _begin(self) -> None:
         try:

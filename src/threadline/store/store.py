@@ -38,7 +38,6 @@ _MSG_DEFAULTS: dict[str, Any] = {
 _CONV_DEFAULTS: dict[str, Any] = {"name": "", "inputs": {}, "remote": {}, "last_seq": 0, "deleted": False,
                                   "lock_owner": None, "lock_until": None}
 
-
 CONV_SORTS = {"created_at", "-created_at", "updated_at", "-updated_at"}
 MEMORY_TTL = 2.0  # seconds another process's memory change may take to be seen here
 
