@@ -115,7 +115,7 @@ async def test_a_write_cancelled_mid_statement_completes_and_leaves_the_database
         await store.finish_turn(cid, aid, None, content="", status="completed")
         _async_path(store)
         if write == "flush_partial":
-            marker, call = "stop_requested", store.flush_partial(aid, "partial", None)
+            marker, call = "RETURNING stop_requested", store.flush_partial(aid, "partial", None)
         else:
             marker = "last_seq"
             call = store.claim_turn(cid, app="demo", user="u", owner="me", ttl=30, user_msg={"id": new_id(),
@@ -140,6 +140,34 @@ async def test_a_write_cancelled_mid_statement_completes_and_leaves_the_database
         await asyncio.wait_for(store.close(), 10)
 
 
+async def test_a_connection_is_never_returned_to_the_pool_inside_a_transaction(database_url):
+    """A connection handed back with a transaction its user could not end (here: opened behind
+    SQLAlchemy's back) is rolled back on its way into the pool, not kept open with its locks."""
+    import asyncpg
+
+    store = Store(database_url)
+    await store.migrate()
+    try:
+        cid, _, aid = await _left_streaming(store, owner=None, ttl=0)
+        async with store.engine.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            if not store.is_sqlite:  # asyncpg commits each statement unless told otherwise (sqlite3 begins itself)
+                await raw.execute("BEGIN")
+            await raw.execute(f"UPDATE messages SET content = 'uncommitted' WHERE id = '{aid}'")
+        if store.is_sqlite:
+            assert _writable(store._sqlite_path)
+        else:
+            other = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+            try:
+                await other.execute("SET lock_timeout = '2s'")
+                await other.execute("UPDATE messages SET feedback = NULL WHERE id = $1", aid)  # the row is not locked
+            finally:
+                await other.close()
+        assert (await store.get_message(aid))["content"] == "the part that came"
+    finally:
+        await store.close()
+
+
 async def test_a_client_leaving_during_a_partial_write_leaves_the_conversation_usable(atl, oai, monkeypatch):
     """The reported race end to end: a streaming turn on the async write path, the caller cancelled
     while its partial answer is being written. The answer must end as stopped with its text, and the
@@ -155,7 +183,7 @@ async def test_a_client_leaving_during_a_partial_write_leaves_the_conversation_u
         async for _ in atl.stream("second", user="u", app="demo", conversation_id=cid):
             pass
 
-    with _held_in_the_driver("stop_requested") as (hit, release):
+    with _held_in_the_driver("RETURNING stop_requested") as (hit, release):
         task = asyncio.create_task(consume())
         await asyncio.wait_for(hit.wait(), 10)
         task.cancel()
@@ -220,8 +248,9 @@ async def test_an_answer_left_streaming_is_closed_even_if_nobody_comes_back(atl,
     await atl.gateway.start()
     store = atl.gateway.store
     _, _, aid = await _left_streaming(store, owner="crashed-process", ttl=0.3)
-    deadline = time.monotonic() + 10
-    while not _interrupted(await store.get_message(aid)) and time.monotonic() < deadline:
+    for _ in range(200):  # up to 10 s
+        if _interrupted(await store.get_message(aid)):
+            break
         await asyncio.sleep(0.05)
     assert _interrupted(await store.get_message(aid))
 

@@ -195,7 +195,8 @@ engine = "acc"
     waits: list[float] = []
     try:
         for i in range(kills):
-            d.reset(reply="w " * 1000, chunk_size=2, slow=0.02)  # 20 s of answer: the kill lands mid-stream
+            answer = "w " * 1000
+            d.reset(reply=answer, chunk_size=2, slow=0.02)  # 20 s of answer: the kill lands mid-stream
             asked.append(f"q{i}")
             cid, received = _stream_until_flushed(srv, db, cid, f"q{i}")
             ready = srv.start()
@@ -211,7 +212,8 @@ engine = "acc"
             killed = rows[-3]
             assert killed["role"] == "assistant" and killed["status"] == "failed", killed
             assert killed["error"]["code"] == "interrupted"
-            assert killed["content"] and received.startswith(killed["content"]), (killed["content"], received)
+            # What was flushed before the kill is kept; it may run ahead of what reached the client.
+            assert killed["content"] and answer.startswith(killed["content"]) and answer.startswith(received)
             assert [m["status"] for m in rows[-2:]] == ["completed", "completed"]
             assert _streaming_anywhere(db) == 0
             assert waits[-1] < USABLE_WITHIN, waits

@@ -7,6 +7,15 @@
    remote conversation id, seeding it with a transcript of turns it has not seen
 5. stream neutral events from the engine, flushing the partial answer as it grows
 6. store the answer with its status (completed / stopped / failed), usage, and remote ids
+
+Turn leases are short and renewed. A lease of 900 s meant that after `kill -9` of a server mid-answer,
+the conversation answered 409 `conversation_busy` for ~890 s and the answer stayed `streaming`.
+Now a lease lasts LOCK_TTL (3 s) and one task per process renews every lease the process holds,
+in one statement, every RENEW_EVERY (1 s): a turn costs no renewal task of its own (a blocking turn
+ends long before the first renewal), and a crash frees the conversation within 3 s. 3 s tolerates
+two missed renewals (a stalled loop, a busy database); a turn whose lease lapsed and was taken over
+is stopped, its text kept. The same task closes, every SWEEP_EVERY, answers left `streaming` under
+expired leases (store.sweep_interrupted); startup does it once before serving.
 """
 
 from __future__ import annotations
@@ -55,7 +64,7 @@ from .messages import (
     Usage,
     UsageReport,
 )
-from .store import Store, new_id
+from .store import Store, new_id, settle
 from .tokens import Calibration, estimate_message, estimate_text
 
 log = logging.getLogger("threadline.gateway")
@@ -64,7 +73,9 @@ log = logging.getLogger("threadline.gateway")
 upstream_time: contextvars.ContextVar[list[float]] = contextvars.ContextVar("upstream_time")
 
 FLUSH_INTERVAL = 0.5
-LOCK_TTL = 900.0
+LOCK_TTL = 3.0  # seconds a turn's lease lasts unless renewed (see the module doc)
+RENEW_EVERY = 1.0  # how often this process renews every lease it holds, in one statement
+SWEEP_EVERY = 3.0  # how often it closes answers left streaming under expired leases
 DEFAULT_APP = "default"
 
 
@@ -82,6 +93,7 @@ class RunningTurn:
     stop_requested: bool = False
     first_token_at: float = 0.0
     history_row: dict[str, Any] | None = None  # the user message as packing reads it, for the history cache
+    finishing: bool = False  # its final write has begun (the lease is freed by that write)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -115,14 +127,25 @@ class Gateway:
         self._engines: dict[str, Engine] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.running: dict[str, RunningTurn] = {}
+        self._leases: dict[str, RunningTurn] = {}  # conversation id -> the turn holding its lease here
+        self._upkeep: asyncio.Task[None] | None = None
         self._started = False
 
     async def start(self) -> None:
-        if not self._started:
-            await self.store.migrate()
-            self._started = True
+        if self._started:
+            return
+        await self.store.migrate()
+        if self._started:  # another caller started meanwhile
+            return
+        self._started = True
+        await self._sweep()  # answers left streaming by a process that died (their leases have expired)
+        self._upkeep = asyncio.get_running_loop().create_task(self._keep_leases())
 
     async def close(self) -> None:
+        if self._upkeep is not None:
+            self._upkeep.cancel()
+            with contextlib.suppress(BaseException):
+                await self._upkeep
         for t in list(self.running.values()):
             if t.producer:
                 t.producer.cancel()
@@ -181,6 +204,40 @@ class Gateway:
             lock.release()
             if not lock.locked() and not getattr(lock, "_waiters", None):
                 self._locks.pop(conversation_id, None)
+
+    async def _keep_leases(self) -> None:
+        """The process's one lease task: renew every lease held here, sweep now and then."""
+        next_sweep = time.monotonic() + SWEEP_EVERY
+        while True:
+            await asyncio.sleep(RENEW_EVERY)
+            try:
+                if self._leases:
+                    await self._renew()
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + SWEEP_EVERY
+                    await self._sweep()
+            except Exception as exc:  # the next pass tries again; a lease lasts two more of them
+                log.warning("renewing turn leases failed: %s", type(exc).__name__)
+
+    async def _renew(self) -> None:
+        held = list(self._leases.items())
+        renewed = await self.store.renew_leases(self.owner, [cid for cid, _ in held], LOCK_TTL)
+        for cid, running in held:
+            if cid not in renewed and self._leases.get(cid) is running and not running.finishing:
+                # Not renewed in time and swept or taken over by another process: this turn no
+                # longer owns the conversation. Stop it; what came is stored as stopped.
+                log.warning("turn lease of conversation %s was lost; stopping its turn", cid)
+                self._leases.pop(cid, None)
+                self.request_stop_local(running)
+
+    async def _sweep(self) -> None:
+        try:
+            closed = await self.store.sweep_interrupted()
+        except Exception as exc:
+            log.warning("closing answers left by dead turns failed: %s", type(exc).__name__)
+            return
+        if closed:
+            log.info("closed %d answer(s) left streaming by a turn whose process stopped", len(closed))
 
     async def _claim(self, cid: str, app: str, user: str, user_row: dict[str, Any],
                      asst_row: dict[str, Any]) -> tuple[dict[str, Any], int, int]:
@@ -269,13 +326,17 @@ class Gateway:
                 # partial answer stored as stopped before the next turn of this conversation begins.
                 await run.aclose()
                 if final is None:  # _run releases the lease with its final write; this covers exits before it
-                    await asyncio.shield(self._release_if_held(cid))
+                    await settle(self._release_if_held(cid))
         if final is not None:
             yield final
 
     async def _release_if_held(self, cid: str) -> None:
+        """The turn ended without its final write (it failed before, or the write did): free the
+        lease and close the answer if it is still streaming. If even this fails, the lease is no
+        longer renewed, so it expires and a sweep or the next claim closes the answer."""
+        running = self._leases.pop(cid, None)
         with contextlib.suppress(Exception):
-            await self.store.unlock(cid, self.owner)
+            await self.store.release_turn(cid, self.owner, running.message_id if running else None)
 
     async def _run(
         self, cid: str, existing: bool, app_cfg: AppConfig, user: str, eng: Engine, query: str,
@@ -302,6 +363,7 @@ class Gateway:
         running.history_row = {"seq": user_seq, "role": "user", "content": query, "parts": user_row["parts"],
                                "reasoning": None, "status": "completed", "token_estimate": q_tokens, "engine": eng.name}
         self.running[task_id] = running
+        self._leases[cid] = running  # renewed from now on by _keep_leases, until the final write
         answer: list[str] = []
         reasoning: list[str] = []
         usage: Usage | None = None
@@ -382,9 +444,9 @@ class Gateway:
             status = "stopped"
             if running.producer and not running.producer.done():
                 running.producer.cancel()
-            await asyncio.shield(self._finish(cid, conv, app_cfg, eng, running, query, answer, reasoning, usage,
-                                              price, remote, status, None, started, est_prompt, asst_seq,
-                                              auto_generate_name))
+            await settle(self._finish(cid, conv, app_cfg, eng, running, query, answer, reasoning, usage,
+                                      price, remote, status, None, started, est_prompt, asst_seq,
+                                      auto_generate_name))
             raise
         finally:
             self.running.pop(task_id, None)
@@ -423,11 +485,14 @@ class Gateway:
             rem = dict(conv.get("remote") or {})
             rem[eng.name] = {"id": remote.conversation_id, "seq": asst_seq}
             conv_values["remote"] = conv["remote"] = rem
-        await asyncio.shield(self.store.finish_turn(
+        running.finishing = True
+        await settle(self.store.finish_turn(  # runs to its end even if this task is cancelled meanwhile
             cid, running.message_id, self.owner, conversation_values=conv_values,
             content=text, reasoning=reasoning_text, status=status, usage=usage.to_json(), price=price,
             latency=latency, error=err, token_estimate=answer_tokens, remote_id=remote.message_id,
         ))
+        if self._leases.get(cid) is running:
+            del self._leases[cid]  # freed by that write
         if running.history_row is not None:
             self.history.append_turn(cid, [running.history_row, {
                 "seq": asst_seq, "role": "assistant", "content": text, "parts": None, "reasoning": reasoning_text,

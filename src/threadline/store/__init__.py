@@ -1,5 +1,5 @@
 """Persistence for conversations, messages, memory, files and keys (SQLite or PostgreSQL)."""
 
-from .store import Store, new_id
+from .store import INTERRUPTED, Store, new_id, settle
 
-__all__ = ["Store", "new_id"]
+__all__ = ["INTERRUPTED", "Store", "new_id", "settle"]

@@ -42,6 +42,9 @@ conversations = Table(
 )
 Index("ix_conv_owner_updated", conversations.c.app, conversations.c.user, conversations.c.updated_at)
 Index("ix_conv_owner_created", conversations.c.app, conversations.c.user, conversations.c.created_at)
+# Only leases in use (a few per running turn): the sweep for expired ones reads this, not the table.
+Index("ix_conv_lease", conversations.c.lock_until, sqlite_where=conversations.c.lock_until.is_not(None),
+      postgresql_where=conversations.c.lock_until.is_not(None))
 
 messages = Table(
     "messages",

@@ -81,6 +81,13 @@ _CLAIM = (
     f"RETURNING {', '.join(map(_q, _CONV_COLS))}"
 )
 _EXISTS = 'SELECT 1 FROM conversations WHERE id = ? AND "user" = ? AND app = ? AND deleted = 0'
+# The same as Store._CLOSE_PREVIOUS: the claimed conversation's previous answer, if its turn died.
+_CLOSE_PREVIOUS = ("UPDATE messages SET status = 'failed', error = ?, updated_at = ? "
+                   "WHERE conversation_id = ? AND seq = ? AND status = 'streaming'")
+# The same as Store._FINISH_CONVERSATION: the lease is freed only by its holder.
+_RELEASE = (", lock_owner = CASE WHEN lock_owner = ? THEN NULL ELSE lock_owner END"
+            ", lock_until = CASE WHEN lock_owner = ? THEN NULL ELSE lock_until END")
+RENEW_CHUNK = 500  # ids per renewal statement (SQLite allows 32766 variables)
 
 
 def _dump(value: Any) -> str:
@@ -273,30 +280,50 @@ class SqliteHotPath:
                 _dump(new_conversation[c]) if c in _CONV_JSON else new_conversation[c] for c in _CONV_COLS))
         self.conn.executemany(_INSERT_MESSAGE, [_message_params(r) for r in rows])
 
-    def claim(self, params: dict[str, Any],
-              rows_for: Callable[[int], list[dict[str, Any]]]) -> dict[str, Any] | bool | None:
-        """Take the lease and write the turn's rows (`rows_for(seq before the turn)`). Returns the
-        claimed conversation; None while another turn holds the lease; False when the conversation
-        is missing, deleted or someone else's (neither writes anything)."""
+    def claim(self, params: dict[str, Any], rows_for: Callable[[int], list[dict[str, Any]]],
+              interrupted: dict[str, Any]) -> dict[str, Any] | bool | None:
+        """Take the lease, close the previous answer if its turn died (as `interrupted`), and write
+        the turn's rows (`rows_for(seq before the turn)`). Returns the claimed conversation; None
+        while another turn holds the lease; False when the conversation is missing, deleted or
+        someone else's (neither writes anything)."""
         row = self.conn.execute(_CLAIM, params).fetchone()
         if row is None:
             found = self.conn.execute(_EXISTS, (params["id"], params["user"], params["app"])).fetchone()
             return None if found else False
         conv = _conversation_row(row)
-        self.conn.executemany(_INSERT_MESSAGE, [_message_params(r) for r in rows_for(conv["last_seq"] - 2)])
+        seq = conv["last_seq"] - 2
+        self.conn.execute(_CLOSE_PREVIOUS, (_dump(interrupted), params["now"], params["id"], seq))
+        self.conn.executemany(_INSERT_MESSAGE, [_message_params(r) for r in rows_for(seq)])
         return conv
 
-    def _update_sql(self, table: str, cols: tuple[str, ...]) -> str:
-        sql = self._updates.get((table, cols))
+    def _update_sql(self, table: str, cols: tuple[str, ...], release: bool = False) -> str:
+        sql = self._updates.get((table, cols, release))
         if sql is None:
-            sql = f"UPDATE {table} SET {', '.join(f'{_q(c)} = ?' for c in cols)} WHERE id = ?"
-            self._updates[(table, cols)] = sql
+            sql = (f"UPDATE {table} SET {', '.join(f'{_q(c)} = ?' for c in cols)}{_RELEASE if release else ''} "
+                   "WHERE id = ?")
+            self._updates[(table, cols, release)] = sql
         return sql
 
     def finish_turn(self, conversation_id: str, message_id: str, conversation_values: dict[str, Any],
-                    message_values: dict[str, Any]) -> None:
-        for table, json_cols, values, key in (("messages", _MSG_JSON, message_values, message_id),
-                                               ("conversations", _CONV_JSON, conversation_values, conversation_id)):
-            cols = tuple(values)
-            self.conn.execute(self._update_sql(table, cols),
-                              (*(_dump(values[c]) if c in json_cols else values[c] for c in cols), key))
+                    message_values: dict[str, Any], lock_owner: str | None = None) -> None:
+        cols = tuple(message_values)
+        self.conn.execute(self._update_sql("messages", cols),
+                          (*(_dump(message_values[c]) if c in _MSG_JSON else message_values[c] for c in cols),
+                           message_id))
+        cols = tuple(conversation_values)
+        values = (_dump(conversation_values[c]) if c in _CONV_JSON else conversation_values[c] for c in cols)
+        if lock_owner:
+            self.conn.execute(self._update_sql("conversations", cols, True),
+                              (*values, lock_owner, lock_owner, conversation_id))
+        else:
+            self.conn.execute(self._update_sql("conversations", cols), (*values, conversation_id))
+
+    def renew(self, owner: str, conversation_ids: list[str], until: float) -> list[str]:
+        """Extend the leases `owner` holds among `conversation_ids`; returns the ids extended."""
+        renewed: list[str] = []
+        for i in range(0, len(conversation_ids), RENEW_CHUNK):
+            chunk = conversation_ids[i:i + RENEW_CHUNK]
+            sql = (f"UPDATE conversations SET lock_until = ? WHERE lock_owner = ? AND id IN ({', '.join('?' * len(chunk))}) "
+                   "RETURNING id")
+            renewed.extend(r[0] for r in self.conn.execute(sql, (until, owner, *chunk)).fetchall())
+        return renewed

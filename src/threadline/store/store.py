@@ -2,6 +2,19 @@
 
 It knows conversations, messages, memory, files and keys, and nothing about providers or surfaces.
 Every list is keyset-paged on an indexed column so page latency does not grow with table size.
+
+Writes run to their end even when their caller is cancelled (see `settle`). A client hanging up
+cancels the task that runs its turn, and the cancellation used to land inside the database driver:
+an `UPDATE ... RETURNING` interrupted in aiosqlite's thread left its connection closed with the
+statement still open, so SQLite kept the transaction, and its write lock, until the garbage
+collector finalised the cursor. Every write in the process, and in every other process, then
+waited 30 s and failed (3 of 9 runs of a client closing a slow stream right after a restart).
+
+Turn leases (`conversations.lock_owner` / `lock_until`) are short and renewed by their process
+while the turn lives (gateway.py says how often and why). An answer left `streaming` under a lease
+that has expired, or that nobody holds, belongs to a turn that died with its process: it is closed
+as failed with the code `interrupted` and keeps the text flushed before the crash, by the next
+claim of its conversation, by a read of it, and by the sweeps the gateway runs.
 """
 
 from __future__ import annotations
@@ -11,16 +24,17 @@ import contextlib
 import functools
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import orjson
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import and_, bindparam, delete, event, insert, or_, select, update
+from sqlalchemy import and_, bindparam, case, delete, event, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.util import await_only
 
 from ..errors import ConfigError, NotFoundError
 from .schema import api_keys, conversations, files, memories, messages
@@ -41,9 +55,67 @@ _CONV_DEFAULTS: dict[str, Any] = {"name": "", "inputs": {}, "remote": {}, "last_
 CONV_SORTS = {"created_at", "-created_at", "updated_at", "-updated_at"}
 MEMORY_TTL = 2.0  # seconds another process's memory change may take to be seen here
 
+# What a dead turn's answer says: a stable code, and the text that came before the crash stays.
+INTERRUPTED: dict[str, Any] = {
+    "code": "interrupted", "status": 500, "retryable": True,
+    "message": "The answer was cut off: the server writing it stopped before it finished. The text that came "
+               "before is kept.",
+}
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
 _UPDATE_MESSAGE = update(messages).where(messages.c.id == bindparam("b_id"))
 _UPDATE_CONVERSATION = update(conversations).where(conversations.c.id == bindparam("b_id"))
 _c = conversations.c
+# The turn's final write frees the lease only if this process still holds it: one that lost it (not
+# renewed in time, taken over) must not free the new holder's. The SET columns are given at execution.
+_FINISH_CONVERSATION = _UPDATE_CONVERSATION.values(
+    lock_owner=case((_c.lock_owner == bindparam("b_owner"), None), else_=_c.lock_owner),
+    lock_until=case((_c.lock_owner == bindparam("b_owner"), None), else_=_c.lock_until),
+)
+
+
+async def settle(aw: Awaitable[T]) -> T:
+    """Await `aw` to its end even if the caller is cancelled meanwhile; the cancellation is then
+    delivered at the caller's next suspension, after the write (whose result it still gets) is done.
+
+    Cancelling the caller must not cancel the write: halfway through, a database driver leaves its
+    connection in a state nobody resets (see the module doc). Raising at once while the write goes on
+    in the background is no better: the caller's next write (the stopped answer after a cut partial
+    flush) could then land before it and be overwritten by an older text."""
+    fut = asyncio.ensure_future(aw)
+    cancelled = False
+    try:
+        while True:
+            try:
+                return await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                if fut.done():
+                    raise
+                cancelled = True
+    finally:
+        if cancelled:
+            _cancel_later()
+
+
+def _cancel_later() -> None:
+    """Deliver a cancellation this task caught at its next suspension instead (the cancel count stays
+    as it was, so asyncio.timeout and TaskGroup still see one)."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+        task.cancel()
+
+
+def _durable(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """A write method that cancellation cannot interrupt halfway (see `settle`)."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        return await settle(method(*args, **kwargs))
+
+    return wrapper
 
 
 def _lease_free(now: Any, owner: Any) -> Any:
@@ -70,6 +142,23 @@ _CLAIM = (
             lock_until=bindparam("b_until"))
     .returning(conversations)
 )
+# The claim of a conversation closes the answer of the turn before it if that turn died (its answer is
+# still `streaming` at the previous last seq): the claimer holds the lease now, so nobody is writing it.
+_CLOSE_PREVIOUS = (
+    update(messages)
+    .where(messages.c.conversation_id == bindparam("b_id"), messages.c.seq == bindparam("b_seq"),
+           messages.c.status == "streaming")
+    .values(status="failed", error=INTERRUPTED, updated_at=bindparam("b_now"))
+)
+# PostgreSQL: the same two writes in one statement (one round trip, as the claim alone was).
+_claimed = _CLAIM.cte("claimed")
+_CLAIM_CLOSING_PREVIOUS = select(_claimed).add_cte(
+    update(messages)
+    .where(messages.c.conversation_id == bindparam("b_id"),
+           messages.c.seq == select(_claimed.c.last_seq - 2).scalar_subquery(), messages.c.status == "streaming")
+    .values(status="failed", error=INTERRUPTED, updated_at=bindparam("b_now"))
+    .cte("closed")
+)
 _MEMORY = (select(memories).where(memories.c.app == bindparam("b_app"), memories.c.user == bindparam("b_user"))
            .order_by(memories.c.created_at.asc()))
 
@@ -84,6 +173,15 @@ def new_id() -> str:
              | (int.from_bytes(os.urandom(8), "big") >> 2))
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _in_transaction(dbapi_conn: Any) -> bool:
+    """Whether a pooled driver connection (SQLAlchemy's async adapters) is inside a transaction."""
+    driver = getattr(dbapi_conn, "_connection", None)
+    if hasattr(driver, "is_in_transaction"):  # asyncpg
+        return bool(driver.is_in_transaction())
+    inner = getattr(driver, "_connection", None)  # aiosqlite's sqlite3 connection
+    return bool(getattr(inner, "in_transaction", False))
 
 
 def _run_migrations(conn: Connection) -> None:
@@ -133,6 +231,18 @@ class Store:
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.close()
 
+        @event.listens_for(self.engine.sync_engine, "reset")
+        def _clean(dbapi_conn: Any, _record: Any, reset: Any) -> None:
+            """No connection goes back to the pool inside a transaction. Every use ends its own
+            (so the pool's rollback on return is off), but one that could not end it (its rollback
+            interrupted) would otherwise hand an open transaction, and on SQLite the write lock,
+            to the next user. Checked in memory; a rollback runs only when one is open."""
+            if reset.transaction_was_reset or not reset.asyncio_safe or not _in_transaction(dbapi_conn):
+                return
+            dbapi_conn.rollback()  # the adapter's own transaction, if it knows of one
+            if _in_transaction(dbapi_conn):  # asyncpg's adapter rolls back only transactions it began
+                await_only(dbapi_conn._connection.execute("ROLLBACK"))
+
     @contextlib.asynccontextmanager
     async def _tx(self) -> AsyncIterator[AsyncConnection]:
         """A write transaction. SQLite allows one writer: contending connections would fall into its
@@ -147,8 +257,19 @@ class Store:
     async def _on_hot(self, write: Callable[..., Any], *args: Any) -> Any:
         """A write on the SQLite hot path, group-committed with whatever else is being written (see
         sqlite_hot); _GAVE_UP when another process kept SQLite's write lock and the caller must take
-        the waiting async path."""
-        return await self.hot.write(functools.partial(write, *args))  # type: ignore[union-attr]
+        the waiting async path (through `settle`).
+
+        Cancellation cannot cut it in half either: the flusher runs a write whole. A caller cancelled
+        before its group ran has its write skipped; one whose group has run gets the result, and the
+        cancellation at its next suspension, as with `settle`."""
+        fut = self.hot.write(functools.partial(write, *args))  # type: ignore[union-attr]
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if not fut.done() or fut.cancelled():
+                raise
+            _cancel_later()
+            return fut.result()
 
     async def migrate(self) -> None:
         async with self._tx() as conn:
@@ -166,6 +287,7 @@ class Store:
 
     # ---- conversations ---------------------------------------------------------------------------
 
+    @_durable
     async def create_conversation(
         self, *, app: str, user: str, engine: str, name: str = "", inputs: dict[str, Any] | None = None,
         conversation_id: str | None = None, created_at: float | None = None,
@@ -220,6 +342,7 @@ class Store:
             rows = [dict(r) for r in (await conn.execute(q)).mappings().all()]
         return rows[:limit], len(rows) > limit
 
+    @_durable
     async def rename_conversation(self, conversation_id: str, *, app: str | None, user: str, name: str) -> dict[str, Any]:
         conv = await self.get_conversation(conversation_id, app=app, user=user)
         now = time.time()
@@ -229,11 +352,13 @@ class Store:
         conv.update(name=name, updated_at=now)
         return conv
 
+    @_durable
     async def delete_conversation(self, conversation_id: str, *, app: str | None, user: str) -> None:
         await self.get_conversation(conversation_id, app=app, user=user)
         async with self._tx() as conn:
             await conn.execute(update(conversations).where(conversations.c.id == conversation_id).values(deleted=True))
 
+    @_durable
     async def set_remote(self, conversation_id: str, engine: str, remote_id: str | None, seen_seq: int) -> None:
         async with self._tx() as conn:
             cur = (await conn.execute(select(conversations.c.remote).where(conversations.c.id == conversation_id))).scalar()
@@ -244,12 +369,14 @@ class Store:
                 remote[engine] = {"id": remote_id, "seq": seen_seq}
             await conn.execute(update(conversations).where(conversations.c.id == conversation_id).values(remote=remote))
 
+    @_durable
     async def set_conversation_fields(self, conversation_id: str, **values: Any) -> None:
         async with self._tx() as conn:
             await conn.execute(update(conversations).where(conversations.c.id == conversation_id).values(**values))
 
     # ---- the per-conversation turn lock (works across processes) -------------------------------
 
+    @_durable
     async def try_lock(self, conversation_id: str, owner: str, ttl: float) -> bool:
         now = time.time()
         async with self._tx() as conn:
@@ -260,6 +387,7 @@ class Store:
             )
         return res.rowcount == 1
 
+    @_durable
     async def unlock(self, conversation_id: str, owner: str) -> None:
         async with self._tx() as conn:
             await conn.execute(update(conversations)
@@ -285,6 +413,12 @@ class Store:
             if await self._on_hot(self.hot.begin_turn, _turn_rows(conversation_id, 0, now, user_msg, assistant_msg),
                                   row) is not _GAVE_UP:
                 return 1, 2
+        return await self._begin_turn_tx(conversation_id, now, user_msg, assistant_msg, new_conversation, lock)
+
+    @_durable
+    async def _begin_turn_tx(self, conversation_id: str, now: float, user_msg: dict[str, Any],
+                             assistant_msg: dict[str, Any], new_conversation: dict[str, Any] | None,
+                             lock: tuple[str, float] | None) -> tuple[int, int]:
         async with self._tx() as conn:
             if new_conversation is not None:
                 row = dict(new_conversation)
@@ -309,6 +443,9 @@ class Store:
         """Start a turn on an existing conversation in one transaction: check ownership, take the turn
         lease, allocate two seqs and write the user message and the assistant placeholder.
 
+        A lease that has expired is free: its turn died (its process renews it while it lives), and
+        the answer that turn left `streaming` is closed as `interrupted` in the same transaction.
+
         Returns (conversation, user seq, assistant seq); None while another turn holds the lease;
         raises NotFoundError for a conversation that is missing, deleted or someone else's.
         """
@@ -316,7 +453,8 @@ class Store:
         if self.hot is not None:
             params = {"id": conversation_id, "user": user, "app": app, "now": now, "owner": owner, "until": now + ttl}
             conv = await self._on_hot(self.hot.claim, params,
-                                      lambda seq: _turn_rows(conversation_id, seq, now, user_msg, assistant_msg))
+                                      lambda seq: _turn_rows(conversation_id, seq, now, user_msg, assistant_msg),
+                                      INTERRUPTED)
             if conv is False:
                 raise NotFoundError("Conversation Not Exists.")
             if conv is None:
@@ -324,9 +462,22 @@ class Store:
             if conv is not _GAVE_UP:
                 seq = conv["last_seq"] - 2
                 return conv, seq + 1, seq + 2
+        return await self._claim_turn_tx(conversation_id, app, user, owner, ttl, now, user_msg, assistant_msg)
+
+    @_durable
+    async def _claim_turn_tx(self, conversation_id: str, app: str, user: str, owner: str, ttl: float, now: float,
+                             user_msg: dict[str, Any],
+                             assistant_msg: dict[str, Any]) -> tuple[dict[str, Any], int, int] | None:
+        params = {"b_id": conversation_id, "b_user": user, "b_app": app, "b_now": now, "b_owner": owner,
+                  "b_until": now + ttl}
         async with self._tx() as conn:
-            row = (await conn.execute(_CLAIM, {"b_id": conversation_id, "b_user": user, "b_app": app, "b_now": now,
-                                               "b_owner": owner, "b_until": now + ttl})).mappings().first()
+            if self.is_sqlite:  # no UPDATE inside WITH: two statements
+                row = (await conn.execute(_CLAIM, params)).mappings().first()
+                if row is not None:
+                    await conn.execute(_CLOSE_PREVIOUS, {"b_id": conversation_id, "b_seq": row["last_seq"] - 2,
+                                                         "b_now": now})
+            else:
+                row = (await conn.execute(_CLAIM_CLOSING_PREVIOUS, params)).mappings().first()
             if row is None:
                 c = conversations.c
                 exists = (await conn.execute(select(c.id).where(
@@ -338,11 +489,13 @@ class Store:
             await conn.execute(insert(messages), _turn_rows(conversation_id, seq, now, user_msg, assistant_msg))
         return dict(row), seq + 1, seq + 2
 
+    @_durable
     async def update_message(self, message_id: str, **values: Any) -> None:
         values.setdefault("updated_at", time.time())
         async with self._tx() as conn:
             await conn.execute(update(messages).where(messages.c.id == message_id).values(**values))
 
+    @_durable
     async def flush_partial(self, message_id: str, content: str, reasoning: str | None) -> bool:
         """Persist the answer so far; returns True when someone asked (from any process) to stop."""
         async with self._tx() as conn:
@@ -355,18 +508,116 @@ class Store:
 
     async def finish_turn(self, conversation_id: str, message_id: str, lock_owner: str | None,
                           conversation_values: dict[str, Any] | None = None, **values: Any) -> None:
+        """The answer's final write; frees the turn lease if `lock_owner` still holds it."""
         now = time.time()
         values["updated_at"] = now
         cv: dict[str, Any] = {"updated_at": now, **(conversation_values or {})}
-        if lock_owner:
-            cv.update(lock_owner=None, lock_until=None)
         if self.hot is not None:
-            if await self._on_hot(self.hot.finish_turn, conversation_id, message_id, cv, values) is not _GAVE_UP:
+            if await self._on_hot(self.hot.finish_turn, conversation_id, message_id, cv, values,
+                                  lock_owner) is not _GAVE_UP:
                 return
+        await self._finish_turn_tx(conversation_id, message_id, lock_owner, cv, values)
+
+    @_durable
+    async def _finish_turn_tx(self, conversation_id: str, message_id: str, lock_owner: str | None,
+                              cv: dict[str, Any], values: dict[str, Any]) -> None:
         async with self._tx() as conn:
             # Prebuilt statements with the SET columns given at execution: no per-call statement building.
             await conn.execute(_UPDATE_MESSAGE, {"b_id": message_id, **values})
-            await conn.execute(_UPDATE_CONVERSATION, {"b_id": conversation_id, **cv})
+            if lock_owner:
+                await conn.execute(_FINISH_CONVERSATION, {"b_id": conversation_id, "b_owner": lock_owner, **cv})
+            else:
+                await conn.execute(_UPDATE_CONVERSATION, {"b_id": conversation_id, **cv})
+
+    # ---- leases of live turns, and the answers dead turns left -------------------------------------
+
+    async def renew_leases(self, owner: str, conversation_ids: list[str], ttl: float) -> set[str]:
+        """Extend every lease `owner` holds among `conversation_ids`, in one statement; returns the
+        ids renewed (a lease missing from them was lost: swept or taken over after it expired)."""
+        if not conversation_ids:
+            return set()
+        until = time.time() + ttl
+        if self.hot is not None:
+            renewed = await self._on_hot(self.hot.renew, owner, conversation_ids, until)
+            if renewed is not _GAVE_UP:
+                return set(renewed)
+        return await self._renew_tx(owner, conversation_ids, until)
+
+    @_durable
+    async def _renew_tx(self, owner: str, conversation_ids: list[str], until: float) -> set[str]:
+        async with self._tx() as conn:
+            res = await conn.execute(update(conversations)
+                                     .where(_c.lock_owner == owner, _c.id.in_(conversation_ids))
+                                     .values(lock_until=until).returning(_c.id))
+            return {r[0] for r in res}
+
+    @_durable
+    async def release_turn(self, conversation_id: str, owner: str, message_id: str | None = None) -> None:
+        """End a turn that could not write its answer's final state: the answer, if still
+        `streaming`, is closed as interrupted (its flushed text stays), and the lease is freed if
+        `owner` holds it."""
+        now = time.time()
+        async with self._tx() as conn:
+            if message_id:
+                await conn.execute(update(messages).where(messages.c.id == message_id, messages.c.status == "streaming")
+                                   .values(status="failed", error=INTERRUPTED, updated_at=now))
+            await conn.execute(update(conversations).where(_c.id == conversation_id, _c.lock_owner == owner)
+                               .values(lock_owner=None, lock_until=None))
+
+    async def sweep_interrupted(self) -> list[str]:
+        """Close the answers turns left `streaming` when their process died, in every conversation
+        whose lease has expired (a live turn's lease never does: its process renews it), and free
+        those leases. Returns the ids of the answers closed. The partial index on `lock_until`
+        holds only leases in use, so finding them costs next to nothing."""
+        now = time.time()
+        async with self.engine.connect() as conn:
+            expired = [r[0] for r in await conn.execute(
+                select(_c.id).where(_c.lock_until.is_not(None), _c.lock_until < now))]
+        if not expired:
+            return []
+        return await self._close_interrupted(expired, now)
+
+    @_durable
+    async def _close_interrupted(self, conversation_ids: list[str], now: float) -> list[str]:
+        """In each conversation, close the answers that are `streaming` with no live turn behind
+        them: an older answer than the last (a later turn has begun), or any while the lease has
+        expired or is free. The conditions are checked in the write itself: a turn that claims the
+        conversation meanwhile is never touched. Expired leases are freed."""
+        closed: list[str] = []
+        m = messages.c
+        async with self._tx() as conn:
+            for cid in conversation_ids:
+                last = select(_c.last_seq).where(_c.id == cid).scalar_subquery()
+                until = select(_c.lock_until).where(_c.id == cid).scalar_subquery()
+                res = await conn.execute(
+                    update(messages)
+                    .where(m.conversation_id == cid, m.status == "streaming",
+                           or_(m.seq < last, until.is_(None), until < now))
+                    .values(status="failed", error=INTERRUPTED, updated_at=now).returning(m.id))
+                closed.extend(r[0] for r in res)
+            await conn.execute(update(conversations).where(_c.id.in_(conversation_ids), _c.lock_until < now)
+                               .values(lock_owner=None, lock_until=None))
+        return closed
+
+    async def _repair(self, conversation_id: str, rows: list[dict[str, Any]]) -> None:
+        """A read that finds an answer `streaming` checks that a live turn is behind it; if none is
+        (see _close_interrupted), the answer is closed and `rows` show it closed. Reads of live or
+        finished answers write nothing."""
+        streaming = [r for r in rows if r["status"] == "streaming"]
+        if not streaming:
+            return
+        async with self.engine.connect() as conn:
+            conv = (await conn.execute(select(_c.last_seq, _c.lock_until).where(_c.id == conversation_id))).first()
+        now = time.time()
+        if conv is None:
+            return
+        free = conv.lock_until is None or conv.lock_until < now
+        if not free and all(r["seq"] >= conv.last_seq for r in streaming):
+            return  # the answer of the turn running now
+        closed = set(await self._close_interrupted([conversation_id], now))
+        for r in streaming:
+            if r["id"] in closed:
+                r.update(status="failed", error=dict(INTERRUPTED), updated_at=now)
 
     _HISTORY_COLS = (messages.c.seq, messages.c.role, messages.c.content, messages.c.parts, messages.c.reasoning,
                      messages.c.status, messages.c.token_estimate, messages.c.engine)
@@ -404,6 +655,7 @@ class Store:
             )).mappings().all()
         out = [dict(r) for r in rows[:limit]]
         out.reverse()
+        await self._repair(conversation_id, out)
         return out, len(rows) > limit
 
     async def turns_page(
@@ -429,6 +681,7 @@ class Store:
                 for r in (await conn.execute(select(messages).where(messages.c.id.in_(parent_ids)))).mappings():
                     parents[r["id"]] = dict(r)
         answers.reverse()
+        await self._repair(conversation_id, answers)
         return [(parents.get(a.get("parent_id") or ""), a) for a in answers], has_more
 
     async def get_message(self, message_id: str) -> dict[str, Any] | None:
@@ -441,6 +694,7 @@ class Store:
             r = (await conn.execute(select(messages).where(messages.c.task_id == task_id))).mappings().first()
         return dict(r) if r else None
 
+    @_durable
     async def request_stop(self, message_id: str) -> None:
         async with self._tx() as conn:
             await conn.execute(update(messages).where(messages.c.id == message_id, messages.c.status == "streaming")
@@ -448,6 +702,7 @@ class Store:
 
     # ---- memory --------------------------------------------------------------------------------
 
+    @_durable
     async def add_memory(self, *, app: str, user: str, text: str, token_estimate: int) -> dict[str, Any]:
         row = {"id": new_id(), "app": app, "user": user, "text": text, "token_estimate": token_estimate,
                "created_at": time.time()}
@@ -497,6 +752,7 @@ class Store:
         self._memory_cache.pop(key, None)
         self._memory_generation += 1
 
+    @_durable
     async def delete_memory(self, memory_id: str, *, app: str, user: str) -> None:
         try:
             async with self._tx() as conn:
@@ -509,6 +765,7 @@ class Store:
 
     # ---- files ---------------------------------------------------------------------------------
 
+    @_durable
     async def add_file(self, *, app: str, user: str, name: str, data: bytes, mime_type: str, extension: str) -> dict[str, Any]:
         row = {"id": new_id(), "app": app, "user": user, "name": name, "size": len(data), "extension": extension,
                "mime_type": mime_type, "data": data, "remote": {}, "created_at": time.time()}
@@ -530,6 +787,7 @@ class Store:
 
     # ---- api keys ------------------------------------------------------------------------------
 
+    @_durable
     async def add_key(self, *, app: str, key_hash: str, prefix: str) -> dict[str, Any]:
         row = {"id": new_id(), "app": app, "key_hash": key_hash, "prefix": prefix, "created_at": time.time(),
                "revoked": False}
@@ -550,6 +808,7 @@ class Store:
         async with self.engine.connect() as conn:
             return [dict(r) for r in (await conn.execute(q)).mappings().all()]
 
+    @_durable
     async def revoke_key(self, key_id_or_prefix: str) -> int:
         async with self._tx() as conn:
             res = await conn.execute(update(api_keys).where(
