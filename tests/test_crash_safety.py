@@ -106,6 +106,40 @@ def _async_path(store: Store) -> None:
 # ---- finding 8: a cancelled write never leaves the database locked -----------------------------------
 
 
+async def test_a_settled_write_runs_to_its_end_and_the_cancellation_follows():
+    from threadline.store import settle
+
+    release = asyncio.Event()
+    seen: list[object] = []
+
+    async def write() -> int:
+        await release.wait()
+        return 42
+
+    async def caller() -> None:
+        seen.append(await settle(write()))
+        await asyncio.sleep(10)  # the cancellation lands here, at the next suspension
+        seen.append("never")
+
+    task = asyncio.create_task(caller())
+    await asyncio.sleep(0)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    assert not task.done()  # still waiting for its write
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert seen == [42]
+
+    async def timed() -> None:  # a deadline still ends as TimeoutError, not as a stray cancellation
+        async with asyncio.timeout(0.05):
+            assert await settle(asyncio.sleep(0.2, "done")) == "done"
+            await asyncio.sleep(10)
+
+    with pytest.raises(TimeoutError):
+        await timed()
+
+
 @pytest.mark.parametrize("write", ["flush_partial", "claim_turn"])
 async def test_a_write_cancelled_mid_statement_completes_and_leaves_the_database_writable(tmp_path, write):
     store = Store(f"sqlite+aiosqlite:///{tmp_path}/t.db")
@@ -138,6 +172,25 @@ async def test_a_write_cancelled_mid_statement_completes_and_leaves_the_database
             assert (await store.get_conversation(cid, app="demo", user="u"))["last_seq"] == 4
     finally:
         await asyncio.wait_for(store.close(), 10)
+
+
+async def test_an_answers_final_write_is_never_skipped_when_its_caller_leaves(database_url):
+    """Other hot-path writes are skipped whole if their caller leaves before their group runs; the
+    final write of an answer is not: it is what keeps the answer and frees the conversation."""
+    store = Store(database_url)
+    await store.migrate()
+    try:
+        cid, _, aid = await _left_streaming(store, owner="me", ttl=30)
+        task = asyncio.create_task(store.finish_turn(cid, aid, "me", content="all of it", status="stopped"))
+        await asyncio.sleep(0)  # queued, its group not yet run
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        msg = await store.get_message(aid)
+        assert (msg["status"], msg["content"]) == ("stopped", "all of it")
+        assert (await store.get_conversation(cid, app="demo", user="u"))["lock_owner"] is None
+    finally:
+        await store.close()
 
 
 async def test_a_connection_is_never_returned_to_the_pool_inside_a_transaction(database_url):
@@ -196,7 +249,8 @@ async def test_a_client_leaving_during_a_partial_write_leaves_the_conversation_u
     assert third.status == "completed"
     msgs = await atl.messages(cid, user="u")
     assert [m.content for m in msgs if m.role == "user"] == ["first", "second", "third"]
-    assert msgs[3].status == "stopped" and msgs[3].content.startswith("w w") and len(msgs[3].content) < 400
+    assert msgs[3].status == "stopped"
+    assert msgs[3].content and ("w " * 200).startswith(msgs[3].content) and len(msgs[3].content) < 400
 
 
 # ---- finding 7: leases ---------------------------------------------------------------------------------

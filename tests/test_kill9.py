@@ -169,7 +169,7 @@ def _stream_until_flushed(srv: Server, db: str, cid: str, query: str) -> tuple[s
     return cid, received
 
 
-@pytest.mark.parametrize(("store", "workers", "kills"), [("sqlite", 1, 10), ("sqlite", 2, 2), ("postgresql", 1, 2)],
+@pytest.mark.parametrize(("store", "workers", "kills"), [("sqlite", 1, 10), ("sqlite", 2, 1), ("postgresql", 1, 2)],
                          ids=["sqlite", "sqlite-2-workers", "postgresql"])
 def test_kill_9_mid_stream_loses_nothing_and_frees_the_conversation(tmp_path, oai, request, store, workers, kills):
     d, oai_url = oai

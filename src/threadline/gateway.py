@@ -486,11 +486,11 @@ class Gateway:
             rem[eng.name] = {"id": remote.conversation_id, "seq": asst_seq}
             conv_values["remote"] = conv["remote"] = rem
         running.finishing = True
-        await settle(self.store.finish_turn(  # runs to its end even if this task is cancelled meanwhile
+        await self.store.finish_turn(  # runs to its end even if this task is cancelled meanwhile
             cid, running.message_id, self.owner, conversation_values=conv_values,
             content=text, reasoning=reasoning_text, status=status, usage=usage.to_json(), price=price,
             latency=latency, error=err, token_estimate=answer_tokens, remote_id=remote.message_id,
-        ))
+        )
         if self._leases.get(cid) is running:
             del self._leases[cid]  # freed by that write
         if running.history_row is not None:

@@ -3,12 +3,15 @@
 It knows conversations, messages, memory, files and keys, and nothing about providers or surfaces.
 Every list is keyset-paged on an indexed column so page latency does not grow with table size.
 
-Writes run to their end even when their caller is cancelled (see `settle`). A client hanging up
-cancels the task that runs its turn, and the cancellation used to land inside the database driver:
-an `UPDATE ... RETURNING` interrupted in aiosqlite's thread left its connection closed with the
-statement still open, so SQLite kept the transaction, and its write lock, until the garbage
-collector finalised the cursor. Every write in the process, and in every other process, then
-waited 30 s and failed (3 of 9 runs of a client closing a slow stream right after a restart).
+A cancelled caller never cuts a write in half. A client hanging up cancels the task that runs its
+turn, and the cancellation used to land inside the database driver: an `UPDATE ... RETURNING`
+interrupted in aiosqlite's thread left its connection closed with the statement still open, so
+SQLite kept the transaction, and its write lock, until the garbage collector finalised the cursor.
+Every write in the process, and in every other process, then waited 30 s and failed (3 of 9 runs of
+a client closing a slow stream right after a restart). Now writes on the async path run in their own
+task to their end (`settle`), and the caller's cancellation comes after; the SQLite hot path runs a
+write whole or, if its caller left before the group ran, not at all (`_on_hot`); and a connection
+handed back inside a transaction is rolled back on its way into the pool.
 
 Turn leases (`conversations.lock_owner` / `lock_until`) are short and renewed by their process
 while the turn lives (gateway.py says how often and why). An answer left `streaming` under a lease
@@ -87,13 +90,14 @@ async def settle(aw: Awaitable[T]) -> T:
     fut = asyncio.ensure_future(aw)
     cancelled = False
     try:
-        while True:
+        while not fut.done():
             try:
-                return await asyncio.shield(fut)
+                await asyncio.shield(fut)
             except asyncio.CancelledError:
-                if fut.done():
+                if fut.cancelled():  # the write itself was cancelled (the loop is shutting down)
                     raise
                 cancelled = True
+        return fut.result()
     finally:
         if cancelled:
             _cancel_later()
@@ -254,15 +258,18 @@ class Store:
         async with self._write_lock, self.engine.begin() as conn:
             yield conn
 
-    async def _on_hot(self, write: Callable[..., Any], *args: Any) -> Any:
+    async def _on_hot(self, write: Callable[..., Any], *args: Any, always: bool = False) -> Any:
         """A write on the SQLite hot path, group-committed with whatever else is being written (see
         sqlite_hot); _GAVE_UP when another process kept SQLite's write lock and the caller must take
         the waiting async path (through `settle`).
 
         Cancellation cannot cut it in half either: the flusher runs a write whole. A caller cancelled
-        before its group ran has its write skipped; one whose group has run gets the result, and the
-        cancellation at its next suspension, as with `settle`."""
+        before its group ran has its write skipped, unless `always` (then it waits for it, as with
+        `settle`); one whose group has run gets the result, and the cancellation at its next
+        suspension."""
         fut = self.hot.write(functools.partial(write, *args))  # type: ignore[union-attr]
+        if always:
+            return await settle(fut)  # a future: no task of its own
         try:
             return await fut
         except asyncio.CancelledError:
@@ -508,13 +515,14 @@ class Store:
 
     async def finish_turn(self, conversation_id: str, message_id: str, lock_owner: str | None,
                           conversation_values: dict[str, Any] | None = None, **values: Any) -> None:
-        """The answer's final write; frees the turn lease if `lock_owner` still holds it."""
+        """The answer's final write; frees the turn lease if `lock_owner` still holds it. It runs to
+        its end even if the caller is cancelled meanwhile (the cancellation comes after)."""
         now = time.time()
         values["updated_at"] = now
         cv: dict[str, Any] = {"updated_at": now, **(conversation_values or {})}
         if self.hot is not None:
             if await self._on_hot(self.hot.finish_turn, conversation_id, message_id, cv, values,
-                                  lock_owner) is not _GAVE_UP:
+                                  lock_owner, always=True) is not _GAVE_UP:
                 return
         await self._finish_turn_tx(conversation_id, message_id, lock_owner, cv, values)
 
