@@ -8,6 +8,7 @@ conversation completes within 5 s of the restarted server answering. On SQLite (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -220,3 +221,43 @@ engine = "acc"
     finally:
         srv.stop()
     print(f"\n{store} x{workers}: conversation usable {', '.join(f'{w:.2f}' for w in waits)} s after each restart")
+
+
+def test_kill_9_of_the_parent_stops_its_workers(tmp_path, oai):
+    """`serve --workers 2` whose parent is killed: its workers stop too (they would otherwise go on
+    serving the port beside the workers of the next server started on it)."""
+    _, oai_url = oai
+    cfg = tmp_path / "threadline.toml"
+    cfg.write_text(f'''database_url = "sqlite+aiosqlite:///{tmp_path}/w.db"
+[engines.acc]
+kind = "openai"
+base_url = "{oai_url}/v1"
+api_key = "sk-test-double-key"
+model = "m"
+[apps.default]
+engine = "acc"
+''')
+    srv = Server(cfg, 2, tmp_path / "serve.log")
+    srv.start()
+    assert srv.proc is not None
+    try:
+        workers = [int(p) for p in Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text().split()]
+        assert len(workers) == 2
+        os.kill(srv.proc.pid, signal.SIGKILL)  # the parent only
+        srv.proc.wait(10)
+        deadline = time.monotonic() + 20
+        while any(_running(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_running(w) for w in workers)
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{srv.url}/healthz", timeout=2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(srv.proc.pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False

@@ -88,6 +88,8 @@ def serve(
     if not reuse_port:
         console.print(f"Threadline on http://{host}:{port}  (store: {settings.database_url.split('://')[0]}, "
                       f"default engine: {settings.default_engine or 'none'}, workers: {workers})")
+    if reuse_port:
+        _die_with_parent()
     if workers == 1 or reuse_port:
         app_ = create_app(settings, open_access=open_access, own_process=True)
         server = uvicorn.Server(uvicorn.Config(app_, host=host, port=port, log_level="info", access_log=False,
@@ -108,6 +110,24 @@ def serve(
     _serve_workers(config, workers, argv)
 
 
+PARENT_ENV = "THREADLINE_SERVE_PARENT"
+
+
+def _die_with_parent() -> None:
+    """A worker of `serve --workers N` stops (SIGTERM: it shuts down as when the parent stops it) when
+    its parent dies, even by SIGKILL. Otherwise it went on serving the port, and a server started
+    again after the crash ran its own workers beside the orphans. Linux only (prctl)."""
+    import ctypes
+    import signal
+
+    parent = int(os.environ.get(PARENT_ENV) or 0)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if parent and os.getppid() != parent:  # the parent died before that took effect
+        raise typer.Exit(1)
+
+
 def _serve_workers(config: str | None, workers: int, argv: list[str]) -> None:
     """N processes, each with its own SO_REUSEPORT socket, so the kernel spreads connections evenly
     (with one shared socket the first process to wake accepts a whole burst of keep-alive
@@ -117,7 +137,7 @@ def _serve_workers(config: str | None, workers: int, argv: list[str]) -> None:
     import time
 
     _call(config, lambda tl: tl.gateway.start())  # migrate once: workers never race each other's schema changes
-    children = [subprocess.Popen(argv) for _ in range(workers)]
+    children = [subprocess.Popen(argv, env={**os.environ, PARENT_ENV: str(os.getpid())}) for _ in range(workers)]
 
     asked = False
 
