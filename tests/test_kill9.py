@@ -41,6 +41,7 @@ class Server:
         self.cfg, self.workers, self.log = cfg, workers, log
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.killed_at = 0.0
 
     @property
     def url(self) -> str:
@@ -65,6 +66,7 @@ class Server:
     def kill9(self) -> None:
         assert self.proc is not None
         os.killpg(self.proc.pid, signal.SIGKILL)
+        self.killed_at = time.monotonic()
         self.proc.wait(10)
         # The workers of --workers N are in the group too: wait until none is left holding the port.
         deadline = time.monotonic() + 10
@@ -194,6 +196,7 @@ engine = "acc"
     cid = ""
     asked: list[str] = []
     waits: list[float] = []
+    outages: list[float] = []
     try:
         for i in range(kills):
             answer = "w " * 1000
@@ -206,6 +209,7 @@ engine = "acc"
             r = httpx.post(f"{srv.url}/v1/chat-messages", timeout=60, json={
                 "inputs": {}, "query": f"check{i}", "user": "u", "response_mode": "blocking", "conversation_id": cid})
             waits.append(time.monotonic() - ready)
+            outages.append(time.monotonic() - srv.killed_at)
             assert r.status_code == 200, (i, r.text)
             assert r.json()["answer"] == f"Answer to: check{i}"
             rows = _rows(db, cid)
@@ -220,7 +224,8 @@ engine = "acc"
             assert waits[-1] < USABLE_WITHIN, waits
     finally:
         srv.stop()
-    print(f"\n{store} x{workers}: conversation usable {', '.join(f'{w:.2f}' for w in waits)} s after each restart")
+    print(f"\n{store} x{workers}: conversation usable {', '.join(f'{w:.2f}' for w in waits)} s after each restart "
+          f"answered; {', '.join(f'{w:.1f}' for w in outages)} s after each kill (restart included)")
 
 
 def test_kill_9_of_the_parent_stops_its_workers(tmp_path, oai):
