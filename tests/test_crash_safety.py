@@ -328,7 +328,7 @@ async def test_a_live_turn_outlasting_the_ttl_keeps_its_conversation(database_ur
     long: its process renews the lease, so the other process can neither take the conversation
     over nor sweep the live answer, however often it sweeps."""
     d, url = oai
-    monkeypatch.setattr(gateway_mod, "LOCK_TTL", 0.4)
+    monkeypatch.setattr(gateway_mod, "LOCK_TTL", 1.0)
     monkeypatch.setattr(gateway_mod, "RENEW_EVERY", 0.05, raising=False)
     monkeypatch.setattr(gateway_mod, "SWEEP_EVERY", 0.05, raising=False)
     a, b = _tl(database_url, url), _tl(database_url, url)
@@ -337,7 +337,7 @@ async def test_a_live_turn_outlasting_the_ttl_keeps_its_conversation(database_ur
         cid = r.conversation_id
         await b.gateway.start()
         b.gateway.turn_wait = 0.3
-        d.reset(reply="z " * 40, chunk_size=2, slow=0.05)  # about 2 s: five lease lifetimes
+        d.reset(reply="z " * 60, chunk_size=2, slow=0.05)  # about 3 s: three lease lifetimes
         started = asyncio.Event()
 
         async def long_turn() -> str:
@@ -350,13 +350,13 @@ async def test_a_live_turn_outlasting_the_ttl_keeps_its_conversation(database_ur
 
         task = asyncio.create_task(long_turn())
         await asyncio.wait_for(started.wait(), 10)
-        await asyncio.sleep(1.0)  # 2.5 lifetimes in (b swept every 50 ms): an unrenewed lease would have expired
+        await asyncio.sleep(2.0)  # two lifetimes in (b swept every 50 ms): an unrenewed lease would have expired
         with pytest.raises(ConversationBusyError):
             await b.chat("intruder", user="u", app="demo", conversation_id=cid)
-        assert await asyncio.wait_for(task, 20) == "z " * 40
+        assert await asyncio.wait_for(task, 20) == "z " * 60
         msgs = await a.messages(cid, user="u")
         assert [(m.role, m.content, m.status) for m in msgs][2:] == [("user", "long", "completed"),
-                                                                     ("assistant", "z " * 40, "completed")]
+                                                                     ("assistant", "z " * 60, "completed")]
         assert (await a.gateway.store.get_conversation(cid, app="demo", user="u"))["lock_owner"] is None
     finally:
         await a.aclose()
