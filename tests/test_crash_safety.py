@@ -423,3 +423,37 @@ async def test_reads_show_an_answer_left_by_a_dead_turn_as_failed(atl, oai, monk
     assert _interrupted(await store.get_message(expired[2])) and _interrupted(await store.get_message(no_lease[2]))
     py = await atl.messages(live[0], user="u")
     assert py[-1].status == "streaming"
+
+
+async def test_the_migration_closes_answers_the_old_long_leases_left_streaming(database_url):
+    """Upgrading a store the 900 s leases ran on: answers left streaming that no turn can still be
+    writing are closed; one under a lease still running is left to its turn."""
+    from alembic import command
+    from alembic.config import Config
+
+    from threadline.store import store as store_mod
+
+    store = Store(database_url)
+
+    def upgrade_to_0001(conn: Any) -> None:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(store_mod._MIGRATIONS))
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+
+    try:
+        async with store.engine.begin() as conn:
+            await conn.run_sync(upgrade_to_0001)
+        superseded = await _left_streaming(store, owner=None, ttl=0)  # then a later turn ran after it:
+        await store.begin_turn(superseded[0], user_msg={"id": new_id(), "content": "later"},
+                               assistant_msg={"id": (later := new_id())})
+        await store.finish_turn(superseded[0], later, None, content="later answer", status="completed")
+        expired = await _left_streaming(store, owner="old-process", ttl=-1)
+        live = await _left_streaming(store, owner="old-process", ttl=900)
+        await store.migrate()
+        assert _interrupted(await store.get_message(superseded[2]))
+        assert (await store.get_message(later))["status"] == "completed"
+        assert _interrupted(await store.get_message(expired[2]))
+        assert (await store.get_message(live[2]))["status"] == "streaming"
+    finally:
+        await store.close()
