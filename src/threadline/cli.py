@@ -85,11 +85,16 @@ def serve(
         settings = load_settings(config)
     except ThreadlineError as exc:
         _fail(exc)
+    if open_access and not reuse_port and host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"[bold red]WARNING[/bold red] open mode (--open) on {escape(host)}: no key is needed, so anyone who can "
+                  f"reach this address can use every engine and read every conversation of the default app. Open "
+                  f"mode answers only requests addressed to this host or a loopback name ([server] allowed_hosts "
+                  f"adds more); use app keys (threadline keys create) to serve a network.")
     if not reuse_port:
         console.print(f"Threadline on http://{host}:{port}  (store: {settings.database_url.split('://')[0]}, "
                       f"default engine: {settings.default_engine or 'none'}, workers: {workers})")
     if workers == 1 or reuse_port:
-        app_ = create_app(settings, open_access=open_access, own_process=True)
+        app_ = create_app(settings, open_access=open_access, own_process=True, listen_host=host)
         server = uvicorn.Server(uvicorn.Config(app_, host=host, port=port, log_level="info", access_log=False,
                                                loop="auto", http="auto"))
         sockets = None

@@ -55,6 +55,12 @@ class AppConfig:
     description: str = ""
     opening_statement: str = ""
     suggested_questions: list[str] = field(default_factory=list)
+    # The engines a caller of this app may pick (OpenAI `model`, the Dify route's `engine`, the page's
+    # picker, the Python API's `engine=`): the app's own engine plus this list; None = every engine.
+    engines: list[str] | None = None
+
+    def allows(self, engine: str) -> bool:
+        return engine == self.engine or self.engines is None or engine in self.engines
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -79,7 +85,7 @@ _ENGINE_FIELDS = {
     "currency", "model_path", "n_ctx", "history_input",
 }
 _APP_FIELDS = {
-    "engine", "system", "memory", "inputs", "workflow_id", "history_input", "description",
+    "engine", "engines", "system", "memory", "inputs", "workflow_id", "history_input", "description",
     "opening_statement", "suggested_questions",
 }
 
@@ -187,12 +193,55 @@ def default_database_url() -> str:
 
 
 @dataclass
+class ServerSettings:
+    """`[server]` in threadline.toml: what the HTTP server accepts.
+
+    Sizes bound what one request can make the server hold: a 60 MB JSON body used to be read,
+    parsed and stored whole (RSS 107 -> 474 MB, never returned)."""
+
+    # Host header values accepted in open mode besides loopback names (DNS rebinding guard), and
+    # extra Origins a browser may call from (same-origin pages are always accepted).
+    allowed_hosts: list[str] = field(default_factory=list)
+    allowed_origins: list[str] = field(default_factory=list)
+    max_body_bytes: int = 20 * 1024 * 1024       # a JSON request body (images as data: URLs included)
+    max_upload_bytes: int = 16 * 1024 * 1024     # a multipart upload body (the largest file kind is 15 MB)
+    max_text_chars: int = 1_000_000              # one query / message text
+    max_messages: int = 10_000                   # messages in one Chat Completions request
+    max_user_chars: int = 255                    # a `user` id (the store's column holds 255)
+
+
+_SERVER_FIELDS = {f for f in ServerSettings.__dataclass_fields__}
+
+
+def _server_from_mapping(raw: dict[str, Any] | None) -> ServerSettings:
+    raw = dict(raw or {})
+    unknown = set(raw) - _SERVER_FIELDS
+    if unknown:
+        raise ConfigError(f"[server]: unknown setting(s) {sorted(unknown)}")
+    out = ServerSettings()
+    for k, v in raw.items():
+        default = getattr(out, k)
+        if isinstance(default, list):
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise ConfigError(f"[server] {k} must be a list of strings")
+            setattr(out, k, list(v))
+        else:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"[server] {k} must be a positive integer")
+            setattr(out, k, v)
+    if out.max_user_chars > 255:
+        raise ConfigError("[server] max_user_chars cannot exceed 255 (the store's user column)")
+    return out
+
+
+@dataclass
 class Settings:
     database_url: str
     engines: dict[str, EngineConfig]
     apps: dict[str, AppConfig]
     default_engine: str | None = None
     path: str | None = None
+    server: ServerSettings = field(default_factory=ServerSettings)
 
     @classmethod
     def build(
@@ -204,6 +253,7 @@ class Settings:
         default_engine: str | None = None,
         path: str | None = None,
         include_presets: bool = True,
+        server: dict[str, Any] | None = None,
     ) -> Settings:
         """Merge explicit engines over presets whose key is in the environment."""
         engs: dict[str, EngineConfig] = {}
@@ -226,6 +276,14 @@ class Settings:
             system = raw.get("system", [])
             if isinstance(system, str):
                 system = [system]
+            allowed = raw.get("engines")
+            if allowed is not None:
+                if not isinstance(allowed, list) or not all(isinstance(e, str) for e in allowed):
+                    raise ConfigError(f"app {name!r}: engines must be a list of engine names")
+                unknown_engines = [e for e in allowed if e not in engs]
+                if unknown_engines:
+                    raise ConfigError(f"app {name!r}: engines {unknown_engines} are not configured")
+                allowed = [eng, *(e for e in allowed if e != eng)]
             app_cfgs[name] = AppConfig(
                 name=name,
                 engine=eng,
@@ -237,6 +295,7 @@ class Settings:
                 description=str(raw.get("description", "")),
                 opening_statement=str(raw.get("opening_statement", "")),
                 suggested_questions=list(raw.get("suggested_questions", [])),
+                engines=allowed,
             )
         settings = cls(
             database_url=database_url or default_database_url(),
@@ -244,6 +303,7 @@ class Settings:
             apps=app_cfgs,
             default_engine=default_engine,
             path=path,
+            server=_server_from_mapping(server),
         )
         if settings.default_engine is None:
             settings.default_engine = settings.pick_default_engine()
@@ -274,6 +334,7 @@ class Settings:
             apps=data.get("apps"),
             default_engine=data.get("default_engine"),
             path=str(p),
+            server=data.get("server"),
         )
 
     def pick_default_engine(self) -> str | None:

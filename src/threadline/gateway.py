@@ -99,6 +99,17 @@ def _price(cfg: EngineConfig, usage: Usage) -> dict[str, Any]:
             "total_price": str(p + c), "currency": cfg.currency}
 
 
+MAX_USER_CHARS = 255  # the store's user column
+
+
+def check_user(user: str) -> None:
+    """A user id the store can hold: non-empty, at most 255 characters, no NUL."""
+    if not user or not isinstance(user, str):
+        raise InvalidParamError("Arg user must be provided.")
+    if len(user) > MAX_USER_CHARS or "\x00" in user:
+        raise InvalidParamError(f"user must be at most {MAX_USER_CHARS} characters, without NUL characters")
+
+
 class Gateway:
     def __init__(self, settings: Settings, store: Store | None = None, *, turn_wait: float = 30.0) -> None:
         self.settings = settings
@@ -242,12 +253,15 @@ class Gateway:
         extra_system: list[str] | None = None,
     ) -> AsyncIterator[TurnEvent]:
         """Yield TurnStarted, deltas, then TurnCompleted or TurnFailed. Never raises after TurnStarted."""
-        if not user:
-            raise InvalidParamError("Arg user must be provided.")
-        if not query or not query.strip():
+        check_user(user)
+        query = (query or "").replace("\x00", "")  # PostgreSQL text cannot hold NUL; Dify drops it too
+        if not query.strip():
             raise InvalidParamError("query is required")
         await self.start()
         app_cfg = self.app_config(app, engine)
+        if engine is not None and (engine not in self.settings.engines or not app_cfg.allows(engine)):
+            raise InvalidParamError(f"Engine {engine!r} is not available to app {app_cfg.name!r}.",
+                                    code="engine_not_available")
         if extra_system:
             app_cfg = replace(app_cfg, system=[*app_cfg.system, *extra_system])
         engine_name = engine or app_cfg.engine
@@ -510,40 +524,48 @@ class Gateway:
 
     async def import_history(self, *, app: str, user: str, engine: str, turns: list[tuple[str, str]],
                              name: str = "") -> str:
-        """Store turns a caller already had (an OpenAI client's message list, a Dify export) as a new
-        conversation, so the next turn continues it on any engine."""
+        """Store turns a caller already had (an OpenAI client's message list) as a new conversation,
+        so the next turn continues it on any engine. All or nothing: one transaction."""
+        check_user(user)
+        pairs: list[tuple[str, str]] = []
+        pending: str | None = None
+        for role, text in turns:
+            text = (text or "").replace("\x00", "")
+            if role == "user":
+                if pending is not None:
+                    pairs.append((pending, ""))
+                pending = text
+            else:
+                pairs.append((pending or "", text))
+                pending = None
+        if pending is not None:
+            pairs.append((pending, ""))
+        return await self.import_pairs(app=app, user=user, engine=engine,
+                                       turns=[{"query": q, "answer": a} for q, a in pairs], name=name)
+
+    async def import_pairs(self, *, app: str, user: str, engine: str, turns: list[dict[str, Any]],
+                           name: str = "") -> str:
+        """A new conversation from finished (query, answer) turns: `{"query", "answer"}` plus optional
+        `status`, `remote_id`, `inputs`, `created_at`. One transaction."""
         await self.start()
         cid = new_id()
         now = time.time()
-        conv = {"id": cid, "app": app, "user": user, "engine": engine, "name": name, "inputs": {}, "remote": {},
-                "last_seq": 0, "created_at": now, "updated_at": now, "deleted": False}
-        pending_user: str | None = None
-        first = True
-        for role, text in [*turns, ("user", None)]:
-            if role == "user":
-                if pending_user is not None:
-                    await self._import_pair(cid, conv if first else None, engine, pending_user, "")
-                    first = False
-                pending_user = text
-            else:
-                await self._import_pair(cid, conv if first else None, engine, pending_user or "", text or "")
-                first, pending_user = False, None
-        if first:
-            await self.store.create_conversation(app=app, user=user, engine=engine, conversation_id=cid, name=name)
-        if not name and turns:
-            await self.store.set_conversation_fields(cid, name=(turns[0][1] or "")[:60])
+        first = next((t["query"] for t in turns if t.get("query")), "")
+        conv = {"id": cid, "app": app, "user": user, "engine": engine,
+                "name": name or first.strip().splitlines()[0][:60] if (name or first.strip()) else "",
+                "inputs": {}, "remote": {}, "created_at": now, "updated_at": now, "deleted": False}
+        rows = []
+        for t in turns:
+            q, a = t.get("query") or "", t.get("answer") or ""
+            rows.append({
+                "user": {"content": q, "engine": engine, "token_estimate": estimate_message(q),
+                         "inputs": t.get("inputs") or None},
+                "assistant": {"content": a, "engine": engine, "token_estimate": estimate_message(a),
+                              "status": t.get("status") or "completed", "remote_id": t.get("remote_id")},
+                "created_at": t.get("created_at"),
+            })
+        await self.store.import_conversation(conv, rows)
         return cid
-
-    async def _import_pair(self, cid: str, new_conv: dict[str, Any] | None, engine: str, q: str, a: str,
-                           created_at: float | None = None, remote_id: str | None = None,
-                           inputs: dict[str, Any] | None = None, status: str = "completed") -> None:
-        uid, aid = new_id(), new_id()
-        await self.store.begin_turn(
-            cid, user_msg={"id": uid, "content": q, "engine": engine, "token_estimate": estimate_message(q),
-                           "inputs": inputs},
-            assistant_msg={"id": aid, "parent_id": uid, "engine": engine}, new_conversation=new_conv)
-        await self.store.finish_turn(cid, aid, None, content=a, status=status, token_estimate=estimate_message(a),
-                                     remote_id=remote_id)
 
     # ---- stop ------------------------------------------------------------------------------------
 

@@ -302,6 +302,27 @@ class Store:
             await conn.execute(insert(messages), _turn_rows(conversation_id, seq, now, user_msg, assistant_msg))
         return seq + 1, seq + 2
 
+    async def import_conversation(self, conversation: dict[str, Any], turns: list[dict[str, Any]]) -> None:
+        """A new conversation with finished turns (an OpenAI client's message list, a Dify export),
+        written in one transaction: an import that fails leaves nothing behind. Each turn is
+        `{"user": {...message fields}, "assistant": {...message fields}}`, oldest first."""
+        now = time.time()
+        rows: list[dict[str, Any]] = []
+        for i, t in enumerate(turns):
+            at = float(t.get("created_at") or now) + i * 1e-5
+            user_msg, asst_msg = dict(t["user"]), dict(t["assistant"])
+            user_msg.setdefault("id", new_id())
+            asst_msg.setdefault("id", new_id())
+            asst_msg.setdefault("parent_id", user_msg["id"])
+            asst_msg.setdefault("status", "completed")
+            user_row, asst_row = _turn_rows(conversation["id"], 2 * i, at, user_msg, asst_msg)
+            rows += [user_row, asst_row]
+        conv = {**_CONV_DEFAULTS, **conversation, "last_seq": len(rows)}
+        async with self._tx() as conn:
+            await conn.execute(insert(conversations).values(**conv))
+            if rows:
+                await conn.execute(insert(messages), rows)
+
     async def claim_turn(
         self, conversation_id: str, *, app: str, user: str, owner: str, ttl: float,
         user_msg: dict[str, Any], assistant_msg: dict[str, Any],
