@@ -314,3 +314,28 @@ async def test_https_certificate_for_another_name_is_rejected(gem, sqlite_url, t
     assert ei.value.code == "invalid_param" and "127.0.0.1" not in ei.value.message
     assert host.hosts == []  # no request was sent over the unverified connection
     assert gd.requests == []
+
+
+async def test_a_cookie_one_image_url_sets_is_not_sent_with_the_next_users_fetch(gem, sqlite_url):
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    cookies: list[str | None] = []
+
+    async def img(request: Request) -> Response:
+        cookies.append(request.headers.get("cookie"))
+        resp = Response(png_bytes(), media_type="image/png")
+        resp.set_cookie("session", "alice-secret")
+        return resp
+
+    srv = LiveServer(Starlette(routes=[Route("/img.png", img)])).start()
+    try:
+        _, gurl = gem
+        async with _gemini(gurl, ["127.0.0.1"], sqlite_url) as tl:
+            await tl.chat("look", user="alice", app="g", images=[f"{srv.url}/img.png"])
+            await tl.chat("look", user="bob", app="g", images=[f"{srv.url}/img.png"])
+    finally:
+        srv.stop()
+    assert cookies == [None, None]
