@@ -29,8 +29,9 @@ stay correct with no extra code, pooled connections are keyed by hostname, and e
 redirect hop, retries, reconnects) passes through the same check. httpx has no public parameter for
 httpcore's `network_backend`, so `_GuardedTransport` swaps the connection pool httpx built for one with
 the backend, and fails closed at construction if httpx ever stops keeping it in `_pool`. Existing SSRF
-packages (safehttpx, advocate, drawbridge) were not used: their address tests have the same 3.11 gaps
-(they use `is_private`/`is_global`), advocate is for requests and unmaintained, drawbridge is new.
+packages were not used: safehttpx tests addresses with `is_private`/`is_reserved` (100.64/10 passes on
+3.11), accepts a name when any one of its answers is public, and asks dns.google over the network;
+advocate is for requests and unmaintained since 2020; drawbridge is a months-old 0.1.
 
 Consequences: the image client never uses a proxy from the environment (a proxy resolves the name
 itself, so the guard could not pin it), and it keeps no cookies (it serves every user of the engine).
