@@ -28,7 +28,8 @@ With the backend, httpcore still sees the real hostname: SNI, certificate verifi
 stay correct with no extra code, pooled connections are keyed by hostname, and every connection (each
 redirect hop, retries, reconnects) passes through the same check. httpx has no public parameter for
 httpcore's `network_backend`, so `_GuardedTransport` swaps the connection pool httpx built for one with
-the backend, and fails closed at construction if httpx ever stops keeping it in `_pool`. Existing SSRF
+the backend; it fails closed at construction if httpx stops keeping a pool in `_pool`, and the
+DNS-rebinding test in tests/test_media_ssrf.py fails if httpx stops sending requests through it. Existing SSRF
 packages were not used: safehttpx tests addresses with `is_private`/`is_reserved` (100.64/10 passes on
 3.11), accepts a name when any one of its answers is public, and asks dns.google over the network;
 advocate is for requests and unmaintained since 2020; drawbridge is a months-old 0.1.
