@@ -15,7 +15,7 @@ import httpx
 import orjson
 
 from ..errors import UpstreamError, redact
-from ..media import b64, fetch_image, split_data_uri
+from ..media import ImageFetcher, b64, split_data_uri
 from ..messages import ChatMessage, EngineEvent, Finished, ReasoningDelta, TextDelta, Usage, UsageReport
 from . import retry
 from .base import Engine, EngineRequest
@@ -48,6 +48,12 @@ class GeminiEngine(Engine):
         inc = config.extra.get("include_thoughts")
         m = config.model.lower()
         self.include_thoughts = bool(inc) if inc is not None else ("2.5" in m or "gemini-3" in m or "thinking" in m)
+        # Image URLs are fetched through the SSRF guard's own client, never `self.http` (media.py says why).
+        self.images = ImageFetcher(config.allow_hosts)
+
+    async def aclose(self) -> None:
+        await self.images.aclose()
+        await super().aclose()
 
     async def _parts(self, m: ChatMessage) -> list[dict[str, Any]]:
         parts: list[dict[str, Any]] = [{"text": m.text}] if m.text else []
@@ -58,8 +64,7 @@ class GeminiEngine(Engine):
                 mime, data = split_data_uri(img.url)
                 parts.append({"inlineData": {"mimeType": mime, "data": data}})
             elif img.url:
-                mime, raw = await fetch_image(self.http, img.url, allow_hosts=self.config.allow_hosts,
-                                              max_bytes=self.config.max_image_bytes)
+                mime, raw = await self.images.fetch(img.url, max_bytes=self.config.max_image_bytes)
                 parts.append({"inlineData": {"mimeType": mime, "data": b64(raw)}})
         return parts or [{"text": ""}]
 
