@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .limits import Limits, parse_limits
 
 ENGINE_KINDS = ("openai", "gemini", "dify", "local")
 
@@ -58,6 +59,8 @@ class AppConfig:
     # The engines a caller of this app may pick (OpenAI `model`, the Dify route's `engine`, the page's
     # picker, the Python API's `engine=`): the app's own engine plus this list; None = every engine.
     engines: list[str] | None = None
+    # `[apps.NAME.limits]`: rate limits, budgets and concurrent turns per user (limits.py); None = none.
+    limits: Limits | None = None
 
     def allows(self, engine: str) -> bool:
         return engine == self.engine or self.engines is None or engine in self.engines
@@ -86,7 +89,7 @@ _ENGINE_FIELDS = {
 }
 _APP_FIELDS = {
     "engine", "engines", "system", "memory", "inputs", "workflow_id", "history_input", "description",
-    "opening_statement", "suggested_questions",
+    "opening_statement", "suggested_questions", "limits",
 }
 
 
@@ -296,6 +299,7 @@ class Settings:
                 opening_statement=str(raw.get("opening_statement", "")),
                 suggested_questions=list(raw.get("suggested_questions", [])),
                 engines=allowed,
+                limits=parse_limits(raw.get("limits"), f"[apps.{name}.limits]"),
             )
         settings = cls(
             database_url=database_url or default_database_url(),

@@ -61,6 +61,28 @@ class ConversationBusyError(ThreadlineError):
     retryable = True
 
 
+class RateLimitedError(ThreadlineError):
+    """One of Threadline's own limits (an app's or a key's: `[apps.X.limits]`, `keys create --rpm ...`)
+    refused a turn before anything was stored; `retry_after` says when the window frees. `limit`
+    names which one, and the code follows it so clients can branch:
+
+    - `requests_per_minute` → `rate_limit_exceeded`
+    - `tokens_per_day` → `token_quota_exceeded`
+    - `spend_per_day` → `spend_cap_exceeded`
+    - `concurrent_turns_per_user` → `too_many_requests` (Dify's code for its concurrency limit)
+
+    Not the same meaning as an engine's own 429, which is an UpstreamError `rate_limit_error`."""
+
+    code = "rate_limit_exceeded"
+    status = 429
+    retryable = True
+
+    def __init__(self, message: str, *, limit: str, scope: str, code: str, retry_after: float) -> None:
+        super().__init__(message, code=code, retry_after=retry_after)
+        self.limit = limit  # requests_per_minute | tokens_per_day | spend_per_day | concurrent_turns_per_user
+        self.scope = scope  # "key" | "app"
+
+
 class ConfigError(ThreadlineError):
     code = "config_error"
     status = 500

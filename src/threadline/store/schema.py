@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -110,4 +111,36 @@ api_keys = Table(
     Column("prefix", String(16), nullable=False),
     Column("created_at", Float, nullable=False),
     Column("revoked", Boolean, nullable=False, default=False),
+    # Per-key limits, set when the key is created (`keys create --rpm ...`) and never changed after:
+    # NULL = no limit. Spend is a decimal string in `limit_currency` (exact; SQLite has no decimal type).
+    Column("limit_rpm", Integer, nullable=True),
+    Column("limit_tokens_per_day", BigInteger, nullable=True),
+    Column("limit_spend_per_day", String(32), nullable=True),
+    Column("limit_currency", String(16), nullable=True),
 )
+
+# Usage of a limited scope ("key:<id>" or "app:<name>") on one UTC day (epoch days): the requests of
+# its current minute (epoch minutes), and the tokens and spend (in nano-units of the limit's
+# currency, so sums are exact integers) of the day. One row per scope per day, updated in place.
+usage_counters = Table(
+    "usage_counters",
+    metadata,
+    Column("scope", String(200), primary_key=True),
+    Column("day", Integer, primary_key=True),
+    Column("minute", Integer, nullable=False),
+    Column("requests", Integer, nullable=False),
+    Column("tokens", BigInteger, nullable=False),
+    Column("spend", BigInteger, nullable=False),
+)
+
+# One row per running turn of an app with a per-user concurrency limit. The process running the turn
+# renews `expires_at`; a crashed process's rows expire and stop counting.
+turn_slots = Table(
+    "turn_slots",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("app", String(128), nullable=False),
+    Column("user", String(255), nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+Index("ix_turn_slots_owner", turn_slots.c.app, turn_slots.c.user, turn_slots.c.expires_at)

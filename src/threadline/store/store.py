@@ -551,9 +551,11 @@ class Store:
 
     # ---- api keys ------------------------------------------------------------------------------
 
-    async def add_key(self, *, app: str, key_hash: str, prefix: str) -> dict[str, Any]:
+    async def add_key(self, *, app: str, key_hash: str, prefix: str,
+                      columns: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`columns`: more of the key's columns (its limits)."""
         row = {"id": new_id(), "app": app, "key_hash": key_hash, "prefix": prefix, "created_at": time.time(),
-               "revoked": False}
+               "revoked": False, **(columns or {})}
         async with self._tx() as conn:
             await conn.execute(insert(api_keys).values(**row))
         return row
