@@ -39,6 +39,7 @@ from .errors import (
     UpstreamError,
 )
 from .history_cache import HistoryCache
+from .limits import Limiter, Ticket
 from .messages import (
     AnswerReplaced,
     ChatMessage,
@@ -82,6 +83,7 @@ class RunningTurn:
     stop_requested: bool = False
     first_token_at: float = 0.0
     history_row: dict[str, Any] | None = None  # the user message as packing reads it, for the history cache
+    ticket: Ticket | None = None  # what the turn counted against its limits, settled when it ends
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -115,6 +117,7 @@ class Gateway:
         self.settings = settings
         self.store = store or Store(settings.database_url)
         self.history = HistoryCache(self.store)
+        self.limits = Limiter(self.store)
         self.turn_wait = turn_wait
         self.calibration = Calibration()
         self.owner = uuid.uuid4().hex
@@ -141,6 +144,7 @@ class Gateway:
             await e.aclose()
         await self.poster.aclose()
         await self.http.aclose()
+        await self.limits.close()
         await self.store.close()
 
     # ---- configuration lookups -------------------------------------------------------------------
@@ -251,8 +255,15 @@ class Gateway:
         workflow_id: str | None = None,
         auto_generate_name: bool = True,
         extra_system: list[str] | None = None,
+        key_id: str | None = None,
+        history: list[tuple[str, str]] | None = None,
     ) -> AsyncIterator[TurnEvent]:
-        """Yield TurnStarted, deltas, then TurnCompleted or TurnFailed. Never raises after TurnStarted."""
+        """Yield TurnStarted, deltas, then TurnCompleted or TurnFailed. Never raises after TurnStarted.
+
+        `key_id`: the app key the caller used (its limits apply along with the app's). `history`:
+        (role, text) turns the caller already had (an OpenAI client's message list); without a
+        conversation_id they are stored as a new conversation this turn continues, once the turn is
+        admitted, so a refused turn stores nothing."""
         check_user(user)
         query = (query or "").replace("\x00", "")  # PostgreSQL text cannot hold NUL; Dify drops it too
         if not query.strip():
@@ -267,23 +278,34 @@ class Gateway:
         engine_name = engine or app_cfg.engine
         eng = self.engine(engine_name)
         imgs = self.normalize_images(images, files)
-        cid = conversation_id or new_id()
-        final: TurnEvent | None = None
-        async with self._local_lock(cid):
-            run = self._run(cid, conversation_id is not None, app_cfg, user, eng, query, imgs, stream, inputs or {},
-                            workflow_id, auto_generate_name)
-            try:
-                async for ev in run:
-                    if isinstance(ev, TurnCompleted | TurnFailed):
-                        final = ev  # stored, lease released: the conversation is free before the caller hears
-                        break
-                    yield ev
-            finally:
-                # Inside the lock: a caller that leaves early (closed stream, cancelled request) has its
-                # partial answer stored as stopped before the next turn of this conversation begins.
-                await run.aclose()
-                if final is None:  # _run releases the lease with its final write; this covers exits before it
-                    await asyncio.shield(self._release_if_held(cid))
+        # Limits: free (no call, no store access) unless the app or a key is involved.
+        ticket = await self.limits.admit(app_cfg, user, key_id) if app_cfg.limits or key_id else None
+        try:
+            if history and conversation_id is None:
+                conversation_id = await self.import_history(app=app_cfg.name, user=user, engine=engine_name,
+                                                            turns=history)
+            cid = conversation_id or new_id()
+            final: TurnEvent | None = None
+            async with self._local_lock(cid):
+                run = self._run(cid, conversation_id is not None, app_cfg, user, eng, query, imgs, stream,
+                                inputs or {}, workflow_id, auto_generate_name, ticket)
+                try:
+                    async for ev in run:
+                        if isinstance(ev, TurnCompleted | TurnFailed):
+                            final = ev  # stored, lease released: the conversation is free before the caller hears
+                            break
+                        yield ev
+                finally:
+                    # Inside the lock: a caller that leaves early (closed stream, cancelled request) has its
+                    # partial answer stored as stopped before the next turn of this conversation begins.
+                    await run.aclose()
+                    if final is None:  # _run releases the lease with its final write; this covers exits before it
+                        await asyncio.shield(self._release_if_held(cid))
+        finally:
+            if ticket is not None and not ticket.settled:  # the turn ended before it ran: free its slot
+                pending = self.limits.settle(ticket)
+                if pending is not None:
+                    await asyncio.shield(pending)
         if final is not None:
             yield final
 
@@ -294,7 +316,7 @@ class Gateway:
     async def _run(
         self, cid: str, existing: bool, app_cfg: AppConfig, user: str, eng: Engine, query: str,
         imgs: list[ImagePart], stream: bool, inputs: dict[str, Any], workflow_id: str | None,
-        auto_generate_name: bool,
+        auto_generate_name: bool, ticket: Ticket | None = None,
     ) -> AsyncIterator[TurnEvent]:
         started = time.time()
         await self._hydrate(imgs, app_cfg.name, user)
@@ -312,7 +334,7 @@ class Gateway:
             user_seq, asst_seq = await self.store.begin_turn(cid, user_msg=user_row, assistant_msg=asst_row,
                                                              new_conversation=conv, lock=(self.owner, LOCK_TTL))
         running = RunningTurn(task_id, app_cfg.name, user, asst_mid, eng, self.remote_user(app_cfg.name, user),
-                              user_message_id=user_mid)
+                              user_message_id=user_mid, ticket=ticket)
         running.history_row = {"seq": user_seq, "role": "user", "content": query, "parts": user_row["parts"],
                                "reasoning": None, "status": "completed", "token_estimate": q_tokens, "engine": eng.name}
         self.running[task_id] = running
@@ -437,11 +459,20 @@ class Gateway:
             rem = dict(conv.get("remote") or {})
             rem[eng.name] = {"id": remote.conversation_id, "seq": asst_seq}
             conv_values["remote"] = conv["remote"] = rem
-        await asyncio.shield(self.store.finish_turn(
+        finish = asyncio.shield(self.store.finish_turn(
             cid, running.message_id, self.owner, conversation_values=conv_values,
             content=text, reasoning=reasoning_text, status=status, usage=usage.to_json(), price=price,
             latency=latency, error=err, token_estimate=answer_tokens, remote_id=remote.message_id,
         ))
+        # Queued in the same pass as the final write (which starts on the next), so on SQLite the two
+        # share one commit. A failed turn that produced nothing the engine reported is not charged.
+        settle = None
+        if running.ticket is not None:
+            charged = not (status == "failed" and usage.estimated and not text and not reasoning_text)
+            settle = self.limits.settle(running.ticket, usage if charged else None, price)
+        await finish
+        if settle is not None:
+            await asyncio.shield(settle)
         if running.history_row is not None:
             self.history.append_turn(cid, [running.history_row, {
                 "seq": asst_seq, "role": "assistant", "content": text, "parts": None, "reasoning": reasoning_text,

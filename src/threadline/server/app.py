@@ -187,7 +187,8 @@ def create_app(settings: Settings, *, open_access: bool = False, gateway: Gatewa
 
     app = ThreadlineApp(title="Threadline", version=__version__, lifespan=lifespan,
                         description="Dify-compatible and OpenAI-compatible conversation API over any engine.")
-    app.state.tl = ServerState(gateway=gw, keys=KeyCache(gw.store), open_access=open_access)
+    app.state.tl = ServerState(gateway=gw, keys=KeyCache(gw.store, on_read=gw.limits.remember_key),
+                               open_access=open_access)
     operations = [*dify_api.operations, *openai_api.operations]
     app.router.routes.extend(routes(operations))
     schema = openapi(operations, title=app.title, description=app.description)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +49,8 @@ def dify_error(status: int, code: str, message: str, headers: dict[str, str] | N
 
 
 def from_threadline(exc: ThreadlineError) -> HTTPError:
-    return HTTPError(exc.status, exc.code, exc.message)
+    headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))} if exc.retry_after else None
+    return HTTPError(exc.status, exc.code, exc.message, headers)
 
 
 class EventStream:

@@ -133,7 +133,7 @@ async def chat_messages(request: Request) -> Response | EventStream:
     gw = state(request).gateway
     agen = gw.turn(query, user=user, app=caller.app.name, conversation_id=p.conversation_id, engine=p.engine,
                    images=images, files=uploads, stream=mode == "streaming", inputs=p.inputs,
-                   workflow_id=p.workflow_id, auto_generate_name=p.auto_generate_name)
+                   workflow_id=p.workflow_id, auto_generate_name=p.auto_generate_name, key_id=caller.key_id)
     try:
         first = await agen.__anext__()
     except NotFoundError as exc:

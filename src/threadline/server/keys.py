@@ -10,10 +10,12 @@ import asyncio
 import hashlib
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ..config import Settings
+from ..limits import Limits
 from ..store import Store
 
 KEY_TTL = 0.5  # seconds an answer (valid, unknown or revoked) is reused; revocation is seen within it
@@ -32,14 +34,19 @@ def new_key() -> str:
 class KeyRecord:
     id: str
     app: str
+    limits: Limits | None = None  # set at creation, never changed
+
+
+KeyListener = Callable[[str, Limits | None], None]
 
 
 class KeyCache:
     """Key lookups with a short memory; concurrent requests with the same key share one read."""
 
-    def __init__(self, store: Store, ttl: float = KEY_TTL) -> None:
+    def __init__(self, store: Store, ttl: float = KEY_TTL, on_read: KeyListener | None = None) -> None:
         self.store = store
         self.ttl = ttl
+        self.on_read = on_read  # told each key's limits as they are read (the gateway's limiter)
         self._hits: dict[str, tuple[float, KeyRecord | None]] = {}
         self._reads: dict[str, asyncio.Task[KeyRecord | None]] = {}
 
@@ -58,7 +65,9 @@ class KeyCache:
             row = await self.store.find_key(digest)
         finally:
             self._reads.pop(digest, None)
-        record = KeyRecord(row["id"], row["app"]) if row else None
+        record = KeyRecord(row["id"], row["app"], Limits.from_key_row(row)) if row else None
+        if record is not None and self.on_read is not None:
+            self.on_read(record.id, record.limits)
         if len(self._hits) >= KEY_CACHE_SIZE:
             now = time.monotonic()
             self._hits = {k: v for k, v in self._hits.items() if v[0] > now}
@@ -74,11 +83,13 @@ async def _with_store(settings: Settings) -> Store:
     return store
 
 
-async def create_key(settings: Settings, app: str) -> str:
+async def create_key(settings: Settings, app: str, limits: Limits | None = None) -> str:
+    """A new key for `app`, with its own limits if given (limits.parse_limits validates them)."""
     store = await _with_store(settings)
     try:
         key = new_key()
-        await store.add_key(app=app, key_hash=hash_key(key), prefix=key[:10])
+        await store.add_key(app=app, key_hash=hash_key(key), prefix=key[:10],
+                            columns=limits.key_columns() if limits else None)
         return key
     finally:
         await store.close()

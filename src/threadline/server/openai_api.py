@@ -180,15 +180,12 @@ async def _chat_completions(request: Request) -> Response | EventStream:
     query = turns[-1][1]
     history = turns[:-1]
     cid = await _match_conversation(request, app_cfg.name, user, history) if history else None
-    try:
-        if cid is None and history:
-            cid = await gw.import_history(app=app_cfg.name, user=user, engine=engine or app_cfg.engine, turns=history)
-    except ThreadlineError as exc:
-        raise _from_tl(exc) from None
     stream = bool(body.stream)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    # A history no stored conversation matches is stored by the turn, once its limits admit it.
     agen = gw.turn(query, user=user, app=app_cfg.name, conversation_id=cid, engine=engine, images=images,
-                   stream=stream, extra_system=system)
+                   stream=stream, extra_system=system, key_id=caller.key_id,
+                   history=history if cid is None and history else None)
     try:
         first = await agen.__anext__()
     except ThreadlineError as exc:
