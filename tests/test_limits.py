@@ -190,20 +190,23 @@ def test_requests_per_minute_per_app_counts_every_key_of_the_app(oai, tmp_path, 
     db = f"sqlite+aiosqlite:///{tmp_path}/l.db"
     s = _settings(db, url, {"capped": {"engine": "acc", "limits": {"requests_per_minute": 2}},
                             "other": {"engine": "acc"}})
-    k1, k2 = asyncio.run(create_key(s, "capped")), asyncio.run(create_key(s, "capped"))
+    k1, k2 = asyncio.run(create_key(s, "capped", Limits(requests_per_minute=5))), asyncio.run(create_key(s, "capped"))
     other = asyncio.run(create_key(s, "other"))
     srv = LiveServer(create_app(s)).start()
     try:
         _fresh_minute()
         with httpx.Client(base_url=srv.url, timeout=30) as c:
-            assert _turn(c, surface, k1, "capped").status_code == 200
+            assert _turn(c, surface, k2, "capped").status_code == 200
             assert _turn(c, surface, k2, "capped", user="bob").status_code == 200
             before = _rows(db)
+            # k1's own limit (5) would admit it; the app's (2, used by k2) refuses it.
             refused = _turn(c, surface, k1, "capped", user="carol")
             message = _assert_refused(refused, surface, "rate_limit_exceeded", most_wait=60)
             assert "app 'capped' allows 2 requests per minute" in message
             _assert_refused(_turn(c, surface, k2, "capped"), surface, "rate_limit_exceeded", most_wait=60)
             assert _rows(db) == before
+            assert _usage(db, "app:capped")["requests"] == 2
+            assert _usage(db, f"key:{_key_id(s, k1)}")["requests"] == 0  # counted by the key, undone with the refusal
             assert _turn(c, surface, other, "other").status_code == 200
     finally:
         srv.stop()
@@ -214,7 +217,8 @@ async def test_app_limits_apply_to_the_python_api(oai, sqlite_url):
     tl = AsyncThreadline(database_url=sqlite_url, include_presets=False,
                          engines={"acc": {"kind": "openai", "base_url": f"{url}/v1", "api_key": "sk-test-double-key",
                                           "model": "m"}},
-                         apps={"demo": {"engine": "acc", "limits": {"requests_per_minute": 1}}})
+                         apps={"demo": {"engine": "acc", "limits": {"requests_per_minute": 1,
+                                                                    "concurrent_turns_per_user": 1}}})
     try:
         await asyncio.to_thread(_fresh_minute)
         r = await tl.chat("hi", user="u", app="demo")
@@ -226,6 +230,8 @@ async def test_app_limits_apply_to_the_python_api(oai, sqlite_url):
             await tl.chat("new", user="u", app="demo")
         assert [c.id for c in await tl.conversations(user="u", app="demo")] == [r.conversation_id]
         assert len(await tl.messages(r.conversation_id, user="u")) == 2
+        async with tl.gateway.store.engine.connect() as conn:  # the refused turns' slots were given back
+            assert (await conn.execute(text("SELECT count(*) FROM turn_slots"))).scalar_one() == 0
     finally:
         await tl.aclose()
 
@@ -345,12 +351,15 @@ async def test_running_turns_keep_their_slots_and_a_dead_process_slots_expire(oa
             return out
 
         task = asyncio.create_task(long_turn())
-        await asyncio.sleep(1.4)
-        assert not task.done()
-        with pytest.raises(RateLimitedError) as refused:
-            await b.chat("meanwhile", user="u", app="one")
-        assert refused.value.code == "too_many_requests" and refused.value.retry_after == 1
-        assert await task == "x" * 60
+        try:
+            await asyncio.sleep(1.4)
+            assert not task.done()
+            with pytest.raises(RateLimitedError) as refused:
+                await b.chat("meanwhile", user="u", app="one")
+            assert refused.value.code == "too_many_requests" and refused.value.retry_after == 1
+            assert await task == "x" * 60
+        finally:
+            task.cancel()
         d.reset()
         assert (await b.chat("now", user="u", app="one")).answer == "Answer to: now"
         # A process that died mid-turn left a slot; it counts until it expires, then not.
@@ -393,6 +402,28 @@ def test_two_servers_on_one_store_share_the_counts(oai, database_url):
     finally:
         first.stop()
         second.stop()
+
+
+async def test_simultaneous_admissions_in_two_processes_never_pass_a_limit(database_url):
+    """Admissions racing in two gateways (separate pools, as two processes have) on one store: a
+    limit of N admits exactly N, for requests per minute and for concurrent turns alike."""
+    s = Settings.build(database_url=database_url, include_presets=False,
+                       engines={"acc": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"}},
+                       apps={"rpm": {"engine": "acc", "limits": {"requests_per_minute": 5}},
+                             "one": {"engine": "acc", "limits": {"concurrent_turns_per_user": 1}}})
+    gateways = [Gateway(s), Gateway(s)]
+    try:
+        for gw in gateways:
+            await gw.start()
+        await asyncio.to_thread(_fresh_minute)
+        for app, user_of, admitted in (("rpm", lambda i: f"u{i}", 5), ("one", lambda i: "same", 1)):
+            results = await asyncio.gather(*(gateways[i % 2].limits.admit(s.apps[app], user_of(i), None)
+                                             for i in range(24)), return_exceptions=True)
+            assert sum(1 for r in results if r is not None and not isinstance(r, BaseException)) == admitted
+            assert all(isinstance(r, RateLimitedError) for r in results if r is None or isinstance(r, BaseException))
+    finally:
+        for gw in gateways:
+            await gw.close()
 
 
 # ---- no limits: no cost ------------------------------------------------------------------------------------
