@@ -365,8 +365,8 @@ async def test_running_turns_keep_their_slots_and_a_dead_process_slots_expire(oa
         # A process that died mid-turn left a slot; it counts until it expires, then not.
         await b.gateway.start()
         async with b.gateway.store.engine.begin() as conn:
-            await conn.execute(text('INSERT INTO turn_slots (id, app, "user", expires_at) VALUES '
-                                    "('dead-1', 'one', 'v', :live)"), {"live": time.time() + 0.5})
+            await conn.execute(text('INSERT INTO turn_slots (app, "user", id, expires_at) VALUES '
+                                    "('one', 'v', 'dead-1', :live)"), {"live": time.time() + 0.5})
         with pytest.raises(RateLimitedError):
             await b.chat("blocked", user="v", app="one")
         await asyncio.sleep(0.6)

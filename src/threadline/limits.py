@@ -178,11 +178,11 @@ def parse_limits(raw: Any, where: str, *, concurrency: bool = True) -> Limits | 
 class Ticket:
     """An admitted turn: the scopes it counted against and the slot it holds, until it is settled."""
 
-    __slots__ = ("scopes", "settled", "slot_id")
+    __slots__ = ("scopes", "settled", "slot")
 
-    def __init__(self, scopes: list[tuple[str, Limits]], slot_id: str | None) -> None:
+    def __init__(self, scopes: list[tuple[str, Limits]], slot: SlotClaim | None) -> None:
         self.scopes = scopes
-        self.slot_id = slot_id
+        self.slot = slot
         self.settled = False
 
 
@@ -217,7 +217,9 @@ class Limiter:
     async def admit(self, app: AppConfig, user: str, key_id: str | None) -> Ticket | None:
         """Count the turn against its key's and app's limits and take a slot for its user, or raise
         RateLimitedError having written nothing. None when no limit applies."""
-        key = await self._key_limits(key_id) if key_id is not None else None
+        key = self._keys.get(key_id, _UNKNOWN) if key_id is not None else None
+        if key is _UNKNOWN:
+            key = await self._key_limits(key_id)  # type: ignore[arg-type]
         app_limits = app.limits
         if key is None and app_limits is None:
             return None
@@ -239,7 +241,7 @@ class Limiter:
             self._slots.add(slot.id)
             if self._renewer is None or self._renewer.done():
                 self._renewer = asyncio.get_running_loop().create_task(self._renew())
-        return Ticket(scopes, slot.id if slot else None)
+        return Ticket(scopes, slot)
 
     def settle(self, ticket: Ticket, usage: Usage | None = None, price: Mapping[str, Any] | None = None) -> (
             Awaitable[None] | None):
@@ -248,8 +250,8 @@ class Limiter:
         if ticket.settled:
             return None
         ticket.settled = True
-        if ticket.slot_id is not None:
-            self._slots.discard(ticket.slot_id)
+        if ticket.slot is not None:
+            self._slots.discard(ticket.slot.id)
         charges = []
         if usage is not None:
             spent = _spent(price)
@@ -258,10 +260,10 @@ class Limiter:
                     spend = spent[1] if spent is not None and spent[0] == lim.currency else 0
                     if usage.total_tokens or spend:
                         charges.append(Charge(scope, max(0, int(usage.total_tokens)), spend))
-        if not charges and ticket.slot_id is None:
+        if not charges and ticket.slot is None:
             return None
         try:
-            return self._quietly(self.counters.settle(charges, ticket.slot_id, time.time()))
+            return self._quietly(self.counters.settle(charges, ticket.slot, time.time()))
         except Exception as exc:  # accounting must never fail the turn it accounts for
             log.error("usage accounting failed: %s", type(exc).__name__)
             return None

@@ -28,19 +28,19 @@ def upgrade() -> None:
         sa.Column("requests", sa.Integer, nullable=False),
         sa.Column("tokens", sa.BigInteger, nullable=False),
         sa.Column("spend", sa.BigInteger, nullable=False),
+        sqlite_with_rowid=False,
     )
     op.create_table(
         "turn_slots",
+        sa.Column("app", sa.String(128), primary_key=True),
+        sa.Column("user", sa.String(255), primary_key=True),
         sa.Column("id", sa.String(36), primary_key=True),
-        sa.Column("app", sa.String(128), nullable=False),
-        sa.Column("user", sa.String(255), nullable=False),
         sa.Column("expires_at", sa.Float, nullable=False),
+        sqlite_with_rowid=False,
     )
-    op.create_index("ix_turn_slots_owner", "turn_slots", ["app", "user", "expires_at"])
 
 
 def downgrade() -> None:
-    op.drop_index("ix_turn_slots_owner", "turn_slots")
     op.drop_table("turn_slots")
     op.drop_table("usage_counters")
     with op.batch_alter_table("api_keys") as batch:
