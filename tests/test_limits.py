@@ -185,9 +185,9 @@ def test_requests_per_minute_per_key_refuses_the_next_request_and_stores_nothing
 
 
 @pytest.mark.parametrize("surface", ["dify", "openai"])
-def test_requests_per_minute_per_app_counts_every_key_of_the_app(oai, tmp_path, surface):
+def test_requests_per_minute_per_app_counts_every_key_of_the_app(oai, database_url, surface):
     _, url = oai
-    db = f"sqlite+aiosqlite:///{tmp_path}/l.db"
+    db = database_url
     s = _settings(db, url, {"capped": {"engine": "acc", "limits": {"requests_per_minute": 2}},
                             "other": {"engine": "acc"}})
     k1, k2 = asyncio.run(create_key(s, "capped", Limits(requests_per_minute=5))), asyncio.run(create_key(s, "capped"))
