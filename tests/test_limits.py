@@ -426,6 +426,39 @@ async def test_simultaneous_admissions_in_two_processes_never_pass_a_limit(datab
             await gw.close()
 
 
+async def test_limits_hold_on_sqlite_s_waiting_path(oai, sqlite_url):
+    """While another process holds SQLite's write lock for long, writes take the store's async path
+    (a transaction that does not hold the lock from its start): the same counts and refusals."""
+    _, url = oai
+    tl = AsyncThreadline(database_url=sqlite_url, include_presets=False,
+                         engines={"acc": {"kind": "openai", "base_url": f"{url}/v1", "api_key": "sk-test-double-key",
+                                          "model": "m"}},
+                         apps={"demo": {"engine": "acc", "limits": {"requests_per_minute": 2, "tokens_per_day": 10**6,
+                                                                    "concurrent_turns_per_user": 1}}})
+    try:
+        await tl.gateway.start()
+        tl.gateway.store.hot.close()
+        tl.gateway.store.hot = None
+        await asyncio.to_thread(_fresh_minute)
+        slots = await asyncio.gather(*(tl.gateway.limits.admit(tl.settings.apps["demo"], "u", None) for _ in range(3)),
+                                     return_exceptions=True)
+        assert sum(1 for t in slots if not isinstance(t, BaseException)) == 1
+        assert all(t.code == "too_many_requests" for t in slots if isinstance(t, RateLimitedError))
+        for t in slots:
+            if not isinstance(t, BaseException):
+                await tl.gateway.limits.settle(t)
+        r = await tl.chat("hi", user="u", app="demo")
+        with pytest.raises(RateLimitedError) as refused:
+            await tl.chat("again", user="u", app="demo")
+        assert refused.value.code == "rate_limit_exceeded"
+        usage = await tl.gateway.limits.counters.usage("app:demo")
+        assert usage["requests"] == 2 and usage["tokens"] == r.usage.total_tokens
+        async with tl.gateway.store.engine.connect() as conn:
+            assert (await conn.execute(text("SELECT count(*) FROM turn_slots"))).scalar_one() == 0
+    finally:
+        await tl.aclose()
+
+
 # ---- no limits: no cost ------------------------------------------------------------------------------------
 
 
