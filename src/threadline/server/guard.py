@@ -64,8 +64,9 @@ class RequestGuard:
         try:
             if self.open_access:
                 self._check_origin(scope)
-            limit = self.server.max_upload_bytes if scope["path"] in UPLOAD_PATHS else self.server.max_body_bytes
-            receive = self._limited(scope, receive, limit)
+            upload = scope["path"] in UPLOAD_PATHS
+            limit = self.server.max_upload_bytes if upload else self.server.max_body_bytes
+            receive = self._limited(scope, receive, limit, "file_too_large" if upload else "request_too_large")
         except HTTPError as exc:
             await self.render(Request(scope), exc)(scope, receive, send)
             return
@@ -92,10 +93,10 @@ class RequestGuard:
                                 "add the origin to [server] allowed_origins to allow it.")
 
     @staticmethod
-    def _too_large(limit: int) -> HTTPError:
-        return HTTPError(413, "request_too_large", f"The request body is larger than the limit of {limit} bytes.")
+    def _too_large(limit: int, code: str) -> HTTPError:
+        return HTTPError(413, code, f"The request body is larger than the limit of {limit} bytes.")
 
-    def _limited(self, scope: Scope, receive: Receive, limit: int) -> Receive:
+    def _limited(self, scope: Scope, receive: Receive, limit: int, code: str) -> Receive:
         for k, v in scope["headers"]:
             if k == b"content-length":
                 try:
@@ -103,7 +104,7 @@ class RequestGuard:
                 except ValueError:
                     raise HTTPError(400, "bad_request", "Content-Length is not a number.") from None
                 if declared > limit:
-                    raise self._too_large(limit)
+                    raise self._too_large(limit, code)
                 return receive  # the server never delivers more than the declared length
         seen = 0
 
@@ -113,7 +114,7 @@ class RequestGuard:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise self._too_large(limit)
+                    raise self._too_large(limit, code)
             return message
 
         return counted
