@@ -73,6 +73,38 @@ class UpstreamError(ThreadlineError):
     status = 400
 
 
+class UpstreamTruncated(UpstreamError):
+    """The engine's stream ended without its terminator (`[DONE]`, a finish reason, `message_end`):
+    the answer is incomplete, so the turn is failed with what came, never stored as completed."""
+
+    code = "upstream_truncated"
+    status = 502
+    retryable = True
+
+
+class UpstreamBadResponse(UpstreamError):
+    """The engine sent something that is not its protocol (a body or a stream chunk that does not parse)."""
+
+    code = "upstream_bad_response"
+    status = 502
+    retryable = True
+
+
+class UpstreamTimeout(UpstreamError):
+    """The engine did not answer (or went silent mid-answer) within the engine's `timeout`."""
+
+    code = "upstream_timeout"
+    status = 504
+    retryable = True
+
+
+class UpstreamStreamError(UpstreamError):
+    """The engine reported an error inside a stream it had started."""
+
+    code = "upstream_stream_error"
+    status = 502
+
+
 class RemoteConversationLost(ThreadlineError):
     """A stateful engine no longer knows the remote conversation id we stored (deleted or expired)."""
 
@@ -131,3 +163,61 @@ def redact(text: str, *secrets: str | None) -> str:
         if s and len(s) >= 4:
             text = text.replace(s, "***")
     return _KEYLIKE.sub("***", text)
+
+
+class _Held:
+    """Exact-secret removal over a stream of pieces: a secret split across pieces is still caught,
+    because a tail that could be the start of the secret is held back until the next piece."""
+
+    __slots__ = ("held", "secret")
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+        self.held = ""
+
+    def feed(self, piece: str) -> str:
+        s = self.secret
+        buf = self.held + piece if self.held else piece
+        if s in buf:
+            buf = buf.replace(s, "***")
+        # The longest tail of buf that is a proper prefix of the secret (candidates start at s[0]).
+        keep = 0
+        start = max(0, len(buf) - len(s) + 1)
+        i = buf.find(s[0], start)
+        while i != -1:
+            if s.startswith(buf[i:]):
+                keep = len(buf) - i
+                break
+            i = buf.find(s[0], i + 1)
+        if keep:
+            self.held = buf[-keep:]
+            return buf[:-keep]
+        self.held = ""
+        return buf
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+class StreamRedactor:
+    """Removes an engine's key from the answer and reasoning it streams (one per turn). Costs nothing
+    when the engine has no key; otherwise a substring test and a short scan per piece."""
+
+    __slots__ = ("_reasoning", "_text")
+
+    def __init__(self, secret: str | None) -> None:
+        usable = secret if secret and len(secret) >= 8 else None
+        self._text = _Held(usable) if usable else None
+        self._reasoning = _Held(usable) if usable else None
+
+    def text(self, piece: str) -> str:
+        return self._text.feed(piece) if self._text is not None else piece
+
+    def reasoning(self, piece: str) -> str:
+        return self._reasoning.feed(piece) if self._reasoning is not None else piece
+
+    def flush(self) -> tuple[str, str]:
+        if self._text is None or self._reasoning is None:
+            return "", ""
+        return self._text.flush(), self._reasoning.flush()
