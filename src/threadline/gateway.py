@@ -36,6 +36,7 @@ from .errors import (
     NotFoundError,
     RemoteConversationLost,
     ThreadlineError,
+    UnsupportedInputError,
     UpstreamError,
 )
 from .history_cache import HistoryCache
@@ -157,6 +158,13 @@ class Gateway:
         return eng
 
     @staticmethod
+    def refuse_images(eng: Engine) -> None:
+        """Forward or refuse: a text-only engine gets no images, and the caller hears why (400)."""
+        if not eng.accepts_images:
+            raise UnsupportedInputError(f"Engine {eng.name!r} ({eng.model}) cannot read images: send text only, "
+                                        "or pick an engine that can.")
+
+    @staticmethod
     def remote_user(app: str, user: str) -> str:
         """A stable per-(app, user) identity for stateful engines that scope conversations by user."""
         return f"{app}:{user}"
@@ -253,6 +261,8 @@ class Gateway:
         engine_name = engine or app_cfg.engine
         eng = self.engine(engine_name)
         imgs = self.normalize_images(images, files)
+        if imgs:
+            self.refuse_images(eng)
         cid = conversation_id or new_id()
         final: TurnEvent | None = None
         async with self._local_lock(cid):
