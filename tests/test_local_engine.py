@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -246,3 +248,20 @@ def test_two_engines_in_two_gateways_share_one_model_load(serve):
     assert len(_helpers()) == 1
     (srv,) = local.running_servers()
     assert len(srv.users) == 4 and srv.pid == _helpers()[0]
+
+
+def test_cli_engines_reports_the_local_engine(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "COLUMNS": "200", "HOME": str(tmp_path)}
+    run = [sys.executable, "-c", "import sys\n{hide}sys.argv = ['threadline', 'engines']\n"
+           "from threadline.cli import main\nmain()"]
+
+    def engines(hide: str) -> str:
+        out = subprocess.run([*run[:2], run[2].format(hide=hide)], capture_output=True, text=True, env=env, timeout=60)
+        assert out.returncode == 0, out.stderr
+        (line,) = [ln for ln in out.stdout.splitlines() if "smollm2-135m-instruct" in ln]
+        return line
+
+    assert "ready (default)" in engines("")
+    # Without llama.cpp's wheel the engine is listed as unusable, with the reason and the fix.
+    line = engines("sys.modules['xllamacpp'] = None\n")
+    assert "unavailable" in line and "xllamacpp" in line and "threadline[local]" in line
