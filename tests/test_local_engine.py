@@ -265,3 +265,26 @@ def test_cli_engines_reports_the_local_engine(tmp_path):
     # Without llama.cpp's wheel the engine is listed as unusable, with the reason and the fix.
     line = engines("sys.modules['xllamacpp'] = None\n")
     assert "unavailable" in line and "xllamacpp" in line and "threadline[local]" in line
+
+
+def test_loading_the_model_does_not_block_the_server(serve):
+    """The first turn starts llama.cpp; meanwhile the same server keeps answering other requests."""
+    url = serve({"local": {"kind": "local", "max_output_tokens": 8}})
+    done = threading.Event()
+    status: list[int] = []
+
+    def first_turn() -> None:
+        r = httpx.post(f"{url}/v1/chat-messages", json={"query": "hi", "user": "u", "inputs": {}}, timeout=120)
+        status.append(r.status_code)
+        done.set()
+
+    threading.Thread(target=first_turn).start()
+    worst, polls = 0.0, 0
+    with httpx.Client(base_url=url, timeout=30) as c:
+        while not done.is_set():
+            t = time.monotonic()
+            assert c.get("/healthz").status_code == 200
+            worst, polls = max(worst, time.monotonic() - t), polls + 1
+            time.sleep(0.02)
+    assert status == [200]
+    assert polls >= 5 and worst < 0.5, (polls, worst)  # an in-process load froze it for 1–8 s
