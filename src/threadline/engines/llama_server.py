@@ -29,7 +29,7 @@ def main() -> int:
     n_parallel = max(1, int(spec.get("n_parallel") or 1))
     p.n_parallel = n_parallel
     # Every slot gets the whole context window (kv_unified off), so packing's budget holds per turn
-    # whatever else runs at the same time.
+    # whatever else runs at the same time (SmolLM2-135M: 180 MiB of KV cache per 8k-token slot).
     p.n_ctx = int(spec["n_ctx"]) * n_parallel
     p.kv_unified = False
     p.hostnames = ["127.0.0.1"]  # loopback only

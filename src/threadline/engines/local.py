@@ -53,8 +53,8 @@ DEFAULT_PARALLEL = 2
 
 
 def default_threads() -> int:
-    """Leave a core for the gateway: llama.cpp's OpenMP threads spin at their barriers, and on 2 cores
-    shared with the server's own work 2 threads made 2.5–6.7 tokens/s where 1 made 18–42."""
+    """Leave a core for the gateway and everything else: llama.cpp's OpenMP threads spin at their
+    barriers, so on a busy 2-core machine 2 threads made 2.5–6.7 tokens/s where 1 made 18–42."""
     return max(1, (os.cpu_count() or 2) - 1)
 
 
@@ -84,8 +84,9 @@ class LlamaServer:
             )
             if self.stopped:  # stop() ran before there was a process to stop
                 raise RuntimeError("stopped while starting")
-            threading.Thread(target=self._drain_stderr, args=(self.proc,), name="threadline-llama-stderr",
-                             daemon=True).start()
+            drain = threading.Thread(target=self._drain_stderr, args=(self.proc,), name="threadline-llama-stderr",
+                                     daemon=True)
+            drain.start()
             assert self.proc.stdin and self.proc.stdout
             self.proc.stdin.write(orjson.dumps({
                 "model_path": self.model_path, "n_ctx": self.n_ctx, "n_parallel": self.n_parallel,
@@ -95,6 +96,7 @@ class LlamaServer:
             msg = orjson.loads(line) if line.strip() else {}
             if not msg.get("url"):
                 self.proc.wait(timeout=10)
+                drain.join(timeout=2)  # its last words, for the log
                 raise RuntimeError(msg.get("error") or f"the helper exited with status {self.proc.returncode}")
             if self.stopped:
                 raise RuntimeError("stopped while starting")
@@ -102,8 +104,9 @@ class LlamaServer:
             self.started.set_result(self.url)
         except BaseException as exc:
             tail = " | ".join(self.stderr_tail)
-            log.warning("local model %s failed to start: %s%s", os.path.basename(self.model_path), exc,
-                        f" ({tail})" if tail else "")
+            if not self.stopped:
+                log.warning("local model %s failed to start: %s%s", os.path.basename(self.model_path), exc,
+                            f" ({tail})" if tail else "")
             self.stop()
             self.started.set_exception(exc)
 
