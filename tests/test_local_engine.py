@@ -288,3 +288,19 @@ def test_loading_the_model_does_not_block_the_server(serve):
             time.sleep(0.02)
     assert status == [200]
     assert polls >= 5 and worst < 0.5, (polls, worst)  # an in-process load froze it for 1–8 s
+
+
+def test_switching_to_the_local_engine_with_images_in_history_is_refused(serve, oai):
+    _, oai_url = oai
+    url = serve({"acc": {"kind": "openai", "base_url": f"{oai_url}/v1", "api_key": "sk-test-double-key", "model": "m"}})
+    with httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/v1/chat-messages", json={
+            "query": "What is this?", "user": "u", "inputs": {}, "engine": "acc",
+            "files": [{"type": "image", "transfer_method": "remote_url", "url": IMAGE}]})
+        assert r.status_code == 200, r.text
+        cid = r.json()["conversation_id"]
+        r = c.post("/v1/chat-messages", json={"query": "And now?", "user": "u", "inputs": {}, "engine": "local",
+                                              "conversation_id": cid})
+        assert r.status_code == 400 and r.json()["code"] == "unsupported_input"
+        assert "'local'" in r.json()["message"] and "history" in r.json()["message"]
+    assert _helpers() == []  # refused before llama.cpp was started for it
