@@ -278,6 +278,7 @@ def test_loading_the_model_does_not_block_the_server(serve):
         status.append(r.status_code)
         done.set()
 
+    began = time.monotonic()
     threading.Thread(target=first_turn).start()
     worst, polls = 0.0, 0
     with httpx.Client(base_url=url, timeout=30) as c:
@@ -286,8 +287,11 @@ def test_loading_the_model_does_not_block_the_server(serve):
             assert c.get("/healthz").status_code == 200
             worst, polls = max(worst, time.monotonic() - t), polls + 1
             time.sleep(0.02)
+    took = time.monotonic() - began
     assert status == [200]
-    assert polls >= 5 and worst < 0.5, (polls, worst)  # an in-process load froze it for 1–8 s
+    # A load holding the GIL (in-process: 1.07 s of a ~1.5 s first turn on an idle machine, 8 s with
+    # warmup) shows as one poll lasting most of the turn; relative, so a busy machine slows both alike.
+    assert polls >= 5 and worst < 0.4 * took, (polls, worst, took)
 
 
 def test_switching_to_the_local_engine_with_images_in_history_is_refused(serve, oai):
