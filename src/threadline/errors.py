@@ -55,6 +55,13 @@ class InvalidParamError(ThreadlineError):
     status = 400
 
 
+class UnsupportedInputError(InvalidParamError):
+    """The turn carries something its engine cannot take (images for a text-only model): refused with
+    a 400 naming the engine, never silently dropped."""
+
+    code = "unsupported_input"
+
+
 class ConversationBusyError(ThreadlineError):
     code = "conversation_busy"
     status = 409

@@ -38,6 +38,7 @@ from .errors import (
     RemoteConversationLost,
     StreamRedactor,
     ThreadlineError,
+    UnsupportedInputError,
     UpstreamError,
     redact,
 )
@@ -173,6 +174,13 @@ class Gateway:
         return eng
 
     @staticmethod
+    def refuse_images(eng: Engine) -> None:
+        """Forward or refuse: a text-only engine gets no images, and the caller hears why (400)."""
+        if not eng.accepts_images:
+            raise UnsupportedInputError(f"Engine {eng.name!r} ({eng.model}) cannot read images: send text only, "
+                                        "or pick an engine that can.")
+
+    @staticmethod
     def remote_user(app: str, user: str) -> str:
         """A stable per-(app, user) identity for stateful engines that scope conversations by user."""
         return f"{app}:{user}"
@@ -272,6 +280,8 @@ class Gateway:
         engine_name = engine or app_cfg.engine
         eng = self.engine(engine_name)
         imgs = self.normalize_images(images, files)
+        if imgs:
+            self.refuse_images(eng)
         cid = conversation_id or new_id()
         final: TurnEvent | None = None
         async with self._local_lock(cid):

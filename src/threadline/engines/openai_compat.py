@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import orjson
 
-from ..errors import UpstreamBadResponse, UpstreamStreamError, UpstreamTruncated, redact
+from ..errors import UnsupportedInputError, UpstreamBadResponse, UpstreamStreamError, UpstreamTruncated, redact
 from ..media import b64
 from ..messages import (
     AnswerReplaced,
@@ -54,7 +54,18 @@ class OpenAICompatEngine(Engine):
         if config.api_key:
             self.headers["Authorization"] = f"Bearer {config.api_key}"
 
+    @property
+    def accepts_images(self) -> bool:
+        return self.profile.images
+
     # ---- request ---------------------------------------------------------------------------------
+
+    def refuse_unsupported(self, req: EngineRequest) -> None:
+        """Images reach a text-only model's engine only from history (the gateway refuses new ones)."""
+        if not self.profile.images and any(m.images for m in req.messages):
+            raise UnsupportedInputError(
+                f"Engine {self.name!r} ({self.model}) cannot read images, and this conversation's history has "
+                "some. Continue it on an engine that can, or start a new conversation.")
 
     def _content(self, m: ChatMessage, text: str) -> str | list[dict[str, Any]]:
         if not m.images:
@@ -69,6 +80,7 @@ class OpenAICompatEngine(Engine):
         return parts
 
     def build_body(self, req: EngineRequest) -> dict[str, Any]:
+        self.refuse_unsupported(req)
         msgs: list[Any] = []
         system_text = "\n\n".join(s for s in req.system if s)
         fold = self.profile.system == "fold"

@@ -178,6 +178,11 @@ async def _chat_completions(request: Request) -> Response | EventStream:
     if not turns or turns[-1][0] != "user":
         raise OpenAIError(400, "The last message must have role 'user'.", param="messages")
     query = turns[-1][1]
+    if images:  # refused before the history is imported, not after
+        try:
+            gw.refuse_images(gw.engine(engine or app_cfg.engine))
+        except ThreadlineError as exc:
+            raise _from_tl(exc) from None
     history = turns[:-1]
     cid = await _match_conversation(request, app_cfg.name, user, history) if history else None
     try:
