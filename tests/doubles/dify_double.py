@@ -13,7 +13,9 @@ Faults (`fault`, one of FAULTS; the shared ones behave as in the OpenAI double):
   says: `"workflow"` a failed `workflow_finished` as recorded in 075 (the node's error in
   `data.error`), `"error"` Dify's `error` event (`code`, `status`, `message`); then the stream ends.
   Blocking: 400 `invalid_param` "Run failed: ..." as recorded in 076.
-`error_message` replaces the failure text (a workflow that echoes secrets)."""
+`error_message` replaces the failure text (a workflow that echoes secrets). `replace_with` is output
+moderation: a streamed answer is followed by `message_replace` with that text (reason
+`output_moderation`), a blocking one is that text."""
 
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ class DifyDouble:
     stall: float = 5.0  # how long `timeout` stays silent
     error_kind: str = "workflow"  # how `error_event` fails a stream: "workflow" | "error"
     error_message: str | None = None  # the failure text for `error_event`
+    replace_with: str | None = None  # output moderation's replacement answer
 
     def reset(self, **kw: Any) -> DifyDouble:
         fresh = DifyDouble()
@@ -138,6 +141,7 @@ class DifyDouble:
             cid = str(uuid.uuid4())
             self.conversations[cid] = {"user": user, "turns": 0, "last_query": "", "messages": []}
         mid, answer = self._answer(cid, body["query"], body.get("inputs") or {})
+        final = answer if self.replace_with is None else self.replace_with
         task_id = str(uuid.uuid4())
         created = int(time.time())
         failure = self.error_message or NODE_ERROR
@@ -145,7 +149,7 @@ class DifyDouble:
             if self.fault == "error_event":
                 return err(400, "invalid_param", f"Run failed: {failure}")
             whole = orjson.dumps({"event": "message", "task_id": task_id, "id": mid, "message_id": mid,
-                                  "conversation_id": cid, "mode": "advanced-chat", "answer": answer,
+                                  "conversation_id": cid, "mode": "advanced-chat", "answer": final,
                                   "metadata": {"annotation_reply": None, "retriever_resources": [],
                                                "usage": USAGE}, "created_at": created})
             return (await blocking_fault(self.fault, self.stall, whole)
@@ -193,11 +197,14 @@ class DifyDouble:
                     return
                 yield frame({"event": "message", **env, "task_id": task_id, "id": mid, "answer": p,
                              "from_variable_selector": ["answer", "answer"]})
+            if self.replace_with is not None:
+                yield frame({"event": "message_replace", **env, "task_id": task_id, "answer": self.replace_with,
+                             "reason": "output_moderation"})
             yield frame({"event": "message_end", **env, "task_id": task_id, "id": mid,
                          "metadata": {"annotation_reply": None, "retriever_resources": [], "usage": USAGE},
                          "files": []})
             yield frame({"event": "workflow_finished", **env, "task_id": task_id, "workflow_run_id": run,
-                         "data": {"id": run, "status": "succeeded", "outputs": {"answer": answer}, "error": None}})
+                         "data": {"id": run, "status": "succeeded", "outputs": {"answer": final}, "error": None}})
 
         return StreamingResponse(gen(), media_type="text/event-stream; charset=utf-8")
 
