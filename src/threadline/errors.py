@@ -228,3 +228,19 @@ class StreamRedactor:
         if self._text is None or self._reasoning is None:
             return "", ""
         return self._text.flush(), self._reasoning.flush()
+
+    def replaced(self, text: str) -> str:
+        """A whole answer that replaces what streamed so far (Dify's `message_replace`): what was held
+        back went with the old answer; the key anywhere in the new one becomes ***."""
+        if self._text is None:
+            return text
+        self._text.held = ""
+        return text.replace(self._text.secret, "***")
+
+    def reclassified(self, reasoning: str, answer: str) -> str:
+        """The reasoning was answer after all (R1 without think tags, known only once the stream
+        ended): one answer of both, with the reasoning's held-back tail in its place between them.
+        The answer's own held tail stays held and comes with the final flush, still at the end."""
+        if self._text is None or self._reasoning is None:
+            return reasoning + answer
+        return (reasoning + self._reasoning.flush() + answer).replace(self._text.secret, "***")

@@ -380,12 +380,13 @@ class Gateway:
                         yield ReasoningDelta(text) if text is not ev.text else ev
                     elif isinstance(ev, AnswerReplaced):
                         if ev.reason == "no_think_tags":
-                            answer[:] = [*reasoning, *answer]
+                            answer[:] = [redactor.reclassified("".join(reasoning), "".join(answer))]
                             reasoning.clear()
-                            yield AnswerReplaced("".join(answer), ev.reason)
+                            yield AnswerReplaced(answer[0], ev.reason)
                         else:
-                            answer[:] = [ev.text]
-                            yield ev
+                            text = redactor.replaced(ev.text)
+                            answer[:] = [text]
+                            yield AnswerReplaced(text, ev.reason) if text != ev.text else ev
                     elif isinstance(ev, UsageReport):
                         usage, price = ev.usage, ev.price or price
                     elif isinstance(ev, RemoteState):
