@@ -135,6 +135,9 @@ class BlockedURLError(InvalidParamError):
     code = "url_not_allowed"
 
 
+DEFAULT_RETRY_AFTER = 1.0  # seconds, for an upstream 429 that gave no hint
+
+
 def upstream_error_from_status(status: int, message: str, *, retry_after: float | None = None) -> UpstreamError:
     """One mapping from an upstream HTTP status to a Threadline error, shared by every engine."""
     if status in (401, 403):
@@ -142,10 +145,11 @@ def upstream_error_from_status(status: int, message: str, *, retry_after: float 
             f"The engine rejected Threadline's credentials ({status}): {message}",
             code="provider_auth_error", status=502, retryable=False, upstream_status=status,
         )
-    if status == 429:
+    if status == 429:  # always with a hint: clients back off by Retry-After, and 1 s is the least a limit asks
         return UpstreamError(
             f"The engine is rate limiting requests: {message}",
-            code="rate_limit_error", status=429, retryable=True, retry_after=retry_after, upstream_status=status,
+            code="rate_limit_error", status=429, retryable=True, retry_after=retry_after or DEFAULT_RETRY_AFTER,
+            upstream_status=status,
         )
     if status == 408 or status >= 500:
         return UpstreamError(

@@ -73,8 +73,8 @@ class DifyEngine(Engine):
             return RemoteConversationLost(message)
         if status == 404:
             return UpstreamError(message, code="not_found", status=404)
-        if status == 429:
-            return UpstreamError(message, code=code or "too_many_requests", status=429, retryable=True)
+        if status == 429:  # the same code every engine's rate limit has (the shared mapping below)
+            return None
         if status == 413:
             return UpstreamError(message, code="file_too_large", status=413)
         if status == 415:
