@@ -408,3 +408,63 @@ def test_postgres_rejects_nothing_the_server_accepted(oai, pg_database):
     finally:
         srv.stop()
     assert asyncio.run(conversation_count(settings)) == (1, 4)
+
+
+# ---- 4. no SQL parameters or tracebacks in logs --------------------------------------------------------------
+
+
+def test_a_database_error_on_a_non_chat_route_logs_no_parameters_and_no_traceback(two_apps, caplog):
+    import logging
+
+    import sqlalchemy.exc
+
+    base, ka, _, _ = two_apps
+    srv_app = None
+    import gc
+    for obj in gc.get_objects():  # the live server's app (its gateway's store)
+        if type(obj).__name__ == "ThreadlineApp":
+            srv_app = obj
+    assert srv_app is not None
+    store = srv_app.state.tl.gateway.store
+
+    async def failing(**kwargs):
+        raise sqlalchemy.exc.OperationalError("SELECT * FROM conversations WHERE user = ?",
+                                              ("user-text-7f3a", "sk-live-should-not-log"), Exception("database is locked"))
+
+    original = store.list_conversations
+    store.list_conversations = failing
+    server_log = logging.getLogger("uvicorn.error")  # uvicorn's own loggers do not propagate to the root
+    server_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.DEBUG):
+            r = httpx.get(f"{base}/v1/conversations", params={"user": "user-text-7f3a"}, headers=bearer(ka))
+    finally:
+        store.list_conversations = original
+        server_log.removeHandler(caplog.handler)
+    assert r.status_code == 500 and r.json()["code"] == "internal_server_error"
+    assert "user-text-7f3a" not in r.text and "sk-live" not in r.text
+    server_side = [rec for rec in caplog.records if not rec.name.startswith(("httpx", "httpcore"))]  # not the client's
+    logged = "\n".join(f"{rec.getMessage()} {rec.exc_text or ''} {rec.exc_info or ''}" for rec in server_side)
+    assert "OperationalError" in logged  # the type is logged...
+    assert "user-text-7f3a" not in logged and "sk-live" not in logged  # ...never its parameters
+    assert not any(rec.exc_info for rec in server_side), "a traceback was logged"
+
+
+def test_store_errors_never_carry_sql_parameters(tmp_path):
+    import sqlalchemy.exc
+
+    async def run() -> str:
+        store = Store(f"sqlite+aiosqlite:///{tmp_path}/p.db")
+        await store.migrate()
+        try:
+            await store.add_key(app="a", key_hash="h" * 64, prefix="secret-prefix")
+            try:
+                await store.add_key(app="a", key_hash="h" * 64, prefix="secret-prefix")  # unique key_hash
+            except sqlalchemy.exc.IntegrityError as exc:
+                return str(exc)
+            return ""
+        finally:
+            await store.close()
+
+    message = asyncio.run(run())
+    assert "UNIQUE" in message and "secret-prefix" not in message and "hhhh" not in message
