@@ -266,7 +266,8 @@ def engines(config: ConfigOpt = None) -> None:
     s = load_settings(config)
     t = Table("engine", "kind", "model", "status")
     for name, e in s.engines.items():
-        status = "[green]ready[/green]" if not e.missing else f"[yellow]unavailable[/yellow]: {e.missing}"
+        # escape: a reason such as 'pip install "threadline[local]"' is text, not Rich markup
+        status = "[green]ready[/green]" if not e.missing else f"[yellow]unavailable[/yellow]: {escape(e.missing)}"
         if name == s.default_engine:
             status += " (default)"
         t.add_row(name, e.kind, e.model, status)

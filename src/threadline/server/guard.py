@@ -18,6 +18,8 @@ reachable by the person at the machine:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -27,6 +29,28 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import ServerSettings
 from .common import HTTPError
+
+# After a request body this large, freed memory is handed back to the system: glibc keeps freed heap
+# pages for reuse, so ten 15 MB bodies left the process 14 MB larger for good (RSS 101 -> 115 MB;
+# with the trim it stays at 101). A trim costs about a millisecond, so small requests skip it.
+TRIM_AFTER_BYTES = 1024 * 1024
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def give_back_memory() -> None:
+    if _TRIM is not None:
+        _TRIM(0)
+
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
@@ -61,15 +85,21 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        size = [0]
         try:
             if self.open_access:
                 self._check_origin(scope)
-            limit = self.server.max_upload_bytes if scope["path"] in UPLOAD_PATHS else self.server.max_body_bytes
-            receive = self._limited(scope, receive, limit)
+            upload = scope["path"] in UPLOAD_PATHS
+            limit = self.server.max_upload_bytes if upload else self.server.max_body_bytes
+            receive = self._limited(scope, receive, limit, "file_too_large" if upload else "request_too_large", size)
         except HTTPError as exc:
             await self.render(Request(scope), exc)(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if size[0] >= TRIM_AFTER_BYTES:
+                give_back_memory()
 
     def _check_origin(self, scope: Scope) -> None:
         host = origin = None
@@ -92,10 +122,10 @@ class RequestGuard:
                                 "add the origin to [server] allowed_origins to allow it.")
 
     @staticmethod
-    def _too_large(limit: int) -> HTTPError:
-        return HTTPError(413, "request_too_large", f"The request body is larger than the limit of {limit} bytes.")
+    def _too_large(limit: int, code: str) -> HTTPError:
+        return HTTPError(413, code, f"The request body is larger than the limit of {limit} bytes.")
 
-    def _limited(self, scope: Scope, receive: Receive, limit: int) -> Receive:
+    def _limited(self, scope: Scope, receive: Receive, limit: int, code: str, size: list[int]) -> Receive:
         for k, v in scope["headers"]:
             if k == b"content-length":
                 try:
@@ -103,7 +133,8 @@ class RequestGuard:
                 except ValueError:
                     raise HTTPError(400, "bad_request", "Content-Length is not a number.") from None
                 if declared > limit:
-                    raise self._too_large(limit)
+                    raise self._too_large(limit, code)
+                size[0] = declared
                 return receive  # the server never delivers more than the declared length
         seen = 0
 
@@ -112,8 +143,9 @@ class RequestGuard:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                size[0] = seen
                 if seen > limit:
-                    raise self._too_large(limit)
+                    raise self._too_large(limit, code)
             return message
 
         return counted

@@ -258,7 +258,7 @@ class StreamOptions(_Open):
 
 
 class ChatCompletionMessage(_Open):
-    role: str
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 

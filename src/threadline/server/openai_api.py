@@ -47,7 +47,7 @@ def error_type(status: int) -> str:
 
 
 def _from_tl(exc: ThreadlineError) -> OpenAIError:
-    headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))} if exc.retry_after else None
+    headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))} if exc.retry_after else {}
     return OpenAIError(exc.status, exc.message, error_type(exc.status), exc.code, headers=headers)
 
 
@@ -178,6 +178,11 @@ async def _chat_completions(request: Request) -> Response | EventStream:
     if not turns or turns[-1][0] != "user":
         raise OpenAIError(400, "The last message must have role 'user'.", param="messages")
     query = turns[-1][1]
+    if images:  # refused before the history is imported, not after
+        try:
+            gw.refuse_images(gw.engine(engine or app_cfg.engine))
+        except ThreadlineError as exc:
+            raise _from_tl(exc) from None
     history = turns[:-1]
     cid = await _match_conversation(request, app_cfg.name, user, history) if history else None
     stream = bool(body.stream)
@@ -190,6 +195,9 @@ async def _chat_completions(request: Request) -> Response | EventStream:
         first = await agen.__anext__()
     except ThreadlineError as exc:
         raise _from_tl(exc) from None
+    if isinstance(first, TurnFailed):  # failed before the engine accepted: the real status, not a 200 stream
+        await agen.aclose()
+        raise _failure(first)
     assert isinstance(first, TurnStarted)
     completion_id = f"chatcmpl-{first.message_id}"
     created = int(first.created_at)
@@ -200,13 +208,18 @@ async def _chat_completions(request: Request) -> Response | EventStream:
     return EventStream(_sse(agen, completion_id, created, body.model, include_usage), headers)
 
 
+def _failure(ev: TurnFailed) -> OpenAIError:
+    err = _from_tl(ev.error) if isinstance(ev.error, ThreadlineError) else OpenAIError(
+        500, "Internal error", "api_error", "internal_error")
+    err.headers["X-Threadline-Conversation-Id"] = ev.reply.conversation_id
+    return err
+
+
 async def _blocking(agen: AsyncIterator[Any], completion_id: str, created: int, model: str,
                     headers: dict[str, str]) -> Response:
     async for ev in agen:
         if isinstance(ev, TurnFailed):
-            if isinstance(ev.error, ThreadlineError):
-                raise _from_tl(ev.error)
-            raise OpenAIError(500, "Internal error", "api_error")
+            raise _failure(ev)
         if isinstance(ev, TurnCompleted):
             r = ev.reply
             message: dict[str, Any] = {"role": "assistant", "content": r.answer, "refusal": None}

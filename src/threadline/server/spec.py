@@ -23,6 +23,9 @@ from .models import DifyErrorBody, OpenAIErrorBody
 
 Surface = Literal["dify", "openai"]
 ERROR_STATUSES = (400, 401, 403, 404, 405, 409, 413, 415, 429)
+# One server-sent event as a client parses it; `data` is the JSON text of the surface's stream frames.
+SSE_EVENT: dict[str, Any] = {"type": "object", "properties": {
+    "event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ def openapi(ops: list[Operation], *, title: str, description: str) -> dict[str, 
             if op.response is not None:
                 content["application/json"] = {"schema": refs[(op.response, "serialization")]}
             if op.stream:
-                content["text/event-stream"] = {"schema": {"type": "string"}}
+                content["text/event-stream"] = {"schema": SSE_EVENT}
             if op.raw_media is not None:
                 content[op.raw_media] = {"schema": {"type": "string", "format": "binary"}}
             if content:

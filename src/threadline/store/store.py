@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -116,6 +117,11 @@ class Store:
         kwargs["pool_reset_on_return"] = None
         kwargs["json_serializer"] = lambda v: orjson.dumps(v).decode()
         kwargs["json_deserializer"] = orjson.loads
+        # SQL parameters are user text, answers and ids: they stay out of error messages and logs.
+        kwargs["hide_parameters"] = True
+        aiosqlite_log = logging.getLogger("aiosqlite")
+        if aiosqlite_log.level == logging.NOTSET:  # it logs every statement with its parameters at DEBUG
+            aiosqlite_log.setLevel(logging.INFO)
         self.engine: AsyncEngine = create_async_engine(database_url, **kwargs)
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         # The turn's writes skip the async adapter on SQLite (see sqlite_hot); opened after migrate().
