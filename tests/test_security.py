@@ -421,6 +421,7 @@ def test_a_database_error_on_a_non_chat_route_logs_no_parameters_and_no_tracebac
     base, ka, _, _ = two_apps
     srv_app = None
     import gc
+    gc.collect()  # apps of earlier tests' stopped servers may still be uncollected garbage
     for obj in gc.get_objects():  # the live server's app (its gateway's store)
         if type(obj).__name__ == "ThreadlineApp":
             srv_app = obj
