@@ -3,25 +3,36 @@
 They live in the store so that every server process on it (`serve --workers N`, several hosts on
 one PostgreSQL) shares one count. What is written, and when:
 
-- a turn's admission is ONE transaction: per limited scope ("key:<id>", "app:<name>") one
-  conditional UPSERT on its row of the day, which counts the request only if the minute's requests,
+- a turn's admission is one write: per limited scope ("key:<id>", "app:<name>") a conditional
+  UPSERT on the scope's row of the day, which counts the request only while the minute's requests,
   the day's tokens and the day's spend are all under their limits (so a refused request counts
-  nothing and cannot push a count past its limit, whatever the other processes do at the same
-  moment); and, for a per-user concurrency limit, one conditional INSERT of a slot row. If a later
-  check refuses, the earlier ones are undone in the same transaction;
-- the turn's end is one transaction too: tokens and spend added to each scope's row of the day, the
-  slot row deleted. On SQLite it is queued beside the turn's own final write, so the two share one
-  group commit (sqlite_hot);
+  nothing, and no count passes its limit whatever other processes do at the same moment); for a
+  per-user concurrency limit, first a slot row, inserted only while the user's live slots are
+  fewer than the limit. A later refusal undoes the earlier checks;
+- the turn's end is one write: its tokens and spend added to each budgeted scope's row of the day,
+  its slot row deleted;
 - nothing at all when neither the app nor the key has limits: the caller never comes here.
 
-Counters are exact integers: spend is counted in nano-units of the limit's currency (a 1e-9 price
-step, finer than any per-token price), so sums never drift the way floats would.
+Counters are exact integers: spend is counted in nano-units of the limit's currency (a 1e-9 step,
+finer than any per-token price), so sums never drift the way floats would.
 
-Concurrency: SQLite has one writer at a time (across processes), so a statement's check and write
-are atomic. PostgreSQL at READ COMMITTED is not, for a check that counts other rows: two admissions
-of one user would both count one running turn and both insert. A transaction-scoped advisory lock
-on the (app, user) pair serialises just those, and the INSERT's snapshot, taken after the lock,
-sees every slot committed before it. The UPSERTs need no lock: each locks its own row.
+SQLite: both writes go through the hot path's group commit (sqlite_hot); the end's write is queued
+in the same pass of the loop as the turn's own final write, so the two share one commit. Measured
+per statement on this machine: an UPSERT 7 us, but 44 us with RETURNING, and a conditional
+INSERT ... SELECT 75 us: SQLite runs both through temporary tables, so the hot path reads rowcount
+and counts then inserts (26 us) inside its BEGIN IMMEDIATE, which no other process can write
+through. Both tables are WITHOUT ROWID (the key is the table: one B-tree to write instead of two),
+which halved the WAL an admission writes (32 to 16 KiB per admission plus settlement).
+
+PostgreSQL: each phase is one statement, run outside a transaction (a statement is atomic), through
+asyncpg itself: data-modifying CTEs chained so each check runs only if the one before it passed.
+Through SQLAlchemy's async adapter one such statement cost 1.3 ms of CPU here, through asyncpg 0.47.
+Without a concurrency limit, undoing after a refusal is a second statement, so for a moment other
+admissions see one request too many. A concurrency limit needs more: at READ COMMITTED a statement
+that counts a user's slots and inserts one is not atomic (two admissions both count one running
+turn and both insert), so its transaction first takes an advisory lock on the (app, user) pair,
+and the statement's snapshot, taken after the lock, sees every slot committed before it: four
+round trips. The UPSERTs need no lock: each locks its own row and rechecks its condition on it.
 
 Why no library: pyrate-limiter, the one with SQL backends, counts requests only (one row per
 request), talks to PostgreSQL through psycopg rather than the store's asyncpg, keeps its own tables
