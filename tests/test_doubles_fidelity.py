@@ -149,3 +149,90 @@ def test_think_splitter_plain_answer_is_reclassified():
     out = s.feed("just an answer")
     rest, reclassify = s.finish()
     assert reclassify and "".join(t for _, t in out + rest) == "just an answer"
+
+
+# ---- the doubles' fault modes, as the official SDKs see them -----------------------------------------
+
+
+async def test_openai_sdk_sees_the_doubles_faults_as_the_real_services(oai):
+    import openai
+
+    d, url = oai
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sk-test-double-key", max_retries=0, timeout=5)
+    msgs = [{"role": "user", "content": "hi"}]
+
+    async def stream_text() -> tuple[str, list]:
+        text, finishes = "", []
+        async for chunk in await client.chat.completions.create(model="m", messages=msgs, stream=True):
+            text += chunk.choices[0].delta.content or "" if chunk.choices else ""
+            finishes += [c.finish_reason for c in chunk.choices if c.finish_reason]
+        return text, finishes
+
+    d.reset(fault="429", retry_after="2")
+    with pytest.raises(openai.RateLimitError) as ei:
+        await client.chat.completions.create(model="m", messages=msgs)
+    assert ei.value.code == "rate_limit_exceeded" and ei.value.response.headers["retry-after"] == "2"
+    d.reset(fault="500")
+    with pytest.raises(openai.InternalServerError):
+        await client.chat.completions.create(model="m", messages=msgs, stream=True)
+    d.reset(fault="error_event")
+    with pytest.raises(openai.BadRequestError) as ei:
+        await client.chat.completions.create(model="m", messages=msgs)
+    assert ei.value.code == "context_length_exceeded"
+
+    d.reset(fault="error_event", reply="one two three", chunk_size=4)
+    got = ""
+    with pytest.raises(openai.APIError) as ei:  # openai-python raises on a data payload with an `error`
+        async for chunk in await client.chat.completions.create(model="m", messages=msgs, stream=True):
+            got += chunk.choices[0].delta.content or "" if chunk.choices else ""
+    assert got == "one two " and "server had an error" in ei.value.message
+    d.reset(fault="cut", reply="one two three", chunk_size=4)
+    assert await stream_text() == ("one two ", [])  # the SDK ends quietly: only the missing finish tells
+    d.reset(fault="malformed", reply="one two three", chunk_size=4)
+    with pytest.raises(ValueError):  # json.JSONDecodeError
+        await stream_text()
+    d.reset(fault="timeout", stall=1.0)
+    with pytest.raises(openai.APITimeoutError):
+        await client.chat.completions.create(model="m", messages=msgs, timeout=0.3)
+    d.reset(fault="reset")
+    with pytest.raises(openai.APIConnectionError):
+        await client.chat.completions.create(model="m", messages=msgs)
+    await client.close()
+
+
+async def test_google_genai_sdk_sees_the_doubles_faults_as_the_real_service(gem):
+    from google import genai
+    from google.genai import errors, types
+
+    d, url = gem
+    client = genai.Client(api_key="AIza-test-double-key-0000", http_options=types.HttpOptions(base_url=f"{url}/"))
+    model = "gemini-2.0-flash"
+
+    d.reset(fault="429", retry_delay="34.4s")
+    with pytest.raises(errors.ClientError) as ei:
+        await client.aio.models.generate_content(model=model, contents="hi")
+    assert (ei.value.code, ei.value.status) == (429, "RESOURCE_EXHAUSTED")
+    assert {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "34.4s"} in ei.value.details["error"]["details"]
+    d.reset(fault="500")
+    with pytest.raises(errors.ServerError) as ei:
+        await client.aio.models.generate_content(model=model, contents="hi")
+    assert ei.value.status == "INTERNAL"
+    d.reset(fault="error_event")
+    with pytest.raises(errors.ClientError) as ei:
+        await client.aio.models.generate_content(model=model, contents="hi")
+    assert (ei.value.code, ei.value.status) == (400, "INVALID_ARGUMENT")
+
+    d.reset(fault="error_event", reply="one two three", chunk_size=4)
+    got = ""
+    with pytest.raises(errors.ServerError) as ei:  # google-genai raises on a chunk that is `{"error": ...}`
+        async for c in await client.aio.models.generate_content_stream(model=model, contents="hi"):
+            got += c.text or ""
+    assert got == "one two " and (ei.value.code, ei.value.status) == (503, "UNAVAILABLE")
+    d.reset(fault="cut", reply="one two three", chunk_size=4)
+    chunks = [c async for c in await client.aio.models.generate_content_stream(model=model, contents="hi")]
+    assert "".join(c.text or "" for c in chunks) == "one two "
+    assert all(c.candidates[0].finish_reason is None for c in chunks)  # the SDK ends quietly
+    d.reset(fault="malformed", reply="one two three", chunk_size=4)
+    with pytest.raises(ValueError):
+        async for _ in await client.aio.models.generate_content_stream(model=model, contents="hi"):
+            pass

@@ -164,9 +164,11 @@ def test_proxy_comes_from_the_environment_once_per_origin(monkeypatch: pytest.Mo
     monkeypatch.delenv("https_proxy")
     monkeypatch.setenv("all_proxy", "http://everything:8080")
     assert AiohttpPoster()._proxy("https://api.example.test/v1/x") == "http://everything:8080"
-    assert AiohttpPoster()._proxy("http://[::1]:8000/v1/x") == "http://everything:8080"
-    monkeypatch.setenv("no_proxy", "::1")
-    assert AiohttpPoster()._proxy("http://[::1]:8000/v1/x") is None
+    assert AiohttpPoster()._proxy("http://10.0.0.5:8000/v1/x") == "http://everything:8080"
+    # Loopback (the embedded local engine, a local vLLM) is never proxied, NO_PROXY or not.
+    monkeypatch.delenv("no_proxy")
+    for url in ("http://[::1]:8000/v1/x", "http://127.0.0.1:8000/v1/x", "http://127.1.2.3:9/v1", "http://localhost:1/v1"):
+        assert AiohttpPoster()._proxy(url) is None
 
 
 async def test_httpx_poster_serves_any_httpx_client() -> None:

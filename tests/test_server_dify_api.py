@@ -364,7 +364,7 @@ def test_chat_routes_fail_unexpectedly_in_their_own_shape_and_keep_details_priva
             assert r.json() == {"code": "internal_server_error", "status": 500,
                                 "message": "Internal Server Error, please contact support."}
             assert float(r.headers["x-threadline-overhead-ms"]) >= 0
-            r = c.post("/v1/chat/completions", json={"model": "demo", "messages": [{"role": "user", "content": "hi"}]})
+            r = c.post("/v1/chat/completions", json={"model": "default", "messages": [{"role": "user", "content": "hi"}]})
             assert r.status_code == 500
             assert r.json()["error"]["type"] == "api_error" and r.json()["error"]["code"] == "internal_server_error"
             assert "sk-live" not in r.text

@@ -12,6 +12,7 @@ from .errors import (
     ConversationBusyError,
     InvalidParamError,
     NotFoundError,
+    RateLimitedError,
     ThreadlineError,
     UpstreamError,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "MemoryEntry",
     "Message",
     "NotFoundError",
+    "RateLimitedError",
     "ReasoningDelta",
     "Reply",
     "Settings",

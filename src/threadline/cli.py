@@ -85,13 +85,18 @@ def serve(
         settings = load_settings(config)
     except ThreadlineError as exc:
         _fail(exc)
+    if open_access and not reuse_port and host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"[bold red]WARNING[/bold red] open mode (--open) on {escape(host)}: no key is needed, so anyone who can "
+                  f"reach this address can use every engine and read every conversation of the default app. Open "
+                  f"mode answers only requests addressed to this host or a loopback name ([server] allowed_hosts "
+                  f"adds more); use app keys (threadline keys create) to serve a network.")
     if not reuse_port:
         console.print(f"Threadline on http://{host}:{port}  (store: {settings.database_url.split('://')[0]}, "
                       f"default engine: {settings.default_engine or 'none'}, workers: {workers})")
     if reuse_port:
         _die_with_parent()
     if workers == 1 or reuse_port:
-        app_ = create_app(settings, open_access=open_access, own_process=True)
+        app_ = create_app(settings, open_access=open_access, own_process=True, listen_host=host)
         server = uvicorn.Server(uvicorn.Config(app_, host=host, port=port, log_level="info", access_log=False,
                                                loop="auto", http="auto"))
         sockets = None
@@ -281,7 +286,8 @@ def engines(config: ConfigOpt = None) -> None:
     s = load_settings(config)
     t = Table("engine", "kind", "model", "status")
     for name, e in s.engines.items():
-        status = "[green]ready[/green]" if not e.missing else f"[yellow]unavailable[/yellow]: {e.missing}"
+        # escape: a reason such as 'pip install "threadline[local]"' is text, not Rich markup
+        status = "[green]ready[/green]" if not e.missing else f"[yellow]unavailable[/yellow]: {escape(e.missing)}"
         if name == s.default_engine:
             status += " (default)"
         t.add_row(name, e.kind, e.model, status)
@@ -291,28 +297,49 @@ def engines(config: ConfigOpt = None) -> None:
 @keys_app.command("create")
 def keys_create(
     app_name: Annotated[str, typer.Option("--app", help="App the key selects.")],
+    rpm: Annotated[int | None, typer.Option("--rpm", help="Requests (turns) per minute this key may make.")] = None,
+    tokens_per_day: Annotated[int | None, typer.Option("--tokens-per-day", help="Tokens per UTC day.")] = None,
+    spend_per_day: Annotated[str | None, typer.Option("--spend-per-day", metavar="AMOUNT",
+                                                      help="Spend cap per UTC day, in --currency.")] = None,
+    currency: Annotated[str, typer.Option("--currency", help="Currency of --spend-per-day; only turns priced "
+                                                             "in it count.")] = "USD",
     config: ConfigOpt = None,
 ) -> None:
-    """Create an app key. It is printed once, alone on the last line; only its hash is stored."""
+    """Create an app key. It is printed once, alone on the last line; only its hash is stored.
+
+    A key's limits apply on top of its app's ([apps.NAME.limits]) and are fixed for its life: to
+    change them, create a new key and revoke the old one."""
+    from .limits import parse_limits
     from .server.keys import create_key
 
     s = load_settings(config)
     if app_name not in s.apps and app_name != "default":
         err.print(f"[red]error[/red] app {app_name!r} is not configured")
         raise typer.Exit(1)
-    key = asyncio.run(create_key(s, app_name))
-    console.print(f"Key for app {app_name!r} (shown once):", highlight=False)
+    raw = {"requests_per_minute": rpm, "tokens_per_day": tokens_per_day, "spend_per_day": spend_per_day,
+           "currency": currency}
+    try:
+        limits = parse_limits({k: v for k, v in raw.items() if v is not None}, "key limits", concurrency=False)
+    except ThreadlineError as exc:
+        _fail(exc)
+        raise
+    key = asyncio.run(create_key(s, app_name, limits))
+    console.print(f"Key for app {app_name!r} (shown once; limits: {limits.describe() if limits else 'none'}):",
+                  highlight=False)
     print(key)
 
 
 @keys_app.command("list")
 def keys_list(config: ConfigOpt = None) -> None:
+    from .limits import Limits
     from .server.keys import list_keys
 
     rows = asyncio.run(list_keys(load_settings(config)))
-    t = Table("id", "prefix", "app", "revoked")
+    t = Table("id", "prefix", "app", "revoked", "limits")
     for r in rows:
-        t.add_row(r["id"], r["prefix"] + "…", r["app"], "yes" if r["revoked"] else "no")
+        limits = Limits.from_key_row(r)
+        t.add_row(r["id"], r["prefix"] + "…", r["app"], "yes" if r["revoked"] else "no",
+                  limits.describe() if limits else "none")
     console.print(t)
 
 

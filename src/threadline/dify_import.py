@@ -18,14 +18,13 @@ async def import_dify_conversation(gw: Gateway, remote_conversation_id: str, *, 
         raise InvalidParamError(f"engine {eng_name!r} is not a Dify engine")
     ruser = remote_user or gw.remote_user(app_cfg.name, user)
     items = await eng.list_messages(remote_conversation_id, ruser)
-    cid = await gw.import_history(app=app_cfg.name, user=user, engine=eng_name, turns=[])
-    for m in items:
-        await gw._import_pair(cid, None, eng_name, m.get("query") or "", m.get("answer") or "",
-                              remote_id=m.get("id"), inputs=m.get("inputs") or None,
-                              status="failed" if m.get("status") == "error" else "completed")
-    conv = await gw.store.get_conversation(cid, app=app_cfg.name, user=user)
+    cid = await gw.import_pairs(app=app_cfg.name, user=user, engine=eng_name, name=(items[0].get("query") or "")[:60]
+                                if items else "",
+                                turns=[{"query": (m.get("query") or "").replace("\x00", ""),
+                                        "answer": (m.get("answer") or "").replace("\x00", ""),
+                                        "remote_id": m.get("id"), "inputs": m.get("inputs") or None,
+                                        "status": "failed" if m.get("status") == "error" else "completed"}
+                                       for m in items])
     if remote_user is None or remote_user == gw.remote_user(app_cfg.name, user):
-        await gw.store.set_remote(cid, eng_name, remote_conversation_id, conv["last_seq"])
-    if items:
-        await gw.store.set_conversation_fields(cid, name=(items[0].get("query") or "")[:60])
+        await gw.store.set_remote(cid, eng_name, remote_conversation_id, 2 * len(items))
     return await gw.store.get_conversation(cid, app=app_cfg.name, user=user)

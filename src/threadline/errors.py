@@ -55,10 +55,39 @@ class InvalidParamError(ThreadlineError):
     status = 400
 
 
+class UnsupportedInputError(InvalidParamError):
+    """The turn carries something its engine cannot take (images for a text-only model): refused with
+    a 400 naming the engine, never silently dropped."""
+
+    code = "unsupported_input"
+
+
 class ConversationBusyError(ThreadlineError):
     code = "conversation_busy"
     status = 409
     retryable = True
+
+
+class RateLimitedError(ThreadlineError):
+    """One of Threadline's own limits (an app's or a key's: `[apps.X.limits]`, `keys create --rpm ...`)
+    refused a turn before anything was stored; `retry_after` says when the window frees. `limit`
+    names which one, and the code follows it so clients can branch:
+
+    - `requests_per_minute` → `rate_limit_exceeded`
+    - `tokens_per_day` → `token_quota_exceeded`
+    - `spend_per_day` → `spend_cap_exceeded`
+    - `concurrent_turns_per_user` → `too_many_requests` (Dify's code for its concurrency limit)
+
+    Not the same meaning as an engine's own 429, which is an UpstreamError `rate_limit_error`."""
+
+    code = "rate_limit_exceeded"
+    status = 429
+    retryable = True
+
+    def __init__(self, message: str, *, limit: str, scope: str, code: str, retry_after: float) -> None:
+        super().__init__(message, code=code, retry_after=retry_after)
+        self.limit = limit  # requests_per_minute | tokens_per_day | spend_per_day | concurrent_turns_per_user
+        self.scope = scope  # "key" | "app"
 
 
 class ConfigError(ThreadlineError):
@@ -71,6 +100,38 @@ class UpstreamError(ThreadlineError):
 
     code = "completion_request_error"
     status = 400
+
+
+class UpstreamTruncated(UpstreamError):
+    """The engine's stream ended without its terminator (`[DONE]`, a finish reason, `message_end`):
+    the answer is incomplete, so the turn is failed with what came, never stored as completed."""
+
+    code = "upstream_truncated"
+    status = 502
+    retryable = True
+
+
+class UpstreamBadResponse(UpstreamError):
+    """The engine sent something that is not its protocol (a body or a stream chunk that does not parse)."""
+
+    code = "upstream_bad_response"
+    status = 502
+    retryable = True
+
+
+class UpstreamTimeout(UpstreamError):
+    """The engine did not answer (or went silent mid-answer) within the engine's `timeout`."""
+
+    code = "upstream_timeout"
+    status = 504
+    retryable = True
+
+
+class UpstreamStreamError(UpstreamError):
+    """The engine reported an error inside a stream it had started."""
+
+    code = "upstream_stream_error"
+    status = 502
 
 
 class RemoteConversationLost(ThreadlineError):
@@ -96,6 +157,9 @@ class BlockedURLError(InvalidParamError):
     code = "url_not_allowed"
 
 
+DEFAULT_RETRY_AFTER = 1.0  # seconds, for an upstream 429 that gave no hint
+
+
 def upstream_error_from_status(status: int, message: str, *, retry_after: float | None = None) -> UpstreamError:
     """One mapping from an upstream HTTP status to a Threadline error, shared by every engine."""
     if status in (401, 403):
@@ -103,10 +167,11 @@ def upstream_error_from_status(status: int, message: str, *, retry_after: float 
             f"The engine rejected Threadline's credentials ({status}): {message}",
             code="provider_auth_error", status=502, retryable=False, upstream_status=status,
         )
-    if status == 429:
+    if status == 429:  # always with a hint: clients back off by Retry-After, and 1 s is the least a limit asks
         return UpstreamError(
             f"The engine is rate limiting requests: {message}",
-            code="rate_limit_error", status=429, retryable=True, retry_after=retry_after, upstream_status=status,
+            code="rate_limit_error", status=429, retryable=True, retry_after=retry_after or DEFAULT_RETRY_AFTER,
+            upstream_status=status,
         )
     if status == 408 or status >= 500:
         return UpstreamError(
@@ -131,3 +196,77 @@ def redact(text: str, *secrets: str | None) -> str:
         if s and len(s) >= 4:
             text = text.replace(s, "***")
     return _KEYLIKE.sub("***", text)
+
+
+class _Held:
+    """Exact-secret removal over a stream of pieces: a secret split across pieces is still caught,
+    because a tail that could be the start of the secret is held back until the next piece."""
+
+    __slots__ = ("held", "secret")
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+        self.held = ""
+
+    def feed(self, piece: str) -> str:
+        s = self.secret
+        buf = self.held + piece if self.held else piece
+        if s in buf:
+            buf = buf.replace(s, "***")
+        # The longest tail of buf that is a proper prefix of the secret (candidates start at s[0]).
+        keep = 0
+        start = max(0, len(buf) - len(s) + 1)
+        i = buf.find(s[0], start)
+        while i != -1:
+            if s.startswith(buf[i:]):
+                keep = len(buf) - i
+                break
+            i = buf.find(s[0], i + 1)
+        if keep:
+            self.held = buf[-keep:]
+            return buf[:-keep]
+        self.held = ""
+        return buf
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+class StreamRedactor:
+    """Removes an engine's key from the answer and reasoning it streams (one per turn). Costs nothing
+    when the engine has no key; otherwise a substring test and a short scan per piece."""
+
+    __slots__ = ("_reasoning", "_text")
+
+    def __init__(self, secret: str | None) -> None:
+        usable = secret if secret and len(secret) >= 8 else None
+        self._text = _Held(usable) if usable else None
+        self._reasoning = _Held(usable) if usable else None
+
+    def text(self, piece: str) -> str:
+        return self._text.feed(piece) if self._text is not None else piece
+
+    def reasoning(self, piece: str) -> str:
+        return self._reasoning.feed(piece) if self._reasoning is not None else piece
+
+    def flush(self) -> tuple[str, str]:
+        if self._text is None or self._reasoning is None:
+            return "", ""
+        return self._text.flush(), self._reasoning.flush()
+
+    def replaced(self, text: str) -> str:
+        """A whole answer that replaces what streamed so far (Dify's `message_replace`): what was held
+        back went with the old answer; the key anywhere in the new one becomes ***."""
+        if self._text is None:
+            return text
+        self._text.held = ""
+        return text.replace(self._text.secret, "***")
+
+    def reclassified(self, reasoning: str, answer: str) -> str:
+        """The reasoning was answer after all (R1 without think tags, known only once the stream
+        ended): one answer of both, with the reasoning's held-back tail in its place between them.
+        The answer's own held tail stays held and comes with the final flush, still at the end."""
+        if self._text is None or self._reasoning is None:
+            return reasoning + answer
+        return (reasoning + self._reasoning.flush() + answer).replace(self._text.secret, "***")

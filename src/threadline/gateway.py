@@ -38,16 +38,21 @@ from .config import AppConfig, EngineConfig, Settings
 from .context import pack, seeded_query, transcript
 from .engines.base import Engine, EngineRequest, build_engine
 from .engines.http import AiohttpPoster
+from .engines.retry import transport_error
 from .errors import (
     ConfigError,
     ConversationBusyError,
     InvalidParamError,
     NotFoundError,
     RemoteConversationLost,
+    StreamRedactor,
     ThreadlineError,
+    UnsupportedInputError,
     UpstreamError,
+    redact,
 )
 from .history_cache import HistoryCache
+from .limits import Limiter, Ticket
 from .messages import (
     AnswerReplaced,
     ChatMessage,
@@ -61,6 +66,7 @@ from .messages import (
     TurnEvent,
     TurnFailed,
     TurnStarted,
+    UpstreamAccepted,
     Usage,
     UsageReport,
 )
@@ -93,6 +99,7 @@ class RunningTurn:
     stop_requested: bool = False
     first_token_at: float = 0.0
     history_row: dict[str, Any] | None = None  # the user message as packing reads it, for the history cache
+    ticket: Ticket | None = None  # what the turn counted against its limits, settled when it ends
     finishing: bool = False  # its final write has begun (the lease is freed by that write)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -111,11 +118,23 @@ def _price(cfg: EngineConfig, usage: Usage) -> dict[str, Any]:
             "total_price": str(p + c), "currency": cfg.currency}
 
 
+MAX_USER_CHARS = 255  # the store's user column
+
+
+def check_user(user: str) -> None:
+    """A user id the store can hold: non-empty, at most 255 characters, no NUL."""
+    if not user or not isinstance(user, str):
+        raise InvalidParamError("Arg user must be provided.")
+    if len(user) > MAX_USER_CHARS or "\x00" in user:
+        raise InvalidParamError(f"user must be at most {MAX_USER_CHARS} characters, without NUL characters")
+
+
 class Gateway:
     def __init__(self, settings: Settings, store: Store | None = None, *, turn_wait: float = 30.0) -> None:
         self.settings = settings
         self.store = store or Store(settings.database_url)
         self.history = HistoryCache(self.store)
+        self.limits = Limiter(self.store)
         self.turn_wait = turn_wait
         self.calibration = Calibration()
         self.owner = uuid.uuid4().hex
@@ -125,6 +144,7 @@ class Gateway:
                                       limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200))
         self.poster = AiohttpPoster()
         self._engines: dict[str, Engine] = {}
+        self._secrets = tuple(e.api_key for e in settings.engines.values() if e.api_key)
         self._locks: dict[str, asyncio.Lock] = {}
         self.running: dict[str, RunningTurn] = {}
         self._leases: dict[str, RunningTurn] = {}  # conversation id -> the turn holding its lease here
@@ -153,6 +173,7 @@ class Gateway:
             await e.aclose()
         await self.poster.aclose()
         await self.http.aclose()
+        await self.limits.close()
         await self.store.close()
 
     # ---- configuration lookups -------------------------------------------------------------------
@@ -178,6 +199,13 @@ class Gateway:
             eng = build_engine(cfg, self.http, self.poster)
             self._engines[name] = eng
         return eng
+
+    @staticmethod
+    def refuse_images(eng: Engine) -> None:
+        """Forward or refuse: a text-only engine gets no images, and the caller hears why (400)."""
+        if not eng.accepts_images:
+            raise UnsupportedInputError(f"Engine {eng.name!r} ({eng.model}) cannot read images: send text only, "
+                                        "or pick an engine that can.")
 
     @staticmethod
     def remote_user(app: str, user: str) -> str:
@@ -297,36 +325,59 @@ class Gateway:
         workflow_id: str | None = None,
         auto_generate_name: bool = True,
         extra_system: list[str] | None = None,
+        key_id: str | None = None,
+        history: list[tuple[str, str]] | None = None,
     ) -> AsyncIterator[TurnEvent]:
-        """Yield TurnStarted, deltas, then TurnCompleted or TurnFailed. Never raises after TurnStarted."""
-        if not user:
-            raise InvalidParamError("Arg user must be provided.")
-        if not query or not query.strip():
+        """Yield TurnStarted, deltas, then TurnCompleted or TurnFailed. Never raises after TurnStarted.
+
+        `key_id`: the app key the caller used (its limits apply along with the app's). `history`:
+        (role, text) turns the caller already had (an OpenAI client's message list); without a
+        conversation_id they are stored as a new conversation this turn continues, once the turn is
+        admitted, so a refused turn stores nothing."""
+        check_user(user)
+        query = (query or "").replace("\x00", "")  # PostgreSQL text cannot hold NUL; Dify drops it too
+        if not query.strip():
             raise InvalidParamError("query is required")
         await self.start()
         app_cfg = self.app_config(app, engine)
+        if engine is not None and (engine not in self.settings.engines or not app_cfg.allows(engine)):
+            raise InvalidParamError(f"Engine {engine!r} is not available to app {app_cfg.name!r}.",
+                                    code="engine_not_available")
         if extra_system:
             app_cfg = replace(app_cfg, system=[*app_cfg.system, *extra_system])
         engine_name = engine or app_cfg.engine
         eng = self.engine(engine_name)
         imgs = self.normalize_images(images, files)
-        cid = conversation_id or new_id()
-        final: TurnEvent | None = None
-        async with self._local_lock(cid):
-            run = self._run(cid, conversation_id is not None, app_cfg, user, eng, query, imgs, stream, inputs or {},
-                            workflow_id, auto_generate_name)
-            try:
-                async for ev in run:
-                    if isinstance(ev, TurnCompleted | TurnFailed):
-                        final = ev  # stored, lease released: the conversation is free before the caller hears
-                        break
-                    yield ev
-            finally:
-                # Inside the lock: a caller that leaves early (closed stream, cancelled request) has its
-                # partial answer stored as stopped before the next turn of this conversation begins.
-                await run.aclose()
-                if final is None:  # _run releases the lease with its final write; this covers exits before it
-                    await settle(self._release_if_held(cid))
+        if imgs:
+            self.refuse_images(eng)
+        # Limits: free (no call, no store access) unless the app or a key is involved.
+        ticket = await self.limits.admit(app_cfg, user, key_id) if app_cfg.limits or key_id else None
+        try:
+            if history and conversation_id is None:
+                conversation_id = await self.import_history(app=app_cfg.name, user=user, engine=engine_name,
+                                                            turns=history)
+            cid = conversation_id or new_id()
+            final: TurnEvent | None = None
+            async with self._local_lock(cid):
+                run = self._run(cid, conversation_id is not None, app_cfg, user, eng, query, imgs, stream,
+                                inputs or {}, workflow_id, auto_generate_name, ticket)
+                try:
+                    async for ev in run:
+                        if isinstance(ev, TurnCompleted | TurnFailed):
+                            final = ev  # stored, lease released: the conversation is free before the caller hears
+                            break
+                        yield ev
+                finally:
+                    # Inside the lock: a caller that leaves early (closed stream, cancelled request) has its
+                    # partial answer stored as stopped before the next turn of this conversation begins.
+                    await run.aclose()
+                    if final is None:  # _run releases the lease with its final write; this covers exits before it
+                        await settle(self._release_if_held(cid))
+        finally:
+            if ticket is not None and not ticket.settled:  # the turn ended before it ran: free its slot
+                pending = self.limits.settle(ticket)
+                if pending is not None:
+                    await asyncio.shield(pending)
         if final is not None:
             yield final
 
@@ -341,7 +392,7 @@ class Gateway:
     async def _run(
         self, cid: str, existing: bool, app_cfg: AppConfig, user: str, eng: Engine, query: str,
         imgs: list[ImagePart], stream: bool, inputs: dict[str, Any], workflow_id: str | None,
-        auto_generate_name: bool,
+        auto_generate_name: bool, ticket: Ticket | None = None,
     ) -> AsyncIterator[TurnEvent]:
         started = time.time()
         await self._hydrate(imgs, app_cfg.name, user)
@@ -359,7 +410,7 @@ class Gateway:
             user_seq, asst_seq = await self.store.begin_turn(cid, user_msg=user_row, assistant_msg=asst_row,
                                                              new_conversation=conv, lock=(self.owner, LOCK_TTL))
         running = RunningTurn(task_id, app_cfg.name, user, asst_mid, eng, self.remote_user(app_cfg.name, user),
-                              user_message_id=user_mid)
+                              user_message_id=user_mid, ticket=ticket)
         running.history_row = {"seq": user_seq, "role": "user", "content": query, "parts": user_row["parts"],
                                "reasoning": None, "status": "completed", "token_estimate": q_tokens, "engine": eng.name}
         self.running[task_id] = running
@@ -371,9 +422,11 @@ class Gateway:
         remote = RemoteState()
         status, error = "completed", None
         est_prompt = 0
+        # Held back until the engine has accepted (or produced its first event): a turn that fails
+        # before that yields TurnFailed alone, so a surface can still answer with the real status.
+        turn_started: TurnStarted | None = TurnStarted(cid, asst_mid, user_mid, task_id, eng.name, started)
+        redactor = StreamRedactor(eng.config.api_key)
         try:
-            # Inside the try: a caller leaving right after this still ends the turn as stopped.
-            yield TurnStarted(cid, asst_mid, user_mid, task_id, eng.name, started)
             for attempt in range(2):
                 try:
                     req, est_prompt = await self._request(conv, app_cfg, user, eng, query, imgs, stream, inputs,
@@ -389,24 +442,35 @@ class Gateway:
                 lost = False
                 while True:
                     ev = await queue.get()
+                    if turn_started is not None and not isinstance(ev, _Failed | _Stopped):
+                        # Inside the try: a caller leaving right after this still ends the turn as stopped.
+                        started_ev, turn_started = turn_started, None
+                        yield started_ev
                     if isinstance(ev, TextDelta):
-                        answer.append(ev.text)
+                        text = redactor.text(ev.text)
+                        if not text:
+                            continue
+                        answer.append(text)
                         if not running.first_token_at:
                             running.first_token_at = time.time()
-                        yield ev
+                        yield TextDelta(text) if text is not ev.text else ev
                     elif isinstance(ev, ReasoningDelta):
-                        reasoning.append(ev.text)
+                        text = redactor.reasoning(ev.text)
+                        if not text:
+                            continue
+                        reasoning.append(text)
                         if not running.first_token_at:
                             running.first_token_at = time.time()
-                        yield ev
+                        yield ReasoningDelta(text) if text is not ev.text else ev
                     elif isinstance(ev, AnswerReplaced):
                         if ev.reason == "no_think_tags":
-                            answer[:] = [*reasoning, *answer]
+                            answer[:] = [redactor.reclassified("".join(reasoning), "".join(answer))]
                             reasoning.clear()
-                            yield AnswerReplaced("".join(answer), ev.reason)
+                            yield AnswerReplaced(answer[0], ev.reason)
                         else:
-                            answer[:] = [ev.text]
-                            yield ev
+                            text = redactor.replaced(ev.text)
+                            answer[:] = [text]
+                            yield AnswerReplaced(text, ev.reason) if text != ev.text else ev
                     elif isinstance(ev, UsageReport):
                         usage, price = ev.usage, ev.price or price
                     elif isinstance(ev, RemoteState):
@@ -416,7 +480,7 @@ class Gateway:
                             remote.task_id = running.remote_task_id = ev.task_id
                             if running.stop_requested:
                                 await self._remote_stop(running)
-                    elif isinstance(ev, Finished):
+                    elif isinstance(ev, Finished | UpstreamAccepted):
                         pass
                     elif isinstance(ev, _Stopped):
                         status = "stopped"
@@ -439,8 +503,18 @@ class Gateway:
                     conv["remote"] = {k: v for k, v in (conv.get("remote") or {}).items() if k != eng.name}
                     continue
                 break
+            tail, rtail = redactor.flush()  # a held-back tail that turned out not to be a key
+            if tail:
+                answer.append(tail)
+                yield TextDelta(tail)
+            if rtail:
+                reasoning.append(rtail)
+                yield ReasoningDelta(rtail)
         except BaseException:
             # The caller went away (closed the stream / cancelled): keep what came, as stopped.
+            tail, rtail = redactor.flush()
+            answer.append(tail)
+            reasoning.append(rtail)
             status = "stopped"
             if running.producer and not running.producer.done():
                 running.producer.cancel()
@@ -455,6 +529,8 @@ class Gateway:
         if error is not None:
             yield TurnFailed(reply, error)
         else:
+            if turn_started is not None:  # stopped before the engine answered at all
+                yield turn_started
             yield TurnCompleted(reply)
 
     async def _finish(
@@ -486,13 +562,23 @@ class Gateway:
             rem[eng.name] = {"id": remote.conversation_id, "seq": asst_seq}
             conv_values["remote"] = conv["remote"] = rem
         running.finishing = True
-        await self.store.finish_turn(  # runs to its end even if this task is cancelled meanwhile
+        # A task started on the next pass, so the limits write below is queued in the same pass and on
+        # SQLite shares its commit; awaited to its end even if this task is cancelled meanwhile.
+        finish = asyncio.ensure_future(self.store.finish_turn(
             cid, running.message_id, self.owner, conversation_values=conv_values,
             content=text, reasoning=reasoning_text, status=status, usage=usage.to_json(), price=price,
             latency=latency, error=err, token_estimate=answer_tokens, remote_id=remote.message_id,
-        )
+        ))
+        # A failed turn that produced nothing the engine reported is not charged.
+        charge = None
+        if running.ticket is not None:
+            charged = not (status == "failed" and usage.estimated and not text and not reasoning_text)
+            charge = self.limits.settle(running.ticket, usage if charged else None, price)
+        await settle(finish)
         if self._leases.get(cid) is running:
             del self._leases[cid]  # freed by that write
+        if charge is not None:
+            await settle(charge)
         if running.history_row is not None:
             self.history.append_turn(cid, [running.history_row, {
                 "seq": asst_seq, "role": "assistant", "content": text, "parts": None, "reasoning": reasoning_text,
@@ -502,6 +588,16 @@ class Gateway:
                      user_message_id=running.user_message_id, task_id=running.task_id, usage=usage, status=status,
                      engine=eng.name, model=eng.model, created_at=started, latency=latency, price=price, error=err,
                      time_to_first_token=(running.first_token_at - started) if running.first_token_at else 0.0)
+
+    def _redacted(self, exc: ThreadlineError) -> ThreadlineError:
+        """Every engine's error text passes here before it is stored, logged or shown: the keys of
+        every configured engine, and anything shaped like a provider key, become ***. (A Dify app
+        echoed its own app key in `error` events and failed `workflow_finished` data.)"""
+        clean = redact(exc.message, *self._secrets)
+        if clean != exc.message:
+            exc.message = clean
+            exc.args = (clean, *exc.args[1:])
+        return exc
 
     async def _produce(self, eng: Engine, req: EngineRequest, queue: asyncio.Queue[Any]) -> None:
         acc = upstream_time.get(None)
@@ -519,7 +615,9 @@ class Gateway:
         except asyncio.CancelledError:
             queue.put_nowait(_Stopped())
         except ThreadlineError as exc:
-            queue.put_nowait(_Failed(exc))
+            queue.put_nowait(_Failed(self._redacted(exc)))
+        except httpx.TimeoutException as exc:
+            queue.put_nowait(_Failed(transport_error(eng.name, exc)))
         except httpx.TransportError as exc:
             queue.put_nowait(_Failed(UpstreamError(
                 f"The connection to engine {eng.name!r} broke mid-answer ({type(exc).__name__}).",
@@ -575,40 +673,48 @@ class Gateway:
 
     async def import_history(self, *, app: str, user: str, engine: str, turns: list[tuple[str, str]],
                              name: str = "") -> str:
-        """Store turns a caller already had (an OpenAI client's message list, a Dify export) as a new
-        conversation, so the next turn continues it on any engine."""
+        """Store turns a caller already had (an OpenAI client's message list) as a new conversation,
+        so the next turn continues it on any engine. All or nothing: one transaction."""
+        check_user(user)
+        pairs: list[tuple[str, str]] = []
+        pending: str | None = None
+        for role, text in turns:
+            text = (text or "").replace("\x00", "")
+            if role == "user":
+                if pending is not None:
+                    pairs.append((pending, ""))
+                pending = text
+            else:
+                pairs.append((pending or "", text))
+                pending = None
+        if pending is not None:
+            pairs.append((pending, ""))
+        return await self.import_pairs(app=app, user=user, engine=engine,
+                                       turns=[{"query": q, "answer": a} for q, a in pairs], name=name)
+
+    async def import_pairs(self, *, app: str, user: str, engine: str, turns: list[dict[str, Any]],
+                           name: str = "") -> str:
+        """A new conversation from finished (query, answer) turns: `{"query", "answer"}` plus optional
+        `status`, `remote_id`, `inputs`, `created_at`. One transaction."""
         await self.start()
         cid = new_id()
         now = time.time()
-        conv = {"id": cid, "app": app, "user": user, "engine": engine, "name": name, "inputs": {}, "remote": {},
-                "last_seq": 0, "created_at": now, "updated_at": now, "deleted": False}
-        pending_user: str | None = None
-        first = True
-        for role, text in [*turns, ("user", None)]:
-            if role == "user":
-                if pending_user is not None:
-                    await self._import_pair(cid, conv if first else None, engine, pending_user, "")
-                    first = False
-                pending_user = text
-            else:
-                await self._import_pair(cid, conv if first else None, engine, pending_user or "", text or "")
-                first, pending_user = False, None
-        if first:
-            await self.store.create_conversation(app=app, user=user, engine=engine, conversation_id=cid, name=name)
-        if not name and turns:
-            await self.store.set_conversation_fields(cid, name=(turns[0][1] or "")[:60])
+        first = next((t["query"] for t in turns if t.get("query")), "")
+        conv = {"id": cid, "app": app, "user": user, "engine": engine,
+                "name": name or first.strip().splitlines()[0][:60] if (name or first.strip()) else "",
+                "inputs": {}, "remote": {}, "created_at": now, "updated_at": now, "deleted": False}
+        rows = []
+        for t in turns:
+            q, a = t.get("query") or "", t.get("answer") or ""
+            rows.append({
+                "user": {"content": q, "engine": engine, "token_estimate": estimate_message(q),
+                         "inputs": t.get("inputs") or None},
+                "assistant": {"content": a, "engine": engine, "token_estimate": estimate_message(a),
+                              "status": t.get("status") or "completed", "remote_id": t.get("remote_id")},
+                "created_at": t.get("created_at"),
+            })
+        await self.store.import_conversation(conv, rows)
         return cid
-
-    async def _import_pair(self, cid: str, new_conv: dict[str, Any] | None, engine: str, q: str, a: str,
-                           created_at: float | None = None, remote_id: str | None = None,
-                           inputs: dict[str, Any] | None = None, status: str = "completed") -> None:
-        uid, aid = new_id(), new_id()
-        await self.store.begin_turn(
-            cid, user_msg={"id": uid, "content": q, "engine": engine, "token_estimate": estimate_message(q),
-                           "inputs": inputs},
-            assistant_msg={"id": aid, "parent_id": uid, "engine": engine}, new_conversation=new_conv)
-        await self.store.finish_turn(cid, aid, None, content=a, status=status, token_estimate=estimate_message(a),
-                                     remote_id=remote_id)
 
     # ---- stop ------------------------------------------------------------------------------------
 

@@ -85,8 +85,10 @@ class Usage:
 
 
 # ---- stream events -------------------------------------------------------------------------------
-# Engines yield TextDelta / ReasoningDelta / UsageReport / RemoteState / AnswerReplaced / Finished.
-# The gateway adds TurnStarted first and TurnCompleted (or TurnFailed) last.
+# Engines yield UpstreamAccepted, then TextDelta / ReasoningDelta / UsageReport / RemoteState /
+# AnswerReplaced, then Finished (only when the answer really ended: a stream cut short raises).
+# The gateway adds TurnStarted first (once the engine accepted) and TurnCompleted or TurnFailed last;
+# a turn that fails before its engine accepted yields TurnFailed alone.
 
 
 @dataclass(slots=True)
@@ -125,6 +127,13 @@ class RemoteState:
 @dataclass(slots=True)
 class Finished:
     finish_reason: str | None = None
+
+
+@dataclass(slots=True)
+class UpstreamAccepted:
+    """The engine's upstream answered 2xx and the answer is on its way. Until this (or the first
+    delta) the turn can still fail with the upstream's own status (a 429 with its Retry-After, a 400
+    for a bad request), so surfaces wait for it before they commit to a 200 and a stream."""
 
 
 @dataclass(slots=True)
@@ -173,5 +182,5 @@ class TurnFailed:
     error: Exception
 
 
-EngineEvent = TextDelta | ReasoningDelta | AnswerReplaced | UsageReport | RemoteState | Finished
+EngineEvent = TextDelta | ReasoningDelta | AnswerReplaced | UsageReport | RemoteState | Finished | UpstreamAccepted
 TurnEvent = TurnStarted | TextDelta | ReasoningDelta | AnswerReplaced | UsageReport | TurnCompleted | TurnFailed

@@ -1,7 +1,21 @@
 """A Dify service-API double built from the recorded exchanges in ../shared/fixtures/dify/: the
 echo chatflow (answer echoes the query, a turn counter and the previous query live in conversation
 variables), per-user conversation scoping, uploads, /messages paging, stop, and Dify's error bodies.
-Streams look like the recordings: `event: ping` first, compact `data:` frames, no [DONE]."""
+Streams look like the recordings: `event: ping` first, compact `data:` frames, no [DONE].
+
+Faults (`fault`, one of FAULTS; the shared ones behave as in the OpenAI double):
+- `429`: Dify's per-app concurrency refusal, `{"code": "too_many_requests", ...}` with no Retry-After
+  (libs/external_api.py `handle_quota_exceeded` sets none).
+- `500`: the service API's `raise InternalServerError()`: code `internal_server_error`, Werkzeug's text.
+- `timeout`, `reset`, `cut`, `malformed`: as the OpenAI double; `cut` ends a stream after `fault_after`
+  message events with neither `message_end` nor `workflow_finished`.
+- `error_event`: streaming: after `fault_after` message events the run fails the way `error_kind`
+  says: `"workflow"` a failed `workflow_finished` as recorded in 075 (the node's error in
+  `data.error`), `"error"` Dify's `error` event (`code`, `status`, `message`); then the stream ends.
+  Blocking: 400 `invalid_param` "Run failed: ..." as recorded in 076.
+`error_message` replaces the failure text (a workflow that echoes secrets). `replace_with` is output
+moderation: a streamed answer is followed by `message_replace` with that text (reason
+`output_moderation`), a blocking one is that text."""
 
 from __future__ import annotations
 
@@ -17,9 +31,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .openai_double import blocking_fault
+
 USAGE = {"prompt_tokens": 0, "prompt_unit_price": "0.0", "prompt_price_unit": "0.0", "prompt_price": "0.0",
          "completion_tokens": 0, "completion_unit_price": "0.0", "completion_price_unit": "0.0",
          "completion_price": "0.0", "total_tokens": 0, "total_price": "0.0", "currency": "USD", "latency": 0.0}
+
+
+NODE_ERROR = "Reached maximum retries for URL http://127.0.0.1:9/unreachable"  # fixture 075/076
+WERKZEUG_500 = ("The server encountered an internal error and was unable to complete your request. Either the "
+                "server is overloaded or there is an error in the application.")
 
 
 def err(status: int, code: str, message: str) -> Response:
@@ -38,11 +59,20 @@ class DifyDouble:
     stops: list[dict[str, Any]] = field(default_factory=list)
     stopped_tasks: set[str] = field(default_factory=set)
     message_pages: int = 0
+    fault: str | None = None  # one of FAULTS
+    fault_after: int = 2  # message events a stream sends before its fault
+    stall: float = 5.0  # how long `timeout` stays silent
+    error_kind: str = "workflow"  # how `error_event` fails a stream: "workflow" | "error"
+    error_message: str | None = None  # the failure text for `error_event`
+    replace_with: str | None = None  # output moderation's replacement answer
 
-    def reset(self) -> None:
+    def reset(self, **kw: Any) -> DifyDouble:
         fresh = DifyDouble()
         for k in fresh.__dataclass_fields__:
             setattr(self, k, getattr(fresh, k))
+        for k, v in kw.items():
+            setattr(self, k, v)
+        return self
 
     def conversations_by_query(self, query: str) -> str | None:
         for cid, c in self.conversations.items():
@@ -86,6 +116,11 @@ class DifyDouble:
             return err(400, "invalid_param", "Arg user must be provided.")
         if not body.get("query"):
             return err(400, "invalid_param", "query is required")
+        if self.fault == "429":
+            return err(429, "too_many_requests",
+                       "Too many requests. Please try again later. The current maximum concurrent requests allowed is 1.")
+        if self.fault == "500":
+            return err(500, "internal_server_error", WERKZEUG_500)
         for f in body.get("files") or []:
             if f["transfer_method"] == "local_file":
                 up = self.uploads.get(f.get("upload_file_id") or "")
@@ -106,14 +141,19 @@ class DifyDouble:
             cid = str(uuid.uuid4())
             self.conversations[cid] = {"user": user, "turns": 0, "last_query": "", "messages": []}
         mid, answer = self._answer(cid, body["query"], body.get("inputs") or {})
+        final = answer if self.replace_with is None else self.replace_with
         task_id = str(uuid.uuid4())
         created = int(time.time())
+        failure = self.error_message or NODE_ERROR
         if not streaming:
-            return Response(orjson.dumps({"event": "message", "task_id": task_id, "id": mid, "message_id": mid,
-                                          "conversation_id": cid, "mode": "advanced-chat", "answer": answer,
-                                          "metadata": {"annotation_reply": None, "retriever_resources": [],
-                                                       "usage": USAGE}, "created_at": created}),
-                            media_type="application/json; charset=utf-8")
+            if self.fault == "error_event":
+                return err(400, "invalid_param", f"Run failed: {failure}")
+            whole = orjson.dumps({"event": "message", "task_id": task_id, "id": mid, "message_id": mid,
+                                  "conversation_id": cid, "mode": "advanced-chat", "answer": final,
+                                  "metadata": {"annotation_reply": None, "retriever_resources": [],
+                                               "usage": USAGE}, "created_at": created})
+            return (await blocking_fault(self.fault, self.stall, whole)
+                    or Response(whole, media_type="application/json; charset=utf-8"))
         env = {"conversation_id": cid, "message_id": mid, "created_at": created}
 
         async def gen():  # type: ignore[no-untyped-def]
@@ -125,20 +165,46 @@ class DifyDouble:
             yield frame({"event": "workflow_started", **env, "task_id": task_id, "workflow_run_id": run,
                          "data": {"id": run, "workflow_id": "w", "inputs": {}, "created_at": created}})
             pieces = [p + "\n" for p in answer.split("\n") if p] + [""] * 8
-            for p in pieces:
+            for i, p in enumerate(pieces):
                 if self.slow:
                     await asyncio.sleep(self.slow)
+                if self.fault and i == self.fault_after:
+                    if self.fault == "timeout":
+                        await asyncio.sleep(self.stall)
+                    elif self.fault == "reset":
+                        raise ConnectionResetError("double: upstream killed mid-stream")
+                    elif self.fault == "cut":
+                        return
+                    elif self.fault == "malformed":
+                        yield frame({"event": "message", **env, "task_id": task_id, "id": mid, "answer": p})[:50] + b"\n\n"
+                        continue
+                    elif self.fault == "error_event" and self.error_kind == "error":
+                        yield frame({"event": "error", **env, "code": "completion_request_error", "status": 400,
+                                     "message": failure})
+                        return
+                    elif self.fault == "error_event":
+                        yield frame({"event": "workflow_finished", **env, "task_id": task_id, "workflow_run_id": run,
+                                     "data": {"id": run, "workflow_id": "w", "status": "failed",
+                                              "outputs": {"answer": "".join(pieces[:i]), "files": []},
+                                              "error": failure, "elapsed_time": 0.01, "total_tokens": 0,
+                                              "total_steps": 3, "created_by": {"id": "eu", "user": user},
+                                              "created_at": created, "finished_at": created,
+                                              "exceptions_count": 1, "files": []}})
+                        return
                 if task_id in self.stopped_tasks:
                     yield frame({"event": "workflow_finished", **env, "task_id": task_id, "workflow_run_id": run,
                                  "data": {"id": run, "status": "stopped", "error": "Stopped by user."}})
                     return
                 yield frame({"event": "message", **env, "task_id": task_id, "id": mid, "answer": p,
                              "from_variable_selector": ["answer", "answer"]})
+            if self.replace_with is not None:
+                yield frame({"event": "message_replace", **env, "task_id": task_id, "answer": self.replace_with,
+                             "reason": "output_moderation"})
             yield frame({"event": "message_end", **env, "task_id": task_id, "id": mid,
                          "metadata": {"annotation_reply": None, "retriever_resources": [], "usage": USAGE},
                          "files": []})
             yield frame({"event": "workflow_finished", **env, "task_id": task_id, "workflow_run_id": run,
-                         "data": {"id": run, "status": "succeeded", "outputs": {"answer": answer}, "error": None}})
+                         "data": {"id": run, "status": "succeeded", "outputs": {"answer": final}, "error": None}})
 
         return StreamingResponse(gen(), media_type="text/event-stream; charset=utf-8")
 

@@ -4,6 +4,16 @@ Unknown field names anywhere in the body are rejected with Google's real 400 wor
 ("Invalid JSON payload received. Unknown name \"X\" at 'path': Cannot find field."); roles other
 than user/model are refused; streams are `data: {...}\r\n\r\n` with no [DONE]; thought parts come
 before answer parts and every chunk carries usageMetadata (as the recorded fixtures show).
+
+Faults (`fault`, one of FAULTS; the shared ones behave as in the OpenAI double):
+- `429`: RESOURCE_EXHAUSTED with QuotaFailure and RetryInfo details (the recorded shape, retryDelay
+  `retry_delay`); `rate_limit` N does the same for the first N requests.
+- `500`: INTERNAL, Google's wording.
+- `timeout`, `reset`, `cut`, `malformed`: as the OpenAI double; `cut` ends a stream after `fault_after`
+  answer chunks, so no chunk carries a finishReason (Gemini's only end marker).
+- `error_event`: streaming: after `fault_after` answer chunks Google's error object as an SSE event
+  (`{"error": {"code": 503, ..., "status": "UNAVAILABLE"}}`, as gateways report seeing mid-stream on a
+  200), then the stream ends; blocking: 400 INVALID_ARGUMENT for an input over the token limit.
 """
 
 from __future__ import annotations
@@ -19,6 +29,13 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from .openai_double import blocking_fault
+
+OVERLOADED = "The model is overloaded. Please try again later."
+INTERNAL = ("An internal error has occurred. Please retry or report in "
+            "https://developers.generativeai.google/guide/troubleshooting")
+TOO_MANY_TOKENS = "The input token count (1048577) exceeds the maximum number of tokens allowed (1048576)."
 
 SCHEMA: dict[str, Any] = {
     "contents": [{"role": None, "parts": [{"text": None, "thought": None, "thoughtSignature": None,
@@ -85,6 +102,11 @@ class GeminiDouble:
     block_prompt: bool = False
     safety_finish: bool = False
     rate_limit: int = 0
+    retry_delay: str = "0.05s"
+    fault: str | None = None  # one of FAULTS
+    fault_after: int = 2  # answer chunks a stream sends before its fault
+    stall: float = 5.0  # how long `timeout` stays silent
+    error_message: str | None = None  # Google's text for `error_event`
     requests: list[dict[str, Any]] = field(default_factory=list)
 
     def reset(self, **kw: Any) -> GeminiDouble:
@@ -129,10 +151,15 @@ class GeminiDouble:
         except orjson.JSONDecodeError:
             return _error(400, "INVALID_ARGUMENT", "Invalid JSON payload received.")
         self.requests.append(body)
-        if self.rate_limit > 0:
-            self.rate_limit -= 1
-            return _error(429, "RESOURCE_EXHAUSTED", "You exceeded your current quota.",
-                          [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "0.05s"}])
+        if self.rate_limit > 0 or self.fault == "429":
+            self.rate_limit = max(0, self.rate_limit - 1)
+            return _error(429, "RESOURCE_EXHAUSTED", "You exceeded your current quota, please check your plan and "
+                          "billing details.",
+                          [{"@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                            "violations": [{"quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"}]},
+                           {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": self.retry_delay}])
+        if self.fault == "500":
+            return _error(500, "INTERNAL", INTERNAL)
         found = _unknown(body, SCHEMA, "")
         if found:
             name, at = found
@@ -162,12 +189,16 @@ class GeminiDouble:
         answer = self.answer_for(body)
         finish = "SAFETY" if self.safety_finish else "STOP"
         if method == "generateContent":
+            if self.fault == "error_event":
+                return _error(400, "INVALID_ARGUMENT", self.error_message or TOO_MANY_TOKENS)
             parts: list[dict[str, Any]] = [{"text": t, "thought": True} for t in self.thoughts] if include else []
             parts.append({"text": answer})
-            return JSONResponse({"candidates": [{"content": {"parts": parts, "role": "model"}, "finishReason": finish,
-                                                 "index": 0}],
-                                 "usageMetadata": self.usage(body, answer, include), "modelVersion": version,
-                                 "responseId": rid})
+            whole = orjson.dumps({"candidates": [{"content": {"parts": parts, "role": "model"}, "finishReason": finish,
+                                                  "index": 0}],
+                                  "usageMetadata": self.usage(body, answer, include), "modelVersion": version,
+                                  "responseId": rid})
+            return (await blocking_fault(self.fault, self.stall, whole)
+                    or Response(whole, media_type="application/json; charset=UTF-8"))
 
         async def gen():  # type: ignore[no-untyped-def]
             events: list[dict[str, Any]] = []
@@ -179,9 +210,27 @@ class GeminiDouble:
             for i, piece in enumerate(pieces):
                 so_far += piece
                 events.append({"parts": [{"text": piece}], "answer": so_far, "last": i == len(pieces) - 1})
+            answered = 0
             for ev in events:
                 if self.slow:
                     await asyncio.sleep(self.slow)
+                if self.fault and ev["answer"] is not None and answered == self.fault_after:
+                    if self.fault == "timeout":
+                        await asyncio.sleep(self.stall)
+                    elif self.fault == "reset":
+                        raise ConnectionResetError("double: upstream killed mid-stream")
+                    elif self.fault == "cut":
+                        return
+                    elif self.fault == "malformed":
+                        yield b'data: {"candidates": [{"content": {"parts": [{"text": "' + b"\r\n\r\n"
+                        answered += 1
+                        continue
+                    elif self.fault == "error_event":
+                        yield b"data: " + orjson.dumps({"error": {"code": 503, "message": self.error_message or OVERLOADED,
+                                                                  "status": "UNAVAILABLE"}}) + b"\r\n\r\n"
+                        return
+                if ev["answer"] is not None:
+                    answered += 1
                 cand: dict[str, Any] = {"content": {"parts": ev["parts"], "role": "model"}, "index": 0}
                 if ev.get("last"):
                     cand["finishReason"] = finish

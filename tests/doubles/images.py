@@ -22,11 +22,19 @@ def png_bytes(name: str = "blue.png") -> bytes:
     return base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==")
 
 
-def image_app() -> Starlette:
+def image_app(seen: list[tuple[str, str]] | None = None) -> Starlette:
+    """`seen`, when given, gets (path, Host header) for every request the host answers."""
+
+    def note(request: Request) -> None:
+        if seen is not None:
+            seen.append((request.url.path, request.headers.get("host", "")))
+
     async def img(request: Request) -> Response:
+        note(request)
         return Response(png_bytes(request.path_params["name"]), media_type="image/png")
 
     async def redirect(request: Request) -> Response:
+        note(request)
         return Response(status_code=302, headers={"location": request.query_params["to"]})
 
     return Starlette(routes=[Route("/img/{name}", img), Route("/redirect", redirect)])

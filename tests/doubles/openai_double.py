@@ -9,7 +9,22 @@ services show (../shared/reference/providers.md, ../shared/fixtures/providers/):
   400 if a request message carries `reasoning_content` (R1-era rule).
 Answer shaping: `think_tags` (R1 <think> inside content, split across chunks), `think_no_open`
 (opening tag missing), `reasoning_content`. Faults: `slow` (delay per chunk), `fail_after`
-(connection dropped after N chunks), `rate_limit` (N× 429 with Retry-After first).
+(connection dropped after N chunks), `rate_limit` (N× 429 with Retry-After first), and `fault`,
+one of FAULTS, each what the real service (or the network in front of it) does:
+
+- `429`: OpenAI's rate-limit body with `retry-after` (seconds) and `x-ratelimit-reset-requests`.
+- `500`: OpenAI's server_error body.
+- `timeout`: blocking: silent for `stall` seconds before answering; streaming: `fault_after` content
+  chunks, then silent for `stall` seconds (then the rest).
+- `reset`: the connection drops mid-body (blocking: half the JSON) or after `fault_after` chunks.
+- `cut`: the body or stream ends cleanly but early: half the JSON body (with a matching
+  Content-Length); a stream with no finish_reason and no `[DONE]` after `fault_after` chunks.
+- `malformed`: blocking: a 200 HTML page where JSON belongs (a proxy or web UI behind the URL);
+  streaming: after `fault_after` chunks a `data:` chunk whose JSON breaks off, then the rest as usual.
+- `error_event`: streaming: after `fault_after` chunks the provider's in-stream error
+  `data: {"error": {...}}` (what openai-python raises APIError on), then the stream ends; blocking:
+  the provider's 400 error body for a request it could not serve (context_length_exceeded).
+`error_message` replaces the provider's text in `error_event` (a provider that echoes secrets).
 """
 
 from __future__ import annotations
@@ -35,6 +50,30 @@ XAI_ALLOWED = {"model", "messages", "stream", "stream_options", "max_tokens", "m
                "top_p", "stop", "seed", "tools", "tool_choice", "n", "user", "response_format"}
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"}
+FAULTS = ("429", "500", "timeout", "reset", "cut", "malformed", "error_event")
+# OpenAI's own texts for these failures.
+SERVER_ERROR = "The server had an error while processing your request. Sorry about that!"
+CONTEXT_TOO_LONG = ("This model's maximum context length is 128000 tokens. However, your messages resulted in "
+                    "131072 tokens. Please reduce the length of the messages.")
+
+
+async def blocking_fault(fault: str | None, stall: float, whole: bytes,
+                         media_type: str = "application/json") -> Response | None:
+    """The blocking answer `whole` as `fault` delivers it (None: deliver it as it is). Shared by the
+    doubles: a slow, dropped, cut short or mangled body looks the same whoever sends it."""
+    if fault == "timeout":
+        await asyncio.sleep(stall)
+    elif fault == "reset":
+        async def half():  # type: ignore[no-untyped-def]
+            yield whole[:len(whole) // 2]
+            raise ConnectionResetError("double: upstream killed mid-body")
+        return StreamingResponse(half(), media_type=media_type)
+    elif fault == "cut":
+        return Response(whole[:len(whole) // 2], media_type=media_type)
+    elif fault == "malformed":
+        return Response(b"<html><head><title>Welcome</title></head><body><h1>It works!</h1></body></html>\n",
+                        media_type="text/html")
+    return None
 
 
 @dataclass
@@ -48,6 +87,10 @@ class OpenAIDouble:
     fail_after: int | None = None
     rate_limit: int = 0
     retry_after: str = "0.05"
+    fault: str | None = None  # one of FAULTS
+    fault_after: int = 2  # content chunks a stream sends before its fault
+    stall: float = 5.0  # how long `timeout` stays silent
+    error_message: str | None = None  # the provider's text for `error_event`
     api_key: str | None = "sk-test-double-key"
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
@@ -154,14 +197,21 @@ class OpenAIDouble:
                                            "type": "invalid_request_error", "param": None, "code": None}}, status_code=400)
         self.requests.append(body)
         self.headers.append(dict(request.headers))
-        if self.rate_limit > 0:
-            self.rate_limit -= 1
+        if self.rate_limit > 0 or self.fault == "429":
+            self.rate_limit = max(0, self.rate_limit - 1)
             return JSONResponse({"error": {"message": "Rate limit reached for requests", "type": "requests",
                                            "param": None, "code": "rate_limit_exceeded"}}, status_code=429,
                                 headers={"retry-after": self.retry_after, "x-ratelimit-reset-requests": "50ms"})
+        if self.fault == "500":
+            return JSONResponse({"error": {"message": SERVER_ERROR, "type": "server_error", "param": None,
+                                           "code": None}}, status_code=500)
         bad = self._reject(body)
         if bad is not None:
             return bad
+        if self.fault == "error_event" and not body.get("stream"):
+            return JSONResponse({"error": {"message": self.error_message or CONTEXT_TOO_LONG,
+                                           "type": "invalid_request_error", "param": "messages",
+                                           "code": "context_length_exceeded"}}, status_code=400)
         answer = self.answer_for(body)
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
@@ -178,9 +228,10 @@ class OpenAIDouble:
                     msg["reasoning_content"] = self.reasoning
             if self.slow:
                 await asyncio.sleep(self.slow)
-            return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": model,
-                                 "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": "stop"}],
-                                 "usage": self.usage(body, answer), "system_fingerprint": "fp_double"})
+            whole = orjson.dumps({"id": cid, "object": "chat.completion", "created": created, "model": model,
+                                  "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": "stop"}],
+                                  "usage": self.usage(body, answer), "system_fingerprint": "fp_double"})
+            return await blocking_fault(self.fault, self.stall, whole) or Response(whole, media_type="application/json")
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         pieces = self._content_stream(answer)
 
@@ -203,6 +254,20 @@ class OpenAIDouble:
             for i, (fld, piece) in enumerate(pieces):
                 if self.fail_after is not None and i >= self.fail_after:
                     raise ConnectionResetError("double: upstream killed mid-stream")
+                if self.fault and i == self.fault_after:
+                    if self.fault == "timeout":
+                        await asyncio.sleep(self.stall)
+                    elif self.fault == "reset":
+                        raise ConnectionResetError("double: upstream killed mid-stream")
+                    elif self.fault == "cut":
+                        return
+                    elif self.fault == "malformed":
+                        yield frame({fld: piece})[:40] + b"\n\n"
+                    elif self.fault == "error_event":
+                        yield b"data: " + orjson.dumps({"error": {
+                            "message": self.error_message or SERVER_ERROR, "type": "server_error", "param": None,
+                            "code": None}}) + b"\n\n"
+                        return
                 if self.slow:
                     await asyncio.sleep(self.slow)
                 delta = {fld: piece}

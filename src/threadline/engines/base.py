@@ -48,6 +48,7 @@ class Engine:
 
     kind: str = ""
     stateful: bool = False
+    accepts_images: bool = True  # False: the gateway refuses a turn with images (400) before storing it
 
     def __init__(self, config: EngineConfig, http: httpx.AsyncClient | None = None,
                  poster: Poster | None = None) -> None:

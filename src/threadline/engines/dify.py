@@ -16,13 +16,21 @@ from typing import Any
 import httpx
 import orjson
 
-from ..errors import RemoteConversationLost, UpstreamError, redact, upstream_error_from_status
+from ..errors import (
+    RemoteConversationLost,
+    UpstreamBadResponse,
+    UpstreamError,
+    UpstreamTruncated,
+    redact,
+    upstream_error_from_status,
+)
 from ..messages import (
     AnswerReplaced,
     EngineEvent,
     Finished,
     RemoteState,
     TextDelta,
+    UpstreamAccepted,
     Usage,
     UsageReport,
 )
@@ -65,8 +73,8 @@ class DifyEngine(Engine):
             return RemoteConversationLost(message)
         if status == 404:
             return UpstreamError(message, code="not_found", status=404)
-        if status == 429:
-            return UpstreamError(message, code=code or "too_many_requests", status=429, retryable=True)
+        if status == 429:  # the same code every engine's rate limit has (the shared mapping below)
+            return None
         if status == 413:
             return UpstreamError(message, code="file_too_large", status=413)
         if status == 415:
@@ -137,8 +145,14 @@ class DifyEngine(Engine):
             map_error=lambda s, b, m: self._map(s, b, m, sent_remote=sent_remote),
         )
         try:
+            yield UpstreamAccepted()
             if not req.stream:
-                data = orjson.loads(await resp.aread())
+                try:
+                    data = orjson.loads(await resp.aread())
+                except orjson.JSONDecodeError:
+                    raise UpstreamBadResponse("Dify sent a response that is not JSON.") from None
+                if not isinstance(data, dict):
+                    raise UpstreamBadResponse("Dify sent a response that is not a JSON object.")
                 yield RemoteState(data.get("conversation_id"), data.get("message_id") or data.get("id"),
                                   data.get("task_id"))
                 if data.get("answer"):
@@ -158,6 +172,7 @@ class DifyEngine(Engine):
         it = iter_sse(resp).__aiter__()
         bound = False
         got_data = False
+        ended = False  # message_end or workflow_finished: Dify's stream has no other terminator
         while True:
             try:
                 if not got_data and sent_remote:
@@ -176,7 +191,9 @@ class DifyEngine(Engine):
             try:
                 data = orjson.loads(sse.data)
             except orjson.JSONDecodeError:
-                continue
+                raise UpstreamBadResponse("Dify sent a stream event that is not JSON.") from None
+            if not isinstance(data, dict):
+                raise UpstreamBadResponse("Dify sent a stream event that is not a JSON object.")
             got_data = True
             kind = data.get("event")
             if not bound and data.get("conversation_id"):
@@ -188,21 +205,26 @@ class DifyEngine(Engine):
             elif kind == "message_replace":
                 yield AnswerReplaced(data.get("answer") or "", data.get("reason"))
             elif kind == "message_end":
+                ended = True
                 usage = (data.get("metadata") or {}).get("usage")
                 if usage:
                     u, p = usage_and_price(usage)
                     yield UsageReport(u, p)
             elif kind == "error":
-                status = int(data.get("status") or 400)
-                err = self._map(status, data, str(data.get("message") or "Dify error"), sent_remote=False)
-                raise err or UpstreamError(str(data.get("message")), code=str(data.get("code") or "internal_server_error"),
-                                           status=502)
+                status = data.get("status")
+                status = status if isinstance(status, int) and 400 <= status < 600 else 400
+                message = redact(str(data.get("message") or "Dify error"), self.config.api_key)
+                err = self._map(status, data, message, sent_remote=False)
+                raise err or UpstreamError(message, code=str(data.get("code") or "internal_server_error"), status=502)
             elif kind == "workflow_finished":
+                ended = True
                 wf = data.get("data") or {}
-                if wf.get("status") == "failed":
-                    raise UpstreamError(f"Run failed: {wf.get('error') or 'workflow failed'}", code="invalid_param",
-                                        status=400)
+                if isinstance(wf, dict) and wf.get("status") == "failed":
+                    error = redact(str(wf.get("error") or "workflow failed"), self.config.api_key)
+                    raise UpstreamError(f"Run failed: {error}", code="invalid_param", status=400)
             # workflow/node/iteration/loop/agent_thought/message_file/tts events and future ones: ignored safely
+        if not ended:
+            raise UpstreamTruncated("Dify's stream ended before the answer did (no message_end).")
         yield Finished("stop")
 
     async def _remote_missing(self, req: EngineRequest) -> bool:

@@ -14,9 +14,18 @@ from urllib.parse import quote
 import httpx
 import orjson
 
-from ..errors import UpstreamError, redact
-from ..media import b64, fetch_image, split_data_uri
-from ..messages import ChatMessage, EngineEvent, Finished, ReasoningDelta, TextDelta, Usage, UsageReport
+from ..errors import UpstreamBadResponse, UpstreamError, UpstreamStreamError, UpstreamTruncated, redact
+from ..media import ImageFetcher, b64, split_data_uri
+from ..messages import (
+    ChatMessage,
+    EngineEvent,
+    Finished,
+    ReasoningDelta,
+    TextDelta,
+    UpstreamAccepted,
+    Usage,
+    UsageReport,
+)
 from . import retry
 from .base import Engine, EngineRequest
 from .http import Poster
@@ -48,6 +57,12 @@ class GeminiEngine(Engine):
         inc = config.extra.get("include_thoughts")
         m = config.model.lower()
         self.include_thoughts = bool(inc) if inc is not None else ("2.5" in m or "gemini-3" in m or "thinking" in m)
+        # Image URLs are fetched through the SSRF guard's own client, never `self.http` (media.py says why).
+        self.images = ImageFetcher(config.allow_hosts)
+
+    async def aclose(self) -> None:
+        await self.images.aclose()
+        await super().aclose()
 
     async def _parts(self, m: ChatMessage) -> list[dict[str, Any]]:
         parts: list[dict[str, Any]] = [{"text": m.text}] if m.text else []
@@ -58,8 +73,7 @@ class GeminiEngine(Engine):
                 mime, data = split_data_uri(img.url)
                 parts.append({"inlineData": {"mimeType": mime, "data": data}})
             elif img.url:
-                mime, raw = await fetch_image(self.http, img.url, allow_hosts=self.config.allow_hosts,
-                                              max_bytes=self.config.max_image_bytes)
+                mime, raw = await self.images.fetch(img.url, max_bytes=self.config.max_image_bytes)
                 parts.append({"inlineData": {"mimeType": mime, "data": b64(raw)}})
         return parts or [{"text": ""}]
 
@@ -92,21 +106,21 @@ class GeminiEngine(Engine):
         finish: str | None = None
         usage: Usage | None = None
         try:
+            yield UpstreamAccepted()
             if req.stream:
                 async for sse in iter_sse(resp):
                     if not sse.data:
                         continue
-                    try:
-                        chunk = orjson.loads(sse.data)
-                    except orjson.JSONDecodeError:
-                        continue
+                    chunk = self._json(sse.data)
                     for ev in self._chunk_events(chunk):
                         yield ev
                     finish = self._finish(chunk) or finish
                     if chunk.get("usageMetadata"):
                         usage = usage_from_gemini(chunk["usageMetadata"])
+                if finish is None:  # Gemini's stream has no terminator but the last chunk's finishReason
+                    raise UpstreamTruncated("Gemini's stream ended before the answer did (no finishReason).")
             else:
-                chunk = orjson.loads(await resp.aread())
+                chunk = self._json(await resp.aread())
                 for ev in self._chunk_events(chunk):
                     yield ev
                 finish = self._finish(chunk)
@@ -119,14 +133,24 @@ class GeminiEngine(Engine):
         yield Finished(finish)
 
     @staticmethod
+    def _json(data: str | bytes) -> dict[str, Any]:
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise UpstreamBadResponse("Gemini sent something that is not JSON.") from None
+        if not isinstance(chunk, dict):
+            raise UpstreamBadResponse("Gemini sent JSON that is not an object.")
+        return chunk
+
+    @staticmethod
     def _finish(chunk: dict[str, Any]) -> str | None:
         cands = chunk.get("candidates") or []
         return cands[0].get("finishReason") if cands else None
 
     def _chunk_events(self, chunk: dict[str, Any]) -> list[EngineEvent]:
         if isinstance(chunk.get("error"), dict):
-            raise UpstreamError("The engine failed mid-stream: " + redact(retry.error_message(chunk, ""), self.config.api_key),
-                                code="upstream_stream_error", status=502)
+            raise UpstreamStreamError("The engine failed mid-stream: " + redact(retry.error_message(chunk, ""),
+                                                                               self.config.api_key))
         block = (chunk.get("promptFeedback") or {}).get("blockReason")
         if block and not chunk.get("candidates"):
             raise UpstreamError(f"Gemini blocked the prompt ({block}).", code="content_blocked", status=400)

@@ -147,7 +147,11 @@ class AiohttpPoster:
             parts = urllib.parse.urlsplit(url)
             proxies = urllib.request.getproxies()
             proxy = proxies.get(parts.scheme) or proxies.get("all")
-            self._proxies[url] = None if not proxy or urllib.request.proxy_bypass(parts.hostname or "") else proxy
+            host = parts.hostname or ""
+            # Loopback never goes through a proxy (the embedded local engine, a local vLLM/Ollama): a
+            # proxy elsewhere cannot reach this machine's 127.0.0.1.
+            loopback = host == "localhost" or host.startswith("127.") or host == "::1"
+            self._proxies[url] = None if not proxy or loopback or urllib.request.proxy_bypass(host) else proxy
         return self._proxies[url]
 
     async def post(self, url: str, content: bytes, headers: Mapping[str, str], *,

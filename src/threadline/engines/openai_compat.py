@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import orjson
 
-from ..errors import UpstreamError, redact
+from ..errors import UnsupportedInputError, UpstreamBadResponse, UpstreamStreamError, UpstreamTruncated, redact
 from ..media import b64
 from ..messages import (
     AnswerReplaced,
@@ -21,6 +21,7 @@ from ..messages import (
     Finished,
     ReasoningDelta,
     TextDelta,
+    UpstreamAccepted,
     Usage,
     UsageReport,
 )
@@ -53,7 +54,18 @@ class OpenAICompatEngine(Engine):
         if config.api_key:
             self.headers["Authorization"] = f"Bearer {config.api_key}"
 
+    @property
+    def accepts_images(self) -> bool:
+        return self.profile.images
+
     # ---- request ---------------------------------------------------------------------------------
+
+    def refuse_unsupported(self, req: EngineRequest) -> None:
+        """Images reach a text-only model's engine only from history (the gateway refuses new ones)."""
+        if not self.profile.images and any(m.images for m in req.messages):
+            raise UnsupportedInputError(
+                f"Engine {self.name!r} ({self.model}) cannot read images, and this conversation's history has "
+                "some. Continue it on an engine that can, or start a new conversation.")
 
     def _content(self, m: ChatMessage, text: str) -> str | list[dict[str, Any]]:
         if not m.images:
@@ -68,6 +80,7 @@ class OpenAICompatEngine(Engine):
         return parts
 
     def build_body(self, req: EngineRequest) -> dict[str, Any]:
+        self.refuse_unsupported(req)
         msgs: list[Any] = []
         system_text = "\n\n".join(s for s in req.system if s)
         fold = self.profile.system == "fold"
@@ -110,6 +123,7 @@ class OpenAICompatEngine(Engine):
             max_retries=self.config.max_retries, secrets=(self.config.api_key,), engine=self.name,
         )
         try:
+            yield UpstreamAccepted()
             if req.stream:
                 async for ev in self._stream(resp):
                     yield ev
@@ -136,21 +150,23 @@ class OpenAICompatEngine(Engine):
     async def _stream(self, resp: UpstreamResponse) -> AsyncIterator[EngineEvent]:
         splitter = ThinkTagSplitter() if self.profile.think_tags else None
         finish: str | None = None
+        done = False
         async for sse in iter_sse(resp):
             data = sse.data
             if not data or sse.event == "ping":
                 continue
             if data.startswith("[DONE]"):
+                done = True
                 break
             try:
                 chunk = orjson.loads(data)
             except orjson.JSONDecodeError:
-                continue
-            if isinstance(chunk, dict) and chunk.get("error"):
-                raise UpstreamError(
-                    "The engine failed mid-stream: " + redact(retry.error_message(chunk, data), self.config.api_key),
-                    code="upstream_stream_error", status=502, retryable=False,
-                )
+                raise UpstreamBadResponse("The engine sent a stream chunk that is not JSON.") from None
+            if not isinstance(chunk, dict):
+                raise UpstreamBadResponse("The engine sent a stream chunk that is not a JSON object.")
+            if chunk.get("error"):
+                raise UpstreamStreamError(
+                    "The engine failed mid-stream: " + redact(retry.error_message(chunk, data), self.config.api_key))
             for choice in chunk.get("choices") or []:
                 delta = choice.get("delta") or {}
                 rc = delta.get("reasoning_content") or delta.get("reasoning")
@@ -164,6 +180,8 @@ class OpenAICompatEngine(Engine):
                     finish = choice["finish_reason"]
             if chunk.get("usage"):
                 yield UsageReport(usage_from_openai(chunk["usage"]))
+        if not done and finish is None:
+            raise UpstreamTruncated("The engine's stream ended before the answer did (no finish reason, no [DONE]).")
         for ev in self._finish_split(splitter):
             yield ev
         yield Finished(finish)
@@ -173,8 +191,11 @@ class OpenAICompatEngine(Engine):
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            raise UpstreamError("The engine sent a response that is not JSON", code="upstream_bad_response",
-                                status=502) from None
+            raise UpstreamBadResponse("The engine sent a response that is not JSON.") from None
+        if not isinstance(data, dict):
+            raise UpstreamBadResponse("The engine sent a response that is not a JSON object.")
+        if data.get("error"):
+            raise UpstreamStreamError("The engine failed: " + redact(retry.error_message(data, ""), self.config.api_key))
         choices = data.get("choices") or []
         msg = (choices[0].get("message") if choices else None) or {}
         events: list[EngineEvent] = []

@@ -14,6 +14,12 @@ from ..config import EngineConfig
 # internal field such as conversation_id can never leak into a provider body.
 OPENAI_ALLOWED = frozenset({"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
                             "temperature", "top_p", "stop", "seed", "tools", "tool_choice"})
+# llama.cpp's server (the local engine): what its /v1/chat/completions honours, checked against the
+# embedded server (xllamacpp 2026.10.11549). It ignores unknown fields instead of refusing them, so
+# the allow-list is what keeps anything else out.
+LLAMA_CPP_ALLOWED = OPENAI_ALLOWED | frozenset({
+    "response_format", "parallel_tool_calls", "n", "logprobs", "top_logprobs", "logit_bias",
+    "frequency_penalty", "presence_penalty", "top_k", "min_p", "repeat_penalty"})
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,7 @@ class Profile:
     stream_usage: bool = True         # send stream_options.include_usage
     temperature: float | None = None
     replay_reasoning_tool_calls: bool = False  # DeepSeek thinking mode needs it back on tool-call turns
+    images: bool = True               # False: a text-only model; turns with images are refused (400)
     allowed: frozenset[str] = field(default=OPENAI_ALLOWED)
 
 
@@ -36,6 +43,9 @@ PROFILES: dict[str, Profile] = {
     "nim": Profile("nim", stream_usage=False),
     "deepseek-reasoner": Profile("deepseek-reasoner", replay_reasoning_tool_calls=True),
     "grok": Profile("grok"),
+    # The embedded llama.cpp server: no vision projector is loaded, so images are refused up front
+    # (llama.cpp itself answers 500 "image input is not supported"). 0.2 as the old local engine did.
+    "local": Profile("local", temperature=0.2, images=False, allowed=LLAMA_CPP_ALLOWED),
 }
 
 

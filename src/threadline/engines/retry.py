@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import orjson
 
-from ..errors import UpstreamError, redact, upstream_error_from_status
+from ..errors import UpstreamError, UpstreamTimeout, redact, upstream_error_from_status
 from .http import UpstreamResponse
 
 log = logging.getLogger("threadline.engines")
@@ -85,10 +85,7 @@ async def send(
             resp = await post()
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
                 httpx.ReadTimeout, httpx.WriteError, httpx.PoolTimeout) as exc:
-            err = UpstreamError(
-                f"Could not reach engine {engine!r}: {type(exc).__name__}",
-                code="upstream_unavailable", status=502, retryable=True,
-            )
+            err = transport_error(engine, exc)
             if attempt < max_retries:
                 await _sleep(attempt, None)
                 attempt += 1
@@ -107,12 +104,22 @@ async def send(
         err = map_error(resp.status_code, body, redact(error_message(body, text), *secrets)) if map_error else None
         err = err or upstream_error_from_status(resp.status_code, redact(error_message(body, text), *secrets),
                                                 retry_after=delay)
+        if err.retry_after is None:
+            err.retry_after = delay
         log.warning("engine %s answered %s (attempt %d)", engine, resp.status_code, attempt + 1)
         if err.retryable and attempt < max_retries and (delay is None or delay <= MAX_RETRY_AFTER):
             await _sleep(attempt, delay)
             attempt += 1
             continue
         raise err
+
+
+def transport_error(engine: str, exc: Exception) -> UpstreamError:
+    """A failed connection or read, as the error a client sees: a timeout is 504, anything else 502."""
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(f"Engine {engine!r} did not answer in time ({type(exc).__name__}).")
+    return UpstreamError(f"Could not reach engine {engine!r}: {type(exc).__name__}",
+                         code="upstream_unavailable", status=502, retryable=True)
 
 
 async def _sleep(attempt: int, delay: float | None) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -26,6 +27,9 @@ from ..errors import ThreadlineError
 from ..gateway import Gateway, upstream_time
 from . import dify_api, openai_api
 from .common import EventStream, HTTPError, ServerState, dify_error
+from .guard import RequestGuard
+from .keys import KeyCache
+from .spec import openapi, routes
 
 access_log = logging.getLogger("threadline.access")
 WEB = Path(__file__).parent / "web"
@@ -35,7 +39,12 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline';
 
 class OverheadMiddleware:
     """Adds X-Threadline-Overhead-Ms (time in Threadline, not waiting on the engine) and logs one
-    structured line per request — method, path, status, ms; never headers or bodies."""
+    structured line per request — method, path, status, ms; never headers or bodies.
+
+    It is also the outermost catch: an exception no route handled is answered here in its surface's
+    shape and logged by type only. Starlette's own outer layer would answer it too, but then re-raise
+    it for the server to print the traceback, and a database error's traceback carries the SQL
+    parameters: user text, ids, sometimes secrets."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -61,6 +70,12 @@ class OverheadMiddleware:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            if status:  # the response had started: nothing more can be said to the client
+                logging.getLogger("threadline.server").error("unhandled %s on %s after the response started",
+                                                             type(exc).__name__, scope["path"])
+            else:
+                await error_response(Request(scope), exc)(scope, receive, send_wrapper)
         finally:
             upstream_time.reset(token)
             if access_log.isEnabledFor(logging.INFO):
@@ -69,6 +84,10 @@ class OverheadMiddleware:
 
 
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
+
+
+def is_openai_path(path: str) -> bool:
+    return path in OPENAI_PATHS or path.startswith("/v1/models/")
 
 
 def error_response(request: Request, exc: Exception) -> Response:
@@ -89,8 +108,11 @@ def error_response(request: Request, exc: Exception) -> Response:
     else:
         logging.getLogger("threadline.server").error("unhandled %s on %s", type(exc).__name__, request.url.path)
         status, code, message = 500, "internal_server_error", "Internal Server Error, please contact support."
-    if request.url.path in OPENAI_PATHS:
-        return openai_api.openai_error(openai_api.OpenAIError(status, message, openai_api.error_type(status), code))
+    if isinstance(exc, ThreadlineError) and exc.retry_after:
+        headers = {**headers, "Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+    if is_openai_path(request.url.path):
+        return openai_api.openai_error(openai_api.OpenAIError(status, message, openai_api.error_type(status), code,
+                                                              headers=headers))
     return dify_error(status, code, message, headers)
 
 
@@ -109,9 +131,9 @@ class ThreadlineApp(FastAPI):
     _fast_routes: dict[str, Endpoint]
     _fast: ASGIApp
 
-    def fast_lane(self, routes: dict[str, Endpoint]) -> None:
+    def fast_lane(self, routes: dict[str, Endpoint], guard: Callable[[ASGIApp], ASGIApp]) -> None:
         self._fast_routes = routes
-        self._fast = OverheadMiddleware(self._run_fast)
+        self._fast = OverheadMiddleware(guard(self._run_fast))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self._fast_routes:
@@ -150,7 +172,9 @@ def settle_heap() -> None:
 
 
 def create_app(settings: Settings, *, open_access: bool = False, gateway: Gateway | None = None,
-               own_process: bool = False) -> FastAPI:
+               own_process: bool = False, listen_host: str | None = None) -> FastAPI:
+    """The server. `listen_host` is the address it is bound to: open mode answers only requests
+    addressed to it (or to a loopback name, or to [server] allowed_hosts)."""
     gw = gateway or Gateway(settings)
 
     @contextlib.asynccontextmanager
@@ -163,11 +187,19 @@ def create_app(settings: Settings, *, open_access: bool = False, gateway: Gatewa
 
     app = ThreadlineApp(title="Threadline", version=__version__, lifespan=lifespan,
                         description="Dify-compatible and OpenAI-compatible conversation API over any engine.")
-    app.state.tl = ServerState(gateway=gw, open_access=open_access)
-    app.state.key_cache = {}
-    app.router.routes.extend(dify_api.routes)
-    app.router.routes.extend(openai_api.routes)
-    app.fast_lane({"/v1/chat-messages": dify_api.chat_messages, "/v1/chat/completions": openai_api.chat_completions})
+    app.state.tl = ServerState(gateway=gw, keys=KeyCache(gw.store, on_read=gw.limits.remember_key),
+                               open_access=open_access)
+    operations = [*dify_api.operations, *openai_api.operations]
+    app.router.routes.extend(routes(operations))
+    schema = openapi(operations, title=app.title, description=app.description)
+    app.openapi = lambda: schema  # type: ignore[method-assign]
+
+    def guard(inner: ASGIApp) -> ASGIApp:
+        return RequestGuard(inner, server=settings.server, open_access=open_access, listen_host=listen_host,
+                            render=error_response)
+
+    app.fast_lane({"/v1/chat-messages": dify_api.chat_messages, "/v1/chat/completions": openai_api.chat_completions},
+                  guard)
 
     async def _handler(request: Request, exc: Exception) -> Response:
         return error_response(request, exc)
@@ -186,5 +218,7 @@ def create_app(settings: Settings, *, open_access: bool = False, gateway: Gatewa
     async def health() -> dict[str, Any]:
         return {"status": "ok", "default_engine": settings.default_engine}
 
-    app.add_middleware(OverheadMiddleware)
+    app.add_middleware(RequestGuard, server=settings.server, open_access=open_access, listen_host=listen_host,
+                       render=error_response)
+    app.add_middleware(OverheadMiddleware)  # added last: the outermost
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,13 +17,22 @@ from starlette.types import Receive, Scope, Send
 from ..config import AppConfig
 from ..errors import ThreadlineError
 from ..gateway import Gateway
-from .keys import hash_key
+from .keys import KeyCache
 
 
 @dataclass
 class ServerState:
     gateway: Gateway
+    keys: KeyCache
     open_access: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling: the app their key selects, and that key (None in open mode without a key)."""
+
+    app: AppConfig
+    key_id: str | None = None
 
 
 class HTTPError(Exception):
@@ -39,7 +49,8 @@ def dify_error(status: int, code: str, message: str, headers: dict[str, str] | N
 
 
 def from_threadline(exc: ThreadlineError) -> HTTPError:
-    return HTTPError(exc.status, exc.code, exc.message)
+    headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))} if exc.retry_after else None
+    return HTTPError(exc.status, exc.code, exc.message, headers)
 
 
 class EventStream:
@@ -104,46 +115,56 @@ def state(request: Request) -> ServerState:
     return request.app.state.tl
 
 
-async def authenticate(request: Request) -> AppConfig:
-    """A Bearer app key selects the app, exactly as a Dify app key does."""
+_BEARER = {"WWW-Authenticate": 'Bearer realm="api"'}
+
+
+async def authenticate(request: Request) -> Caller:
+    """A Bearer app key selects the app, exactly as a Dify app key does. Open mode lets a request
+    without any key act as the default app; a key that is presented must be valid even then (a wrong
+    or revoked key never falls back to the default app)."""
     st = state(request)
     header = request.headers.get("authorization")
     gw = st.gateway
-    if header is None or " " not in header.strip():
+    if header is None or not header.strip():
         if st.open_access:
-            return gw.app_config(None)
-        raise HTTPError(401, "unauthorized", "Authorization header must be provided and start with 'Bearer'",
-                        {"WWW-Authenticate": 'Bearer realm="api"'})
+            return Caller(gw.app_config(None))
+        raise HTTPError(401, "unauthorized", "Authorization header must be provided and start with 'Bearer'", _BEARER)
     scheme, _, token = header.strip().partition(" ")
-    if scheme.lower() != "bearer":
-        raise HTTPError(401, "unauthorized", "Authorization scheme must be 'Bearer'",
-                        {"WWW-Authenticate": 'Bearer realm="api"'})
-    token = token.strip()
-    cache: dict[str, str] = request.app.state.key_cache
-    app_name = cache.get(token)
-    if app_name is None:
-        row = await gw.store.find_key(hash_key(token))
-        if row is None:
-            if st.open_access:
-                return gw.app_config(None)
-            raise HTTPError(401, "unauthorized", "Access token is invalid", {"WWW-Authenticate": 'Bearer realm="api"'})
-        app_name = row["app"]
-        if len(cache) < 10_000:
-            cache[token] = app_name
+    if scheme.lower() != "bearer" or not token.strip():
+        raise HTTPError(401, "unauthorized", "Authorization scheme must be 'Bearer'", _BEARER)
+    record = await st.keys.lookup(token.strip())
+    if record is None:
+        raise HTTPError(401, "unauthorized", "Access token is invalid", _BEARER)
     try:
-        return gw.app_config(None if app_name == "default" else app_name)
+        return Caller(gw.app_config(None if record.app == "default" else record.app), record.id)
     except ThreadlineError:
         raise HTTPError(403, "forbidden", "The app no longer exists.") from None
 
 
+def check_user(request: Request, user: str) -> str:
+    """A user id fits the store (at most [server] max_user_chars characters, no NUL): a longer one
+    used to fail inside PostgreSQL as a 500, after part of the turn was written."""
+    limit = state(request).gateway.settings.server.max_user_chars
+    if len(user) > limit:
+        raise HTTPError(400, "invalid_param", f"user is longer than the limit of {limit} characters")
+    if "\x00" in user:
+        raise HTTPError(400, "invalid_param", "user must not contain NUL characters")
+    return user
+
+
+def is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
 async def read_json(request: Request) -> dict[str, Any]:
     """Parse a JSON body with Dify's answers for missing, empty and malformed bodies."""
-    ctype = request.headers.get("content-type", "")
+    # A JSON content type is required (as Dify's Flask does): it is also what keeps a cross-site
+    # form or `text/plain` fetch, which a browser sends without asking, from driving the server.
+    if not is_json(request.headers.get("content-type", "")):
+        raise HTTPError(415, "unsupported_media_type",
+                        "Did not attempt to load JSON data because the request Content-Type was not 'application/json'.")
     body = await request.body()
-    if "json" not in ctype:
-        if not body:
-            raise HTTPError(415, "unsupported_media_type",
-                            "Did not attempt to load JSON data because the request Content-Type was not 'application/json'.")
     if not body:
         raise HTTPError(400, "bad_request", "The browser (or proxy) sent a request that this server could not understand.")
     try:

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from ..errors import NotFoundError, ThreadlineError
 from ..media import IMAGE_EXTENSIONS, guess_extension, sniff_image_type
@@ -29,6 +30,7 @@ from .common import (
     EventStream,
     HTTPError,
     authenticate,
+    check_user,
     dify_usage,
     from_threadline,
     json_response,
@@ -36,6 +38,26 @@ from .common import (
     spaced_json,
     state,
 )
+from .models import (
+    ChatMessageResponse,
+    ChatRequestPayload,
+    ConversationItem,
+    ConversationList,
+    ConversationListQuery,
+    ConversationRenamePayload,
+    FeedbackPayload,
+    FileUploadResponse,
+    InfoResponse,
+    MessageList,
+    MessageListQuery,
+    MetaResponse,
+    ParametersResponse,
+    ResultResponse,
+    UploadForm,
+    UserPayload,
+    UserQuery,
+)
+from .spec import Operation
 
 NIL = "00000000-0000-0000-0000-000000000000"
 PING_INTERVAL = 10.0
@@ -43,25 +65,26 @@ BLOCKED_EXTENSIONS = {"exe", "bat", "cmd", "com", "scr", "vbs", "ps1", "msi", "d
 SIZE_LIMITS_MB = {"image": 10, "video": 100, "audio": 50, "other": 15}
 
 
-def _validation(model: str, field: str, msg: str, kind: str, value: Any) -> HTTPError:
-    return HTTPError(400, "invalid_param",
-                     f"1 validation error for {model}\n{field}\n  {msg} [type={kind}, input_value={value!r}, "
-                     f"input_type={type(value).__name__}]")
+M = TypeVar("M", bound=BaseModel)
 
 
-def _is_uuid(v: str) -> bool:
+def _validated(model: type[M], data: Any) -> M:
+    """Validate with the route's model; the message is pydantic's own text, as Dify answers it."""
     try:
-        uuid.UUID(v)
-        return True
-    except ValueError:
-        return False
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise HTTPError(400, "invalid_param", str(exc)) from None
 
 
-def _user_from_json(body: dict[str, Any]) -> str:
+def _user_from_json(request: Request, body: dict[str, Any]) -> str:
     user = body.get("user")
     if not user or not isinstance(user, str):
         raise HTTPError(400, "invalid_param", "Arg user must be provided.")
-    return user
+    return check_user(request, user)
+
+
+def _user_from_query(request: Request, user: str | None) -> str:
+    return check_user(request, user or "DEFAULT-USER")
 
 
 def _ts(v: float) -> int:
@@ -71,14 +94,10 @@ def _ts(v: float) -> int:
 # ---- POST /chat-messages ---------------------------------------------------------------------------
 
 
-def _parse_files(files: Any) -> tuple[list[ImagePart], list[str]]:
-    if files is None:
-        return [], []
-    if not isinstance(files, list):
-        raise _validation("ChatRequestPayload", "files", "Input should be a valid list", "list_type", files)
+def _parse_files(files: list[Any] | None) -> tuple[list[ImagePart], list[str]]:
     images: list[ImagePart] = []
     uploads: list[str] = []
-    for f in files:
+    for f in files or []:
         if not isinstance(f, dict):
             raise HTTPError(400, "invalid_param", "Invalid file item")
         method = f.get("transfer_method")
@@ -88,70 +107,67 @@ def _parse_files(files: Any) -> tuple[list[ImagePart], list[str]]:
             raise HTTPError(400, "invalid_param", f"File validation failed for file: {f.get('url') or f.get('upload_file_id')}")
         if method == "remote_url":
             url = f.get("url")
-            if not url or not isinstance(url, str):
+            if not url or not isinstance(url, str) or not url.startswith(("http://", "https://")):
                 raise HTTPError(400, "invalid_param", "Invalid file url")
             images.append(ImagePart(url=url))
         else:
             fid = f.get("upload_file_id")
-            if not fid:
+            if not fid or not isinstance(fid, str):
                 raise HTTPError(400, "invalid_param", "Invalid upload file id")
-            uploads.append(str(fid))
+            uploads.append(fid)
     return images, uploads
 
 
 async def chat_messages(request: Request) -> Response | EventStream:
-    app_cfg = await authenticate(request)
+    caller = await authenticate(request)
     body = await read_json(request)
-    user = _user_from_json(body)
-    if "query" not in body:
-        raise _validation("ChatRequestPayload", "query", "Field required", "missing", body)
-    query = body["query"]
-    if not isinstance(query, str):
-        raise _validation("ChatRequestPayload", "query", "Input should be a valid string", "string_type", query)
-    query = query.replace("\x00", "")
+    user = _user_from_json(request, body)
+    p = _validated(ChatRequestPayload, body)
+    query = p.query.replace("\x00", "")
     if not query.strip():
         raise HTTPError(400, "invalid_param", "query is required")
-    mode = body.get("response_mode") or "blocking"
-    if mode not in ("blocking", "streaming"):
-        raise _validation("ChatRequestPayload", "response_mode", "Input should be 'blocking' or 'streaming'",
-                          "literal_error", mode)
-    cid = body.get("conversation_id") or None
-    if isinstance(cid, str):
-        cid = cid.strip() or None
-    if cid is not None and (not isinstance(cid, str) or not _is_uuid(cid)):
-        raise _validation("ChatRequestPayload", "conversation_id",
-                          "Value error, conversation_id must be a valid UUID", "value_error", cid)
-    inputs = body.get("inputs") or {}
-    if not isinstance(inputs, dict):
-        raise _validation("ChatRequestPayload", "inputs", "Input should be a valid dictionary", "dict_type", inputs)
-    images, uploads = _parse_files(body.get("files"))
-    engine = body.get("engine") if isinstance(body.get("engine"), str) else None  # Threadline extension
-    include_reasoning = bool(body.get("include_reasoning"))  # Threadline extension
+    limit = state(request).gateway.settings.server.max_text_chars
+    if len(query) > limit:
+        raise HTTPError(400, "invalid_param", f"query is longer than the limit of {limit} characters")
+    mode = p.response_mode or "blocking"
+    images, uploads = _parse_files(p.files)
     gw = state(request).gateway
-    agen = gw.turn(query, user=user, app=app_cfg.name, conversation_id=cid, engine=engine, images=images,
-                   files=uploads, stream=mode == "streaming", inputs=inputs,
-                   workflow_id=body.get("workflow_id"), auto_generate_name=body.get("auto_generate_name", True) is not False)
+    agen = gw.turn(query, user=user, app=caller.app.name, conversation_id=p.conversation_id, engine=p.engine,
+                   images=images, files=uploads, stream=mode == "streaming", inputs=p.inputs,
+                   workflow_id=p.workflow_id, auto_generate_name=p.auto_generate_name, key_id=caller.key_id)
     try:
         first = await agen.__anext__()
     except NotFoundError as exc:
         raise HTTPError(404, "not_found", exc.message) from None
     except ThreadlineError as exc:
         raise from_threadline(exc) from None
+    if isinstance(first, TurnFailed):  # failed before the engine accepted: the real status, not a 200 stream
+        await agen.aclose()
+        raise _failure(first)
     assert isinstance(first, TurnStarted)
     if mode == "blocking":
         async with contextlib.aclosing(agen):  # closed here, not by a finalizer task later
             return await _blocking(agen, first)
-    return EventStream(_stream(request, agen, first, include_reasoning),
+    return EventStream(_stream(request, agen, first, p.include_reasoning),
                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _failure(ev: TurnFailed) -> HTTPError:
+    """A failed turn as an error answer: the error's own status, its Retry-After, and the id of the
+    conversation that keeps the question (a first turn that fails still made one)."""
+    err = ev.error
+    headers = {"X-Threadline-Conversation-Id": ev.reply.conversation_id}
+    if isinstance(err, ThreadlineError):
+        if err.retry_after:
+            headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
+        return HTTPError(err.status, err.code, err.message, headers)
+    return HTTPError(500, "internal_server_error", "Internal Server Error, please contact support.", headers)
 
 
 async def _blocking(agen: AsyncIterator[Any], started: TurnStarted) -> Response:
     async for ev in agen:
         if isinstance(ev, TurnFailed):
-            err = ev.error
-            if isinstance(err, ThreadlineError):
-                raise HTTPError(err.status, err.code, err.message)
-            raise HTTPError(500, "internal_server_error", "Internal Server Error, please contact support.")
+            raise _failure(ev)
         if isinstance(ev, TurnCompleted):
             r = ev.reply
             return spaced_json({
@@ -228,10 +244,10 @@ async def _stream(request: Request, agen: AsyncIterator[Any], started: TurnStart
 
 
 async def stop(request: Request) -> Response:
-    app_cfg = await authenticate(request)
+    caller = await authenticate(request)
     body = await read_json(request)
-    user = _user_from_json(body)
-    await state(request).gateway.stop(request.path_params["task_id"], user=user, app=app_cfg.name)
+    user = _user_from_json(request, body)
+    await state(request).gateway.stop(request.path_params["task_id"], user=user, app=caller.app.name)
     return json_response({"result": "success"})
 
 
@@ -239,7 +255,7 @@ async def stop(request: Request) -> Response:
 
 
 async def upload(request: Request) -> Response:
-    app_cfg = await authenticate(request)
+    caller = await authenticate(request)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise HTTPError(400, "no_file_uploaded", "Please upload your file.")
     form = await request.form(max_part_size=101 * 1024 * 1024)
@@ -258,10 +274,12 @@ async def upload(request: Request) -> Response:
     kind = "image" if ext in IMAGE_EXTENSIONS else "other"
     if len(data) > SIZE_LIMITS_MB[kind] * 1024 * 1024:
         raise HTTPError(413, "file_too_large", f"File size exceeded. {len(data)} > {SIZE_LIMITS_MB[kind]} MB")
-    mime = f.content_type or sniff_image_type(data) or "application/octet-stream"
-    user = str(form.get("user") or "DEFAULT-USER")
-    row = await state(request).gateway.store.add_file(app=app_cfg.name, user=user, name=f.filename, data=data,
-                                                     mime_type=mime, extension=ext)
+    mime = (f.content_type or "").split(";", 1)[0].strip().lower() or sniff_image_type(data) or "application/octet-stream"
+    raw_user = form.get("user")
+    user = _user_from_query(request, raw_user if isinstance(raw_user, str) else None)
+    name = f.filename.replace("\x00", "")[:255]
+    row = await state(request).gateway.store.add_file(app=caller.app.name, user=user, name=name, data=data,
+                                                     mime_type=mime[:128], extension=ext[:32])
     return json_response({
         "id": row["id"], "name": row["name"], "size": row["size"], "extension": ext, "mime_type": mime,
         "created_by": user, "created_at": _ts(row["created_at"]), "preview_url": None,
@@ -270,32 +288,38 @@ async def upload(request: Request) -> Response:
     }, status=201)
 
 
+# Served inline only when a browser renders them as a picture and nothing else. Anything else an
+# upload may be (HTML, SVG with script, XML, PDF, ...) would run in this server's origin if opened
+# inline: it is sent as an attachment, typed as bytes, and sandboxed.
+INLINE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
+
+
 async def file_preview(request: Request) -> Response:
-    app_cfg = await authenticate(request)
-    user = request.query_params.get("user")
+    caller = await authenticate(request)
+    q = _validated(UserQuery, dict(request.query_params))
+    if not q.user:
+        raise HTTPError(400, "invalid_param", "Arg user must be provided.")
+    user = check_user(request, q.user)
     try:
-        f = await state(request).gateway.store.get_file(request.path_params["file_id"], app=app_cfg.name, user=user)
+        f = await state(request).gateway.store.get_file(request.path_params["file_id"], app=caller.app.name, user=user)
     except ThreadlineError:
         raise HTTPError(404, "not_found", "File Not Exists.") from None
-    return Response(f["data"], media_type=f["mime_type"])
+    headers = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox",
+               "Cache-Control": "private, max-age=300"}
+    mime = f["mime_type"]
+    if mime in INLINE_TYPES:
+        return Response(f["data"], media_type=mime, headers=headers)
+    safe_name = "".join(c for c in f["name"] if c.isalnum() or c in "._- ")[:100] or "file"
+    headers["Content-Disposition"] = f'attachment; filename="{safe_name}"'
+    return Response(f["data"], media_type="application/octet-stream", headers=headers)
 
 
 # ---- history -------------------------------------------------------------------------------------
 
 
-def _limit(request: Request, model: str) -> int:
-    raw = request.query_params.get("limit")
-    if raw is None or raw == "":
-        return 20
-    try:
-        n = int(raw)
-    except ValueError:
-        raise _validation(model, "limit", "Input should be a valid integer", "int_parsing", raw) from None
-    if n > 100:
-        raise _validation(model, "limit", "Input should be less than or equal to 100", "less_than_equal", raw)
-    if n < 1:
-        raise _validation(model, "limit", "Input should be greater than or equal to 1", "greater_than_equal", raw)
-    return n
+def _query(request: Request, model: type[M]) -> M:
+    """A route's query parameters through its model; an empty value counts as absent."""
+    return _validated(model, {k: v for k, v in request.query_params.items() if v != ""})
 
 
 def _message_files(user_msg: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -336,22 +360,30 @@ def render_turn(conv_id: str, user_msg: dict[str, Any] | None, a: dict[str, Any]
 
 
 async def messages(request: Request) -> Response:
-    app_cfg = await authenticate(request)
-    q = request.query_params
-    user = q.get("user") or "DEFAULT-USER"
-    if "conversation_id" not in q:
-        raise _validation("MessageListQuery", "conversation_id", "Field required", "missing", {"user": user})
-    limit = _limit(request, "MessageListQuery")
-    cid = q.get("conversation_id") or ""
-    if not cid:
-        return json_response({"limit": limit, "has_more": False, "data": []})
+    caller = await authenticate(request)
+    raw = dict(request.query_params)
+    if "conversation_id" not in raw:
+        raise _validation_missing(MessageListQuery, raw)
+    q = _query(request, MessageListQuery)
+    user = _user_from_query(request, q.user)
+    if not raw.get("conversation_id"):
+        return json_response({"limit": q.limit, "has_more": False, "data": []})
+    cid = raw["conversation_id"]
     store = state(request).gateway.store
     try:
-        await store.get_conversation(cid, app=app_cfg.name, user=user)
-        page, more = await store.turns_page(cid, first_id=q.get("first_id") or None, limit=limit)
+        await store.get_conversation(cid, app=caller.app.name, user=user)
+        page, more = await store.turns_page(cid, first_id=q.first_id, limit=q.limit)
     except NotFoundError as exc:
         raise HTTPError(404, "not_found", exc.message) from None
-    return json_response({"limit": limit, "has_more": more, "data": [render_turn(cid, u, a) for u, a in page]})
+    return json_response({"limit": q.limit, "has_more": more, "data": [render_turn(cid, u, a) for u, a in page]})
+
+
+def _validation_missing(model: type[M], raw: dict[str, Any]) -> HTTPError:
+    try:
+        model.model_validate(raw)
+    except ValidationError as exc:
+        return HTTPError(400, "invalid_param", str(exc))
+    return HTTPError(400, "invalid_param", "invalid query")
 
 
 def render_conversation(c: dict[str, Any], intro: str) -> dict[str, Any]:
@@ -361,77 +393,69 @@ def render_conversation(c: dict[str, Any], intro: str) -> dict[str, Any]:
 
 
 async def conversations(request: Request) -> Response:
-    app_cfg = await authenticate(request)
-    q = request.query_params
-    user = q.get("user") or "DEFAULT-USER"
-    limit = _limit(request, "ConversationListQuery")
-    sort_by = q.get("sort_by") or "-updated_at"
-    if sort_by not in ("created_at", "-created_at", "updated_at", "-updated_at"):
-        raise _validation("ConversationListQuery", "sort_by",
-                          "Input should be 'created_at', '-created_at', 'updated_at' or '-updated_at'", "literal_error",
-                          sort_by)
+    caller = await authenticate(request)
+    q = _query(request, ConversationListQuery)
+    user = _user_from_query(request, q.user)
     try:
         rows, more = await state(request).gateway.store.list_conversations(
-            app=app_cfg.name, user=user, last_id=q.get("last_id") or None, limit=limit, sort_by=sort_by)
+            app=caller.app.name, user=user, last_id=q.last_id, limit=q.limit, sort_by=q.sort_by)
     except NotFoundError as exc:
         raise HTTPError(404, "not_found", exc.message) from None
-    return json_response({"limit": limit, "has_more": more,
-                          "data": [render_conversation(r, app_cfg.opening_statement) for r in rows]})
+    return json_response({"limit": q.limit, "has_more": more,
+                          "data": [render_conversation(r, caller.app.opening_statement) for r in rows]})
 
 
 async def rename(request: Request) -> Response:
-    app_cfg = await authenticate(request)
+    caller = await authenticate(request)
     body = await read_json(request)
-    user = _user_from_json(body)
-    name = body.get("name")
-    auto = bool(body.get("auto_generate", False))
+    user = _user_from_json(request, body)
+    p = _validated(ConversationRenamePayload, body)
     store = state(request).gateway.store
     cid = request.path_params["conversation_id"]
     try:
-        conv = await store.get_conversation(cid, app=app_cfg.name, user=user)
-        if auto:
+        conv = await store.get_conversation(cid, app=caller.app.name, user=user)
+        if p.auto_generate:
             first, _ = await store.turns_page(cid, first_id=None, limit=1)
             name = conv["name"] or (first[0][0]["content"][:60] if first and first[0][0] else "New conversation")
-        elif not isinstance(name, str) or not name.strip():
-            raise HTTPError(400, "invalid_param",
-                            "1 validation error for ConversationRenamePayload\n  Value error, name is required when "
-                            "auto_generate is false [type=value_error]")
-        conv = await store.rename_conversation(cid, app=app_cfg.name, user=user, name=name.strip())
+        else:
+            name = (p.name or "").replace("\x00", "").strip()[:255]
+            if not name:
+                raise HTTPError(400, "invalid_param", "name is required when auto_generate is false")
+        conv = await store.rename_conversation(cid, app=caller.app.name, user=user, name=name)
     except NotFoundError:
         raise HTTPError(404, "not_found", "Conversation Not Exists.") from None
-    return json_response(render_conversation(conv, app_cfg.opening_statement))
+    return json_response(render_conversation(conv, caller.app.opening_statement))
 
 
 async def delete_conversation(request: Request) -> Response:
-    app_cfg = await authenticate(request)
+    caller = await authenticate(request)
     body = await read_json(request)
-    user = _user_from_json(body)
+    user = _user_from_json(request, body)
     try:
         await state(request).gateway.store.delete_conversation(request.path_params["conversation_id"],
-                                                               app=app_cfg.name, user=user)
+                                                               app=caller.app.name, user=user)
     except NotFoundError:
         raise HTTPError(404, "not_found", "Conversation Not Exists.") from None
     return Response(status_code=204, media_type="application/json")
 
 
 async def feedback(request: Request) -> Response:
-    app_cfg = await authenticate(request)
+    caller = await authenticate(request)
     body = await read_json(request)
-    user = _user_from_json(body)
+    user = _user_from_json(request, body)
+    p = _validated(FeedbackPayload, body)
     store = state(request).gateway.store
     msg = await store.get_message(request.path_params["message_id"])
     if msg is None or msg["role"] != "assistant":
         raise HTTPError(404, "not_found", "Message Not Exists.")
     try:
-        await store.get_conversation(msg["conversation_id"], app=app_cfg.name, user=user)
+        await store.get_conversation(msg["conversation_id"], app=caller.app.name, user=user)
     except NotFoundError:
         raise HTTPError(404, "not_found", "Message Not Exists.") from None
-    rating = body.get("rating")
-    if rating not in ("like", "dislike", None):
-        raise HTTPError(400, "invalid_param", "rating must be 'like', 'dislike' or null")
-    if rating is None and not msg.get("feedback"):
+    if p.rating is None and not msg.get("feedback"):
         raise HTTPError(400, "invalid_param", "rating cannot be None when feedback not exists")
-    await store.update_message(msg["id"], feedback={"rating": rating, "content": body.get("content")} if rating else None)
+    content = p.content.replace("\x00", "") if p.content else p.content
+    await store.update_message(msg["id"], feedback={"rating": p.rating, "content": content} if p.rating else None)
     return json_response({"result": "success"})
 
 
@@ -444,7 +468,7 @@ async def suggested(request: Request) -> Response:
 
 
 async def parameters(request: Request) -> Response:
-    app_cfg = await authenticate(request)
+    app_cfg = (await authenticate(request)).app
     return json_response({
         "opening_statement": app_cfg.opening_statement, "suggested_questions": app_cfg.suggested_questions,
         "suggested_questions_after_answer": {"enabled": False}, "speech_to_text": {"enabled": False},
@@ -464,7 +488,7 @@ async def parameters(request: Request) -> Response:
 
 
 async def info(request: Request) -> Response:
-    app_cfg = await authenticate(request)
+    app_cfg = (await authenticate(request)).app
     return json_response({"name": app_cfg.name, "description": app_cfg.description, "tags": [],
                           "mode": "advanced-chat", "author_name": "threadline",
                           "engine": app_cfg.engine})  # Threadline addition: the app's default engine
@@ -475,18 +499,35 @@ async def meta(request: Request) -> Response:
     return json_response({"tool_icons": {}})
 
 
-routes = [
-    Route("/v1/chat-messages", chat_messages, methods=["POST"]),
-    Route("/v1/chat-messages/{task_id}/stop", stop, methods=["POST"]),
-    Route("/v1/files/upload", upload, methods=["POST"]),
-    Route("/v1/files/{file_id}/preview", file_preview, methods=["GET"]),
-    Route("/v1/messages", messages, methods=["GET"]),
-    Route("/v1/messages/{message_id}/feedbacks", feedback, methods=["POST"]),
-    Route("/v1/messages/{message_id}/suggested", suggested, methods=["GET"]),
-    Route("/v1/conversations", conversations, methods=["GET"]),
-    Route("/v1/conversations/{conversation_id}/name", rename, methods=["POST"]),
-    Route("/v1/conversations/{conversation_id}", delete_conversation, methods=["DELETE"]),
-    Route("/v1/parameters", parameters, methods=["GET"]),
-    Route("/v1/info", info, methods=["GET"]),
-    Route("/v1/meta", meta, methods=["GET"]),
+_CHAT = "Chat"
+_FILES = "Files"
+_HISTORY = "Conversations and messages"
+_APP = "App"
+
+operations = [
+    Operation("POST", "/v1/chat-messages", chat_messages, "Send a chat message (blocking or streaming)",
+              body=ChatRequestPayload, response=ChatMessageResponse, stream=True, tags=(_CHAT,)),
+    Operation("POST", "/v1/chat-messages/{task_id}/stop", stop, "Stop a streaming answer", body=UserPayload,
+              response=ResultResponse, tags=(_CHAT,)),
+    Operation("POST", "/v1/files/upload", upload, "Upload a file (an image to attach to a message)",
+              body=UploadForm, body_media="multipart/form-data", ok_status=201, response=FileUploadResponse,
+              tags=(_FILES,)),
+    Operation("GET", "/v1/files/{file_id}/preview", file_preview, "Download an uploaded file (its owner only)",
+              query=UserQuery, raw_media="*/*", tags=(_FILES,)),
+    Operation("GET", "/v1/messages", messages, "A conversation's messages, newest page first",
+              query=MessageListQuery, response=MessageList, tags=(_HISTORY,)),
+    Operation("POST", "/v1/messages/{message_id}/feedbacks", feedback, "Rate an answer", body=FeedbackPayload,
+              response=ResultResponse, tags=(_HISTORY,)),
+    Operation("GET", "/v1/messages/{message_id}/suggested", suggested, "Suggested next questions",
+              query=UserQuery, tags=(_HISTORY,)),
+    Operation("GET", "/v1/conversations", conversations, "A user's conversations", query=ConversationListQuery,
+              response=ConversationList, tags=(_HISTORY,)),
+    Operation("POST", "/v1/conversations/{conversation_id}/name", rename, "Rename a conversation",
+              body=ConversationRenamePayload, response=ConversationItem, tags=(_HISTORY,)),
+    Operation("DELETE", "/v1/conversations/{conversation_id}", delete_conversation, "Delete a conversation",
+              body=UserPayload, ok_status=204, no_content=True, tags=(_HISTORY,)),
+    Operation("GET", "/v1/parameters", parameters, "The app's input form, opening statement and file settings",
+              response=ParametersResponse, tags=(_APP,)),
+    Operation("GET", "/v1/info", info, "The app's name and mode", response=InfoResponse, tags=(_APP,)),
+    Operation("GET", "/v1/meta", meta, "Tool icons", response=MetaResponse, tags=(_APP,)),
 ]

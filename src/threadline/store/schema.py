@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -113,4 +114,37 @@ api_keys = Table(
     Column("prefix", String(16), nullable=False),
     Column("created_at", Float, nullable=False),
     Column("revoked", Boolean, nullable=False, default=False),
+    # Per-key limits, set when the key is created (`keys create --rpm ...`) and never changed after:
+    # NULL = no limit. Spend is a decimal string in `limit_currency` (exact; SQLite has no decimal type).
+    Column("limit_rpm", Integer, nullable=True),
+    Column("limit_tokens_per_day", BigInteger, nullable=True),
+    Column("limit_spend_per_day", String(32), nullable=True),
+    Column("limit_currency", String(16), nullable=True),
+)
+
+# Usage of a limited scope ("key:<id>" or "app:<name>") on one UTC day (epoch days): the requests of
+# its current minute (epoch minutes), and the tokens and spend (in nano-units of the limit's
+# currency, so sums are exact integers) of the day. One row per scope per day, updated in place.
+usage_counters = Table(
+    "usage_counters",
+    metadata,
+    Column("scope", String(200), primary_key=True),
+    Column("day", Integer, primary_key=True),
+    Column("minute", Integer, nullable=False),
+    Column("requests", Integer, nullable=False),
+    Column("tokens", BigInteger, nullable=False),
+    Column("spend", BigInteger, nullable=False),
+    sqlite_with_rowid=False,  # the key is the table: one B-tree to write instead of two (WAL per turn halved)
+)
+
+# One row per running turn of an app with a per-user concurrency limit. The process running the turn
+# renews `expires_at`; a crashed process's rows expire and stop counting.
+turn_slots = Table(
+    "turn_slots",
+    metadata,
+    Column("app", String(128), primary_key=True),
+    Column("user", String(255), primary_key=True),
+    Column("id", String(36), primary_key=True),
+    Column("expires_at", Float, nullable=False),
+    sqlite_with_rowid=False,  # keyed by (app, user) first: a user's running turns are one range
 )

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -218,6 +219,11 @@ class Store:
         kwargs["pool_reset_on_return"] = None
         kwargs["json_serializer"] = lambda v: orjson.dumps(v).decode()
         kwargs["json_deserializer"] = orjson.loads
+        # SQL parameters are user text, answers and ids: they stay out of error messages and logs.
+        kwargs["hide_parameters"] = True
+        aiosqlite_log = logging.getLogger("aiosqlite")
+        if aiosqlite_log.level == logging.NOTSET:  # it logs every statement with its parameters at DEBUG
+            aiosqlite_log.setLevel(logging.INFO)
         self.engine: AsyncEngine = create_async_engine(database_url, **kwargs)
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         # The turn's writes skip the async adapter on SQLite (see sqlite_hot); opened after migrate().
@@ -442,6 +448,28 @@ class Store:
                 )).scalar_one() - 2
             await conn.execute(insert(messages), _turn_rows(conversation_id, seq, now, user_msg, assistant_msg))
         return seq + 1, seq + 2
+
+    @_durable
+    async def import_conversation(self, conversation: dict[str, Any], turns: list[dict[str, Any]]) -> None:
+        """A new conversation with finished turns (an OpenAI client's message list, a Dify export),
+        written in one transaction: an import that fails leaves nothing behind. Each turn is
+        `{"user": {...message fields}, "assistant": {...message fields}}`, oldest first."""
+        now = time.time()
+        rows: list[dict[str, Any]] = []
+        for i, t in enumerate(turns):
+            at = float(t.get("created_at") or now) + i * 1e-5
+            user_msg, asst_msg = dict(t["user"]), dict(t["assistant"])
+            user_msg.setdefault("id", new_id())
+            asst_msg.setdefault("id", new_id())
+            asst_msg.setdefault("parent_id", user_msg["id"])
+            asst_msg.setdefault("status", "completed")
+            user_row, asst_row = _turn_rows(conversation["id"], 2 * i, at, user_msg, asst_msg)
+            rows += [user_row, asst_row]
+        conv = {**_CONV_DEFAULTS, **conversation, "last_seq": len(rows)}
+        async with self._tx() as conn:
+            await conn.execute(insert(conversations).values(**conv))
+            if rows:
+                await conn.execute(insert(messages), rows)
 
     async def claim_turn(
         self, conversation_id: str, *, app: str, user: str, owner: str, ttl: float,
@@ -796,9 +824,11 @@ class Store:
     # ---- api keys ------------------------------------------------------------------------------
 
     @_durable
-    async def add_key(self, *, app: str, key_hash: str, prefix: str) -> dict[str, Any]:
+    async def add_key(self, *, app: str, key_hash: str, prefix: str,
+                      columns: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`columns`: more of the key's columns (its limits)."""
         row = {"id": new_id(), "app": app, "key_hash": key_hash, "prefix": prefix, "created_at": time.time(),
-               "revoked": False}
+               "revoked": False, **(columns or {})}
         async with self._tx() as conn:
             await conn.execute(insert(api_keys).values(**row))
         return row

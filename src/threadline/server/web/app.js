@@ -418,7 +418,12 @@ async function send(ev) {
       method: "POST", headers: headers({ "Content-Type": "application/json" }), body: JSON.stringify(body),
       signal: controller.signal,
     });
-    if (!res.ok) { const e = await toError(res); a.setError(e.code, e.message); return; }
+    if (!res.ok) {
+      // A first turn that fails still made a conversation (the question is kept); its id comes in a header.
+      const cid = res.headers.get("X-Threadline-Conversation-Id");
+      if (cid && !S.conv) S.conv = { id: cid, name: "", engine: "" };
+      const e = await toError(res); a.setError(e.code, e.message); return;
+    }
     await readEvents(res, (e) => onEvent(e, a));
   } catch (e) {
     if (e.name === "AbortError") a.setMeta({ engine: used, status: "stopped" });

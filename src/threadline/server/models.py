@@ -1,0 +1,306 @@
+"""Typed HTTP bodies: every route's request and response, as pydantic models.
+
+The routes validate with these same models and the published OpenAPI schema (`/openapi.json`) is
+generated from them (server/spec.py), so the schema cannot drift from what a route accepts. The
+Dify-style request models carry Dify's own model names (ChatRequestPayload, MessageListQuery, ...):
+Dify 1.13 validates with pydantic too and returns the validation error's text as the message, so
+naming them alike gives byte-identical messages (see ../shared/fixtures/dify/083, 084, 094, 117, 118).
+
+Response models document what clients read; they allow extra keys, as Dify's and OpenAI's clients
+ignore unknown ones, and Threadline adds a few (engine, reasoning, status, ...).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Open(BaseModel):
+    """A body that tolerates fields it does not name (clients send extras; unknown ones are ignored
+    only where the surface's own server ignores them too)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class _Doc(BaseModel):
+    """A documented response shape; extra keys allowed (clients ignore unknown keys)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+# ---- errors ------------------------------------------------------------------------------------------
+
+
+class DifyErrorBody(_Doc):
+    code: str
+    message: str
+    status: int
+
+
+class OpenAIErrorDetail(_Doc):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorBody(_Doc):
+    error: OpenAIErrorDetail
+
+
+# ---- Dify-style requests ---------------------------------------------------------------------------------
+
+
+class FileItem(_Open):
+    type: str = "image"
+    transfer_method: str
+    url: str | None = None
+    upload_file_id: str | None = None
+
+
+class ChatRequestPayload(_Open):
+    """POST /v1/chat-messages. `engine` and `include_reasoning` are Threadline's additions."""
+
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    query: str
+    files: list[Any] | None = None
+    response_mode: Literal["blocking", "streaming"] | None = None
+    conversation_id: str | None = None
+    user: str
+    auto_generate_name: bool = True
+    workflow_id: str | None = None
+    engine: str | None = Field(None, description="Threadline: answer this turn with another engine the app allows.")
+    include_reasoning: bool = Field(False, description="Threadline: stream `reasoning` events too.")
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _inputs(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+    @field_validator("conversation_id")
+    @classmethod
+    def _uuid(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        try:
+            uuid.UUID(v)
+        except ValueError:
+            raise ValueError("conversation_id must be a valid UUID") from None
+        return v.strip()
+
+
+class UserPayload(_Open):
+    """A body that names only the user (stop, delete)."""
+
+    user: str
+
+
+class FeedbackPayload(_Open):
+    rating: Literal["like", "dislike"] | None = None
+    user: str
+    content: str | None = None
+
+
+class ConversationRenamePayload(_Open):
+    name: str | None = None
+    auto_generate: bool = False
+    user: str
+
+    @model_validator(mode="after")
+    def _name_needed(self) -> ConversationRenamePayload:
+        if not self.auto_generate and (self.name is None or not self.name.strip()):
+            raise ValueError("name is required when auto_generate is false")
+        return self
+
+
+class MessageListQuery(BaseModel):
+    conversation_id: str
+    user: str | None = None
+    first_id: str | None = None
+    limit: int = Field(20, ge=1, le=100)
+
+
+class ConversationListQuery(BaseModel):
+    user: str | None = None
+    last_id: str | None = None
+    limit: int = Field(20, ge=1, le=100)
+    sort_by: Literal["created_at", "-created_at", "updated_at", "-updated_at"] = "-updated_at"
+
+
+class UserQuery(BaseModel):
+    user: str | None = None
+
+
+class UploadForm(BaseModel):
+    """multipart/form-data of POST /v1/files/upload."""
+
+    file: bytes = Field(json_schema_extra={"format": "binary"})
+    user: str | None = None
+
+
+# ---- Dify-style responses --------------------------------------------------------------------------------
+
+
+class Usage(_Doc):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    total_price: str
+    currency: str
+    latency: float
+
+
+class ChatMessageMetadata(_Doc):
+    usage: Usage
+
+
+class ChatMessageResponse(_Doc):
+    event: str
+    task_id: str
+    id: str
+    message_id: str
+    conversation_id: str
+    mode: str
+    answer: str
+    metadata: ChatMessageMetadata
+    created_at: int
+
+
+class ResultResponse(_Doc):
+    result: str
+
+
+class MessageFile(_Doc):
+    id: str
+    type: str
+    url: str
+    belongs_to: str
+
+
+class MessageItem(_Doc):
+    id: str
+    conversation_id: str
+    inputs: dict[str, Any]
+    query: str
+    answer: str
+    message_files: list[MessageFile]
+    feedback: dict[str, Any] | None
+    created_at: int
+    status: str
+    error: str | None
+
+
+class MessageList(_Doc):
+    limit: int
+    has_more: bool
+    data: list[MessageItem]
+
+
+class ConversationItem(_Doc):
+    id: str
+    name: str
+    inputs: dict[str, Any]
+    status: str
+    introduction: str
+    created_at: int
+    updated_at: int
+
+
+class ConversationList(_Doc):
+    limit: int
+    has_more: bool
+    data: list[ConversationItem]
+
+
+class FileUploadResponse(_Doc):
+    id: str
+    name: str
+    size: int
+    extension: str
+    mime_type: str
+    created_by: str
+    created_at: int
+
+
+class SuggestedResponse(_Doc):
+    result: str
+    data: list[str]
+
+
+class ParametersResponse(_Doc):
+    opening_statement: str
+    suggested_questions: list[str]
+    user_input_form: list[Any]
+    file_upload: dict[str, Any]
+    system_parameters: dict[str, Any]
+
+
+class InfoResponse(_Doc):
+    name: str
+    description: str
+    tags: list[str]
+    mode: str
+    author_name: str
+
+
+class MetaResponse(_Doc):
+    tool_icons: dict[str, Any]
+
+
+# ---- OpenAI-style ----------------------------------------------------------------------------------------
+
+
+class StreamOptions(_Open):
+    include_usage: bool | None = None
+
+
+class ChatCompletionMessage(_Open):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Open):
+    """POST /v1/chat/completions. `model` names the key's app or an engine that app may use."""
+
+    model: str = Field(min_length=1)
+    messages: list[ChatCompletionMessage] = Field(min_length=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class ChatCompletionChoice(_Doc):
+    index: int
+    message: dict[str, Any]
+    finish_reason: str | None
+
+
+class CompletionUsage(_Doc):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(_Doc):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: CompletionUsage
+
+
+class Model(_Doc):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(_Doc):
+    object: Literal["list"]
+    data: list[Model]
