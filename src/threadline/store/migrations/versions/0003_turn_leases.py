@@ -8,8 +8,8 @@ Answers the old code left `streaming` are closed here, once, as failed with the 
 (their text stays): those with a later turn after them (turns of a conversation run one at a time,
 so nothing is still writing them), and the last of a conversation whose lease is free or expired.
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0003
+Revises: 0002
 """
 
 import time
@@ -17,8 +17,8 @@ import time
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004"
-down_revision = "0003"
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 

@@ -1,13 +1,13 @@
 """Rate limits and budgets: per-key limit columns, usage counters, running-turn slots.
 
-Revision ID: 0003
+Revision ID: 0002
 Revises: 0001
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003"
+revision = "0002"
 down_revision = "0001"
 branch_labels = None
 depends_on = None
