@@ -328,7 +328,10 @@ class Gateway:
         key_id: str | None = None,
         history: list[tuple[str, str]] | None = None,
     ) -> AsyncIterator[TurnEvent]:
-        """Yield TurnStarted, deltas, then TurnCompleted or TurnFailed. Never raises after TurnStarted.
+        """Yield TurnStarted, deltas, then TurnCompleted or TurnFailed; never raises once the turn is
+        stored. TurnStarted waits until the engine accepted the request, so a turn that fails before
+        that (an upstream 429, a refused request) yields TurnFailed alone, and a surface can still
+        answer with the error's own status instead of a 200 stream.
 
         `key_id`: the app key the caller used (its limits apply along with the app's). `history`:
         (role, text) turns the caller already had (an OpenAI client's message list); without a
