@@ -14,7 +14,13 @@ copy the rows, DROP the old table, rename). With `PRAGMA foreign_keys=ON` (the s
 every connection), dropping and rebuilding `conversations` fires `ON DELETE CASCADE` on `messages`:
 such a migration once deleted every message while the conversations looked fine. So the row counts
 of every table are checked against the counts the old release left, including the messages of the
-deleted conversation that no read shows.
+deleted conversation that no read shows. Checked by hand on this commit: a scratch revision 0004
+doing `batch_alter_table("conversations", recreate="always")` makes 4 tests here fail (messages
+40 -> 0, every old history gone); a plain `op.add_column("messages", ...)` passes them all.
+
+When a migration changes what the API shows on purpose (say, images move into a new `parts`
+shape), change the comparison for that field here, in the open; never regenerate the fixture from
+the new code (it would then test nothing).
 """
 
 from __future__ import annotations
