@@ -63,10 +63,25 @@ def _json(value: Any) -> Any:
     return json.loads(json.dumps(value, ensure_ascii=False))
 
 
+# Fields this release added to what the API returns, with the value every pre-existing row must read
+# as: an old message's items are its images (the only items the previous release could store), and
+# it has no recorded finish reason.
+ADDED_FIELDS: dict[str, Any] = {
+    "items": lambda new: [{"type": "image", **{k: v for k, v in i.items() if k != "data" and v is not None}}
+                          for i in new["items"]] == new["images"],
+    "finish_reason": lambda new: new["finish_reason"] is None,
+}
+
+
 def assert_same(new: Any, old: Any, path: str = "$") -> None:
-    """Field by field, so a failure names the field that changed."""
+    """Field by field, so a failure names the field that changed. A field added by this release
+    must hold what an old row means (ADDED_FIELDS); nothing the previous release read may go."""
     if isinstance(old, dict) and isinstance(new, dict):
-        assert sorted(new) == sorted(old), f"{path}: fields {sorted(new)} != {sorted(old)}"
+        added = set(new) - set(old)
+        assert set(old) <= set(new) and added <= set(ADDED_FIELDS), \
+            f"{path}: fields {sorted(new)} != {sorted(old)}"
+        for k in added:
+            assert ADDED_FIELDS[k](new), f"{path}.{k}: {new[k]!r} is not what an old row means"
         for k in old:
             assert_same(new[k], old[k], f"{path}.{k}")
     elif isinstance(old, list) and isinstance(new, list):

@@ -18,6 +18,7 @@ from threadline import (
     TurnFailed,
     UpstreamError,
 )
+from threadline.turns import TurnRequest
 
 
 async def test_second_turn_carries_history_system_and_memory_openai(atl, oai):
@@ -327,7 +328,7 @@ async def test_conversation_is_free_when_the_final_event_arrives(atl, oai):
     """A blocking caller returns on the final event and never resumes the generator: the turn must
     not keep its conversation locked until that generator is garbage-collected."""
     gw = atl.gateway
-    agen = gw.turn("q1", user="u", app="demo", stream=False)
+    agen = gw.turn(TurnRequest(user="u", text="q1", app="demo", stream=False))
     events = [ev async for ev in _until_final(agen)]
     cid = events[0].conversation_id
     assert isinstance(events[-1], TurnCompleted)
@@ -347,7 +348,7 @@ async def _until_final(agen):
 async def test_a_caller_leaving_mid_answer_has_the_partial_stored_before_the_turn_ends(atl, oai):
     d, _ = oai
     d.reset(reply="y" * 200, chunk_size=2, slow=0.01)
-    agen = atl.gateway.turn("go", user="u", app="demo", stream=True)
+    agen = atl.gateway.turn(TurnRequest(user="u", text="go", app="demo", stream=True))
     started = await agen.__anext__()
     got = [await agen.__anext__() for _ in range(3)]
     assert all(isinstance(ev, TextDelta) for ev in got)
@@ -359,7 +360,7 @@ async def test_a_caller_leaving_mid_answer_has_the_partial_stored_before_the_tur
 
 
 async def test_a_caller_leaving_right_after_the_start_leaves_no_answer_streaming(atl, oai):
-    agen = atl.gateway.turn("go", user="u", app="demo", stream=True)
+    agen = atl.gateway.turn(TurnRequest(user="u", text="go", app="demo", stream=True))
     started = await agen.__anext__()
     await agen.aclose()
     msgs = await atl.messages(started.conversation_id, user="u")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,8 +18,20 @@ from .config import Settings
 from .errors import InvalidParamError
 from .gateway import Gateway
 from .media import guess_extension, sniff_image_type
-from .messages import ImagePart, Reply, TurnCompleted, TurnEvent, TurnFailed
+from .messages import (
+    FunctionResult,
+    GenerationParams,
+    ImagePart,
+    Reply,
+    ToolChoice,
+    ToolSpec,
+    TurnCompleted,
+    TurnEvent,
+    TurnFailed,
+    items_from_json,
+)
 from .tokens import estimate_text
+from .turns import TurnRequest
 
 T = TypeVar("T")
 
@@ -52,6 +64,9 @@ class Message:
     created_at: float
     error: dict[str, Any] | None = None
     parent_id: str | None = None
+    # Typed items beyond the text: ImagePart, FunctionCall, FunctionResult (the parts column, read).
+    items: list[Any] = field(default_factory=list)
+    finish_reason: str | None = None
 
 
 @dataclass
@@ -68,10 +83,45 @@ def _conv(r: dict[str, Any]) -> Conversation:
                         r.get("remote") or {}, r.get("inputs") or {})
 
 
+def _images(parts: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    return [p for p in parts or () if p.get("type") == "image"]
+
+
 def _msg(r: dict[str, Any]) -> Message:
     return Message(r["id"], r["conversation_id"], r["role"], r["content"], r.get("reasoning"), r["status"],
-                   r.get("engine"), r.get("model"), r.get("usage"), list(r.get("parts") or []), r["created_at"],
-                   r.get("error"), r.get("parent_id"))
+                   r.get("engine"), r.get("model"), r.get("usage"), _images(r.get("parts")), r["created_at"],
+                   r.get("error"), r.get("parent_id"), items_from_json(r.get("parts")), r.get("finish_reason"))
+
+
+def tool_spec(tool: ToolSpec | dict[str, Any]) -> ToolSpec:
+    """A ToolSpec from itself or from OpenAI's `{"type": "function", "function": {...}}` shape."""
+    if isinstance(tool, ToolSpec):
+        return tool
+    fn = tool.get("function", tool) if tool.get("type", "function") == "function" else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise InvalidParamError("a tool is a ToolSpec or {'type': 'function', 'function': {'name': ...}}")
+    return ToolSpec(fn["name"], fn.get("description"), fn.get("parameters"), fn.get("strict"))
+
+
+def tool_choice_of(choice: str | ToolChoice | None) -> ToolChoice | None:
+    if choice is None or isinstance(choice, ToolChoice):
+        return choice
+    if choice in ("auto", "none", "required"):
+        return ToolChoice(choice)  # type: ignore[arg-type]
+    return ToolChoice("function", choice)  # a function's name
+
+
+def _request(
+    text: str, user: str, app: str | None, conversation_id: str | None, engine: str | None,
+    images: Iterable[str | ImagePart] | None, files: Iterable[str] | None, inputs: dict[str, Any] | None,
+    tools: Sequence[ToolSpec | dict[str, Any]] | None, tool_choice: str | ToolChoice | None,
+    tool_results: Sequence[FunctionResult] | None, params: GenerationParams | None, *, stream: bool,
+) -> TurnRequest:
+    """The one place the Python API's arguments become a TurnRequest (chat and stream alike)."""
+    return TurnRequest(user=user, text=text, app=app, conversation_id=conversation_id, engine=engine,
+                       images=tuple(images or ()), files=tuple(files or ()), inputs=inputs or {},
+                       tools=tuple(tool_spec(t) for t in tools or ()), tool_choice=tool_choice_of(tool_choice),
+                       results=tuple(tool_results or ()), params=params or GenerationParams(), stream=stream)
 
 
 class AsyncMemory:
@@ -123,15 +173,23 @@ class AsyncThreadline:
         return self.gateway
 
     async def chat(
-        self, text: str, *, user: str, app: str | None = None, conversation_id: str | None = None,
+        self, text: str = "", *, user: str, app: str | None = None, conversation_id: str | None = None,
         engine: str | None = None, images: Iterable[str | ImagePart] | None = None,
         files: Iterable[str] | None = None, inputs: dict[str, Any] | None = None,
+        tools: Sequence[ToolSpec | dict[str, Any]] | None = None, tool_choice: str | ToolChoice | None = None,
+        tool_results: Sequence[FunctionResult] | None = None, params: GenerationParams | None = None,
     ) -> Reply:
-        """One blocking turn. Raises the turn's error after the partial answer is stored."""
+        """One blocking turn. Raises the turn's error after the partial answer is stored.
+
+        `tools`: functions the model may call (`ToolSpec`, or OpenAI's `{"type": "function",
+        "function": {...}}` dict); the reply's `tool_calls` lists the calls it made. Answer them on
+        the next turn with `tool_results` (and no text). `params`: sampling and output parameters;
+        one the engine cannot honour is refused (InvalidParamError), never dropped."""
         final: Reply | None = None
         gw = await self._gw()
-        async for ev in gw.turn(text, user=user, app=app, conversation_id=conversation_id, engine=engine,
-                                images=images, files=files, stream=False, inputs=inputs):
+        req = _request(text, user, app, conversation_id, engine, images, files, inputs, tools, tool_choice,
+                       tool_results, params, stream=False)
+        async for ev in gw.turn(req):
             if isinstance(ev, TurnFailed):
                 raise ev.error
             if isinstance(ev, TurnCompleted):
@@ -140,17 +198,20 @@ class AsyncThreadline:
         return final
 
     async def stream(
-        self, text: str, *, user: str, app: str | None = None, conversation_id: str | None = None,
+        self, text: str = "", *, user: str, app: str | None = None, conversation_id: str | None = None,
         engine: str | None = None, images: Iterable[str | ImagePart] | None = None,
         files: Iterable[str] | None = None, inputs: dict[str, Any] | None = None,
+        tools: Sequence[ToolSpec | dict[str, Any]] | None = None, tool_choice: str | ToolChoice | None = None,
+        tool_results: Sequence[FunctionResult] | None = None, params: GenerationParams | None = None,
     ) -> AsyncIterator[TurnEvent]:
-        """Yield TurnStarted, TextDelta/ReasoningDelta…, then TurnCompleted (its `.reply`).
+        """Yield TurnStarted, TextDelta/ReasoningDelta/ToolCallDelta…, then TurnCompleted (its `.reply`).
 
         A failure raises after the partial answer was stored with status `failed`.
         """
         gw = await self._gw()
-        async for ev in gw.turn(text, user=user, app=app, conversation_id=conversation_id, engine=engine,
-                                images=images, files=files, stream=True, inputs=inputs):
+        req = _request(text, user, app, conversation_id, engine, images, files, inputs, tools, tool_choice,
+                       tool_results, params, stream=True)
+        async for ev in gw.turn(req):
             if isinstance(ev, TurnFailed):
                 raise ev.error
             yield ev

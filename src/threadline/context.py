@@ -14,7 +14,7 @@ from typing import Any, Protocol, overload
 
 import orjson
 
-from .messages import ChatMessage, ImagePart
+from .messages import ChatMessage, FunctionCall, FunctionResult, items_from_json
 from .tokens import estimate_text
 
 FIRST_PAGE = 64
@@ -104,28 +104,75 @@ def _replayed(role: str, text: str) -> bool:
 
 
 def row_to_message(row: dict[str, Any]) -> ChatMessage | None:
-    """History rows become engine messages; reasoning is never replayed, failed empty answers skipped."""
+    """History rows become engine messages; failed empty answers are skipped. Reasoning text goes
+    along only with function calls (a profile may have to replay it there: DeepSeek thinking mode)."""
     text = row.get("content") or ""
-    if not _replayed(row["role"], text):
-        return None
     parts = row.get("parts")
     if not parts:
+        if not _replayed(row["role"], text):
+            return None
         return ChatMessage(role=row["role"], text=text)
-    return ChatMessage(role=row["role"], text=text,
-                       images=[ImagePart.from_json(p) for p in parts if p.get("type") == "image"])
+    items = items_from_json(parts)
+    if row["role"] == "assistant" and row.get("status", "completed") != "completed":
+        items = [i for i in items if not isinstance(i, FunctionCall)]  # a cut-short call was never made
+    msg = ChatMessage.from_items(row["role"], text, items)
+    if msg.calls:
+        msg.reasoning = row.get("reasoning")
+    if not (text or msg.calls or msg.results or (msg.images and row["role"] == "user")):
+        return None
+    return msg
+
+
+def _merged(a: ChatMessage, b: ChatMessage) -> ChatMessage:
+    return ChatMessage(a.role, f"{a.text}\n\n{b.text}".strip(), [*a.images, *b.images], a.reasoning or b.reasoning,
+                       [*a.calls, *b.calls], [*a.results, *b.results], [*a.states, *b.states])
+
+
+def _paired(msgs: list[ChatMessage]) -> list[ChatMessage]:
+    """Every provider wants each function call answered by the very next message and no answer
+    without its call: a call left unanswered (the caller moved on with text) and a result whose call
+    fell out of the budget are left out (text kept), so the request is one the provider accepts."""
+    out: list[ChatMessage] = []
+    for i, m in enumerate(msgs):
+        if m.calls:
+            nxt = msgs[i + 1] if i + 1 < len(msgs) else None
+            answered = {r.call_id for r in nxt.results} if nxt is not None else set()
+            calls = [c for c in m.calls if c.call_id in answered]
+            if len(calls) != len(m.calls):
+                m = ChatMessage(m.role, m.text, m.images, m.reasoning if calls else None, calls, m.results, m.states)
+        if m.results:
+            prev = out[-1] if out else None
+            made = {c.call_id: c.name for c in prev.calls} if prev is not None else {}
+            results = [r if r.name else FunctionResult(r.call_id, r.output, made[r.call_id])
+                       for r in m.results if r.call_id in made]
+            if len(results) != len(m.results) or results != list(m.results):
+                m = ChatMessage(m.role, m.text, m.images, m.reasoning, m.calls, results, m.states)
+        if not (m.text or m.images or m.calls or m.results):
+            continue
+        out.append(m)
+    return out
 
 
 def merge_roles(msgs: list[ChatMessage]) -> list[ChatMessage]:
-    """Providers want alternating turns; a user turn whose answer failed is merged with the next one."""
+    """Providers want alternating turns; a user turn whose answer failed is merged with the next one.
+    Function calls and results are then paired (see _paired)."""
     out: list[ChatMessage] = []
     for m in msgs:
         if out and out[-1].role == m.role:
-            prev = out[-1]
-            out[-1] = ChatMessage(prev.role, f"{prev.text}\n\n{m.text}".strip(), [*prev.images, *m.images])
+            out[-1] = _merged(out[-1], m)
         else:
             out.append(m)
     while out and out[0].role != "user":
         out.pop(0)
+    if any(m.calls or m.results for m in out):
+        out = _paired(out)
+        merged: list[ChatMessage] = []  # a call dropped with its empty answer leaves two user turns together
+        for m in out:
+            if merged and merged[-1].role == m.role:
+                merged[-1] = _merged(merged[-1], m)
+            else:
+                merged.append(m)
+        out = merged
     return out
 
 
@@ -181,14 +228,21 @@ async def pack(
 
 
 def transcript(rows: list[dict[str, Any]], *, limit_chars: int = 12000) -> str:
-    """A compact transcript of turns a stateful engine missed, newest kept when it is too long."""
+    """A compact transcript of turns a stateful engine missed, newest kept when it is too long.
+    Function calls and their results are told in words: a Dify app has no place for them."""
     lines: list[str] = []
     for r in rows:
-        text = (r.get("content") or "").strip()
-        if not text or r["role"] not in ("user", "assistant"):
+        if r["role"] not in ("user", "assistant"):
             continue
         who = "User" if r["role"] == "user" else "Assistant"
-        lines.append(f"{who}: {text}")
+        for item in items_from_json(r.get("parts")):
+            if isinstance(item, FunctionCall):
+                lines.append(f"Assistant called tool {item.name} with {item.arguments}")
+            elif isinstance(item, FunctionResult):
+                lines.append(f"Tool result{f' of {item.name}' if item.name else ''}: {item.output}")
+        text = (r.get("content") or "").strip()
+        if text:
+            lines.append(f"{who}: {text}")
     out = "\n".join(lines)
     if len(out) > limit_chars:
         out = "…" + out[-limit_chars:]

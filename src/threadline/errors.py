@@ -62,6 +62,17 @@ class UnsupportedInputError(InvalidParamError):
     code = "unsupported_input"
 
 
+class UnsupportedParameterError(InvalidParamError):
+    """A request parameter the turn's engine cannot honour (tools on a Dify app, `seed` on Gemini...):
+    refused with a 400 naming the parameter, never dropped. `param` is the caller's own name for it."""
+
+    code = "unsupported_parameter"
+
+    def __init__(self, message: str, *, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class ConversationBusyError(ThreadlineError):
     code = "conversation_busy"
     status = 409

@@ -27,7 +27,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
@@ -48,6 +48,7 @@ from .errors import (
     StreamRedactor,
     ThreadlineError,
     UnsupportedInputError,
+    UnsupportedParameterError,
     UpstreamError,
     redact,
 )
@@ -57,11 +58,16 @@ from .messages import (
     AnswerReplaced,
     ChatMessage,
     Finished,
+    FunctionCall,
+    FunctionResult,
     ImagePart,
+    Item,
     ReasoningDelta,
     RemoteState,
     Reply,
+    StateReport,
     TextDelta,
+    ToolCallDelta,
     TurnCompleted,
     TurnEvent,
     TurnFailed,
@@ -69,9 +75,11 @@ from .messages import (
     UpstreamAccepted,
     Usage,
     UsageReport,
+    items_to_json,
 )
 from .store import Store, new_id, settle
 from .tokens import Calibration, estimate_message, estimate_text
+from .turns import PastMessage, Turn, TurnRequest
 
 log = logging.getLogger("threadline.gateway")
 
@@ -101,7 +109,41 @@ class RunningTurn:
     history_row: dict[str, Any] | None = None  # the user message as packing reads it, for the history cache
     ticket: Ticket | None = None  # what the turn counted against its limits, settled when it ends
     finishing: bool = False  # its final write has begun (the lease is freed by that write)
+    started: float = 0.0
+    seq: int = 0  # the answer's position in the conversation
+    est_prompt: int = 0  # the packed request's estimated tokens (calibrates the estimator)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(slots=True)
+class _Plan:
+    """One admitted turn: the caller's request and what the gateway resolved for it."""
+
+    request: TurnRequest
+    app: AppConfig
+    engine: Engine
+    images: list[ImagePart]
+    conversation_id: str
+    existing: bool
+    ticket: Ticket | None = None
+
+
+@dataclass(slots=True)
+class Outcome:
+    status: str  # completed | stopped | failed
+    error: Exception | None = None
+
+
+def _finish_reason(status: str, reported: str | None, called: bool) -> str | None:
+    """The finish reason every surface shows: the engine's own when the answer completed (a call made
+    makes it tool_calls); "stop" for a turn the caller stopped (never "length"); None when failed."""
+    if status == "stopped":
+        return "stop"
+    if status != "completed":
+        return None
+    if called and reported in (None, "stop"):
+        return "tool_calls"
+    return reported or "stop"
 
 
 @functools.lru_cache(maxsize=256)
@@ -310,60 +352,28 @@ class Gateway:
 
     # ---- the turn --------------------------------------------------------------------------------
 
-    async def turn(
-        self,
-        query: str,
-        *,
-        user: str,
-        app: str | None = None,
-        conversation_id: str | None = None,
-        engine: str | None = None,
-        images: Iterable[str | ImagePart] | None = None,
-        files: Iterable[str] | None = None,
-        stream: bool = True,
-        inputs: dict[str, Any] | None = None,
-        workflow_id: str | None = None,
-        auto_generate_name: bool = True,
-        extra_system: list[str] | None = None,
-        key_id: str | None = None,
-        history: list[tuple[str, str]] | None = None,
-    ) -> AsyncIterator[TurnEvent]:
+    async def turn(self, req: TurnRequest) -> AsyncIterator[TurnEvent]:
         """Yield TurnStarted, deltas, then TurnCompleted or TurnFailed; never raises once the turn is
         stored. TurnStarted waits until the engine accepted the request, so a turn that fails before
         that (an upstream 429, a refused request) yields TurnFailed alone, and a surface can still
         answer with the error's own status instead of a 200 stream.
 
-        `key_id`: the app key the caller used (its limits apply along with the app's). `history`:
-        (role, text) turns the caller already had (an OpenAI client's message list); without a
+        `req.key_id`: the app key the caller used (its limits apply along with the app's).
+        `req.history`: messages the caller already had (an OpenAI client's message list); without a
         conversation_id they are stored as a new conversation this turn continues, once the turn is
         admitted, so a refused turn stores nothing."""
-        check_user(user)
-        query = (query or "").replace("\x00", "")  # PostgreSQL text cannot hold NUL; Dify drops it too
-        if not query.strip():
-            raise InvalidParamError("query is required")
-        await self.start()
-        app_cfg = self.app_config(app, engine)
-        if engine is not None and (engine not in self.settings.engines or not app_cfg.allows(engine)):
-            raise InvalidParamError(f"Engine {engine!r} is not available to app {app_cfg.name!r}.",
-                                    code="engine_not_available")
-        if extra_system:
-            app_cfg = replace(app_cfg, system=[*app_cfg.system, *extra_system])
-        engine_name = engine or app_cfg.engine
-        eng = self.engine(engine_name)
-        imgs = self.normalize_images(images, files)
-        if imgs:
-            self.refuse_images(eng)
+        plan = await self._prepare(req)
         # Limits: free (no call, no store access) unless the app or a key is involved.
-        ticket = await self.limits.admit(app_cfg, user, key_id) if app_cfg.limits or key_id else None
+        app_cfg = plan.app
+        plan.ticket = await self.limits.admit(app_cfg, req.user, req.key_id) if app_cfg.limits or req.key_id else None
         try:
-            if history and conversation_id is None:
-                conversation_id = await self.import_history(app=app_cfg.name, user=user, engine=engine_name,
-                                                            turns=history)
-            cid = conversation_id or new_id()
+            if req.history and req.conversation_id is None:
+                plan.conversation_id = await self.import_history(app=app_cfg.name, user=req.user,
+                                                                 engine=plan.engine.name, messages=req.history)
+                plan.existing = True
             final: TurnEvent | None = None
-            async with self._local_lock(cid):
-                run = self._run(cid, conversation_id is not None, app_cfg, user, eng, query, imgs, stream,
-                                inputs or {}, workflow_id, auto_generate_name, ticket)
+            async with self._local_lock(plan.conversation_id):
+                run = self._run(plan)
                 try:
                     async for ev in run:
                         if isinstance(ev, TurnCompleted | TurnFailed):
@@ -375,14 +385,43 @@ class Gateway:
                     # partial answer stored as stopped before the next turn of this conversation begins.
                     await run.aclose()
                     if final is None:  # _run releases the lease with its final write; this covers exits before it
-                        await settle(self._release_if_held(cid))
+                        await settle(self._release_if_held(plan.conversation_id))
         finally:
+            ticket = plan.ticket
             if ticket is not None and not ticket.settled:  # the turn ended before it ran: free its slot
                 pending = self.limits.settle(ticket)
                 if pending is not None:
                     await asyncio.shield(pending)
         if final is not None:
             yield final
+
+    async def _prepare(self, req: TurnRequest) -> _Plan:
+        """Everything that can refuse a turn before it is admitted or stored: the user, the input,
+        the engine the app allows, and what that engine can honour (forward or refuse)."""
+        check_user(req.user)
+        text = (req.text or "").replace("\x00", "")  # PostgreSQL text cannot hold NUL; Dify drops it too
+        if not text.strip() and not req.results:
+            raise InvalidParamError("query is required")
+        await self.start()
+        app_cfg = self.app_config(req.app, req.engine)
+        engine = req.engine
+        if engine is not None and (engine not in self.settings.engines or not app_cfg.allows(engine)):
+            raise InvalidParamError(f"Engine {engine!r} is not available to app {app_cfg.name!r}.",
+                                    code="engine_not_available")
+        if req.instructions:
+            app_cfg = replace(app_cfg, system=[*app_cfg.system, *req.instructions])
+        eng = self.engine(engine or app_cfg.engine)
+        eng.check_request(req.tools, req.tool_choice, req.params)
+        if req.results and not eng.supports_tools:
+            raise UnsupportedParameterError(
+                f"Engine {eng.name!r} ({eng.kind}) does not take function results: it runs no caller-defined tools.",
+                param="messages")
+        imgs = self.normalize_images(req.images, req.files)
+        if imgs:
+            self.refuse_images(eng)
+        if text is not req.text:
+            req = replace(req, text=text)
+        return _Plan(req, app_cfg, eng, imgs, req.conversation_id or new_id(), req.conversation_id is not None)
 
     async def _release_if_held(self, cid: str) -> None:
         """The turn ended without its final write (it failed before, or the write did): free the
@@ -392,54 +431,47 @@ class Gateway:
         with contextlib.suppress(Exception):
             await self.store.release_turn(cid, self.owner, running.message_id if running else None)
 
-    async def _run(
-        self, cid: str, existing: bool, app_cfg: AppConfig, user: str, eng: Engine, query: str,
-        imgs: list[ImagePart], stream: bool, inputs: dict[str, Any], workflow_id: str | None,
-        auto_generate_name: bool, ticket: Ticket | None = None,
-    ) -> AsyncIterator[TurnEvent]:
+    async def _run(self, plan: _Plan) -> AsyncIterator[TurnEvent]:
+        req, app_cfg, eng, cid = plan.request, plan.app, plan.engine, plan.conversation_id
         started = time.time()
-        await self._hydrate(imgs, app_cfg.name, user)
+        await self._hydrate(plan.images, app_cfg.name, req.user)
         user_mid, asst_mid, task_id = new_id(), new_id(), new_id()
-        q_tokens = estimate_message(query, len(imgs))
-        user_row = {"id": user_mid, "content": query, "parts": [i.to_json() for i in imgs] or None,
-                    "engine": eng.name, "model": eng.model, "token_estimate": q_tokens, "inputs": inputs or None}
+        query = req.text
+        user_items: list[Item] = [*plan.images, *req.results]
+        q_tokens = estimate_message(query, len(plan.images)) + sum(estimate_text(r.output) for r in req.results)
+        user_row = {"id": user_mid, "content": query, "parts": items_to_json(user_items),
+                    "engine": eng.name, "model": eng.model, "token_estimate": q_tokens, "inputs": req.inputs or None}
         asst_row = {"id": asst_mid, "parent_id": user_mid, "engine": eng.name, "model": eng.model, "task_id": task_id}
-        if existing:
-            conv, user_seq, asst_seq = await self._claim(cid, app_cfg.name, user, user_row, asst_row)
+        if plan.existing:
+            conv, user_seq, asst_seq = await self._claim(cid, app_cfg.name, req.user, user_row, asst_row)
         else:
-            conv = {"id": cid, "app": app_cfg.name, "user": user, "engine": eng.name, "name": "",
-                    "inputs": {**app_cfg.inputs, **inputs}, "remote": {}, "last_seq": 0,
+            conv = {"id": cid, "app": app_cfg.name, "user": req.user, "engine": eng.name, "name": "",
+                    "inputs": {**app_cfg.inputs, **req.inputs}, "remote": {}, "last_seq": 0,
                     "created_at": started, "updated_at": started, "deleted": False}
             user_seq, asst_seq = await self.store.begin_turn(cid, user_msg=user_row, assistant_msg=asst_row,
                                                              new_conversation=conv, lock=(self.owner, LOCK_TTL))
-        running = RunningTurn(task_id, app_cfg.name, user, asst_mid, eng, self.remote_user(app_cfg.name, user),
-                              user_message_id=user_mid, ticket=ticket)
+        running = RunningTurn(task_id, app_cfg.name, req.user, asst_mid, eng, self.remote_user(app_cfg.name, req.user),
+                              user_message_id=user_mid, ticket=plan.ticket, started=started, seq=asst_seq)
         running.history_row = {"seq": user_seq, "role": "user", "content": query, "parts": user_row["parts"],
                                "reasoning": None, "status": "completed", "token_estimate": q_tokens, "engine": eng.name}
         self.running[task_id] = running
         self._leases[cid] = running  # renewed from now on by _keep_leases, until the final write
-        answer: list[str] = []
-        reasoning: list[str] = []
-        usage: Usage | None = None
-        price: dict[str, Any] | None = None
-        remote = RemoteState()
+        turn = Turn()
         status, error = "completed", None
-        est_prompt = 0
         # Held back until the engine has accepted (or produced its first event): a turn that fails
         # before that yields TurnFailed alone, so a surface can still answer with the real status.
         turn_started: TurnStarted | None = TurnStarted(cid, asst_mid, user_mid, task_id, eng.name, started)
         redactor = StreamRedactor(eng.config.api_key)
+        answer, reasoning = turn.answer, turn.reasoning
         try:
             for attempt in range(2):
                 try:
-                    req, est_prompt = await self._request(conv, app_cfg, user, eng, query, imgs, stream, inputs,
-                                                          workflow_id, auto_generate_name, user_seq,
-                                                          lost_remote=attempt > 0)
+                    ereq, running.est_prompt = await self._request(plan, conv, user_seq, lost_remote=attempt > 0)
                 except ThreadlineError as exc:
                     status, error = "failed", exc
                     break
                 queue: asyncio.Queue[Any] = asyncio.Queue()
-                running.producer = asyncio.create_task(self._produce(eng, req, queue))
+                running.producer = asyncio.create_task(self._produce(eng, ereq, queue))
                 last_flush = time.monotonic()
                 flushed_len = 0
                 lost = False
@@ -465,6 +497,13 @@ class Gateway:
                         if not running.first_token_at:
                             running.first_token_at = time.time()
                         yield ReasoningDelta(text) if text is not ev.text else ev
+                    elif isinstance(ev, ToolCallDelta):
+                        turn.add_call(ev)
+                        if not running.first_token_at:
+                            running.first_token_at = time.time()
+                        yield ev
+                    elif isinstance(ev, StateReport):
+                        turn.states.append(ev.state)
                     elif isinstance(ev, AnswerReplaced):
                         if ev.reason == "no_think_tags":
                             answer[:] = [redactor.reclassified("".join(reasoning), "".join(answer))]
@@ -475,15 +514,18 @@ class Gateway:
                             answer[:] = [text]
                             yield AnswerReplaced(text, ev.reason) if text != ev.text else ev
                     elif isinstance(ev, UsageReport):
-                        usage, price = ev.usage, ev.price or price
+                        turn.usage, turn.price = ev.usage, ev.price or turn.price
                     elif isinstance(ev, RemoteState):
+                        remote = turn.remote
                         remote.conversation_id = ev.conversation_id or remote.conversation_id
                         remote.message_id = ev.message_id or remote.message_id
                         if ev.task_id:
                             remote.task_id = running.remote_task_id = ev.task_id
                             if running.stop_requested:
                                 await self._remote_stop(running)
-                    elif isinstance(ev, Finished | UpstreamAccepted):
+                    elif isinstance(ev, Finished):
+                        turn.finish_reason = ev.finish_reason or turn.finish_reason
+                    elif isinstance(ev, UpstreamAccepted):
                         pass
                     elif isinstance(ev, _Stopped):
                         status = "stopped"
@@ -518,17 +560,13 @@ class Gateway:
             tail, rtail = redactor.flush()
             answer.append(tail)
             reasoning.append(rtail)
-            status = "stopped"
             if running.producer and not running.producer.done():
                 running.producer.cancel()
-            await settle(self._finish(cid, conv, app_cfg, eng, running, query, answer, reasoning, usage,
-                                      price, remote, status, None, started, est_prompt, asst_seq,
-                                      auto_generate_name))
+            await settle(self._finish(plan, conv, running, turn, Outcome("stopped")))
             raise
         finally:
             self.running.pop(task_id, None)
-        reply = await self._finish(cid, conv, app_cfg, eng, running, query, answer, reasoning, usage, price, remote,
-                                   status, error, started, est_prompt, asst_seq, auto_generate_name)
+        reply = await self._finish(plan, conv, running, turn, Outcome(status, error))
         if error is not None:
             yield TurnFailed(reply, error)
         else:
@@ -536,41 +574,47 @@ class Gateway:
                 yield turn_started
             yield TurnCompleted(reply)
 
-    async def _finish(
-        self, cid: str, conv: dict[str, Any], app_cfg: AppConfig, eng: Engine, running: RunningTurn, query: str,
-        answer: list[str], reasoning: list[str], usage: Usage | None, price: dict[str, Any] | None,
-        remote: RemoteState, status: str, error: Exception | None, started: float, est_prompt: int, asst_seq: int,
-        auto_generate_name: bool,
-    ) -> Reply:
-        text = "".join(answer)
-        reasoning_text = "".join(reasoning) or None
+    async def _finish(self, plan: _Plan, conv: dict[str, Any], running: RunningTurn, turn: Turn,
+                      outcome: Outcome) -> Reply:
+        eng, cid, status, error = plan.engine, plan.conversation_id, outcome.status, outcome.error
+        text = turn.text
+        reasoning_text = turn.reasoning_text
+        usage = turn.usage
+        est_prompt = running.est_prompt
         if usage is None:
             completion = estimate_text(text) + estimate_text(reasoning_text or "")
             usage = Usage(est_prompt, completion, est_prompt + completion, estimated=True)
         elif est_prompt and usage.prompt_tokens:
             self.calibration.observe(eng.name, est_prompt, usage.prompt_tokens)
-        if price is None:
-            price = _price(eng.config, usage)
-        latency = time.time() - started
+        price = turn.price or _price(eng.config, usage)
+        latency = time.time() - running.started
         err = None
         if error is not None:
             err = (error.to_dict() if isinstance(error, ThreadlineError)
                    else {"code": "internal_error", "message": "Internal error", "status": 500})
-        answer_tokens = estimate_message(text)
+        # A call cut short (stopped, failed) was never made: only a completed answer keeps its calls.
+        calls = turn.tool_calls(eng.kind) if status == "completed" else []
+        calls = [c if not self._secrets else replace(c, arguments=redact(c.arguments, *self._secrets)) for c in calls]
+        items: list[Item] = [*calls, *turn.states]
+        finish_reason = _finish_reason(status, turn.finish_reason, bool(calls))
+        answer_tokens = estimate_message(text) + sum(estimate_text(c.arguments) for c in calls)
         conv_values: dict[str, Any] = {"engine": eng.name}
-        if not conv.get("name") and auto_generate_name:
+        query = plan.request.text
+        if not conv.get("name") and plan.request.auto_generate_name and query.strip():
             conv_values["name"] = conv["name"] = query.strip().splitlines()[0][:60]
-        if eng.stateful and remote.conversation_id:
+        if eng.stateful and turn.remote.conversation_id:
             rem = dict(conv.get("remote") or {})
-            rem[eng.name] = {"id": remote.conversation_id, "seq": asst_seq}
+            rem[eng.name] = {"id": turn.remote.conversation_id, "seq": running.seq}
             conv_values["remote"] = conv["remote"] = rem
+        parts = items_to_json(items)
         running.finishing = True
         # A task started on the next pass, so the limits write below is queued in the same pass and on
         # SQLite shares its commit; awaited to its end even if this task is cancelled meanwhile.
         finish = asyncio.ensure_future(self.store.finish_turn(
             cid, running.message_id, self.owner, conversation_values=conv_values,
             content=text, reasoning=reasoning_text, status=status, usage=usage.to_json(), price=price,
-            latency=latency, error=err, token_estimate=answer_tokens, remote_id=remote.message_id,
+            latency=latency, error=err, token_estimate=answer_tokens, remote_id=turn.remote.message_id,
+            parts=parts, finish_reason=finish_reason,
         ))
         # A failed turn that produced nothing the engine reported is not charged.
         charge = None
@@ -584,13 +628,14 @@ class Gateway:
             await settle(charge)
         if running.history_row is not None:
             self.history.append_turn(cid, [running.history_row, {
-                "seq": asst_seq, "role": "assistant", "content": text, "parts": None, "reasoning": reasoning_text,
-                "status": status, "token_estimate": answer_tokens, "engine": eng.name}])
+                "seq": running.seq, "role": "assistant", "content": text, "parts": parts,
+                "reasoning": reasoning_text, "status": status, "token_estimate": answer_tokens, "engine": eng.name}])
         running.done.set()
         return Reply(answer=text, reasoning=reasoning_text, conversation_id=cid, message_id=running.message_id,
                      user_message_id=running.user_message_id, task_id=running.task_id, usage=usage, status=status,
-                     engine=eng.name, model=eng.model, created_at=started, latency=latency, price=price, error=err,
-                     time_to_first_token=(running.first_token_at - started) if running.first_token_at else 0.0)
+                     engine=eng.name, model=eng.model, created_at=running.started, latency=latency, price=price,
+                     error=err, time_to_first_token=(running.first_token_at - running.started)
+                     if running.first_token_at else 0.0, tool_calls=calls, finish_reason=finish_reason)
 
     def _redacted(self, exc: ThreadlineError) -> ThreadlineError:
         """Every engine's error text passes here before it is stored, logged or shown: the keys of
@@ -634,16 +679,15 @@ class Gateway:
                 acc[0] += time.perf_counter() - acc[1]
                 acc[1] = 0.0
 
-    async def _request(
-        self, conv: dict[str, Any], app_cfg: AppConfig, user: str, eng: Engine, query: str, imgs: list[ImagePart],
-        stream: bool, inputs: dict[str, Any], workflow_id: str | None, auto_generate_name: bool, user_seq: int,
-        *, lost_remote: bool,
-    ) -> tuple[EngineRequest, int]:
+    async def _request(self, plan: _Plan, conv: dict[str, Any], user_seq: int, *,
+                       lost_remote: bool) -> tuple[EngineRequest, int]:
+        req, app_cfg, eng = plan.request, plan.app, plan.engine
         cfg = eng.config
+        query, imgs = req.text, plan.images
         if eng.stateful:
             rem = (conv.get("remote") or {}).get(eng.name)
             seen = int(rem["seq"]) if rem else 0
-            merged_inputs = {**app_cfg.inputs, **(conv.get("inputs") or {}), **inputs}
+            merged_inputs = {**app_cfg.inputs, **(conv.get("inputs") or {}), **req.inputs}
             q = query
             if user_seq - 1 > seen:
                 rows = await self.store.history_range(conv["id"], after_seq=seen, before_seq=user_seq)
@@ -654,51 +698,68 @@ class Gateway:
                         merged_inputs[var] = missed
                     else:
                         q = seeded_query(missed, query)
-            req = EngineRequest(messages=[], query=q, images=imgs, stream=stream,
-                                remote_conversation_id=rem["id"] if rem else None,
-                                remote_user=self.remote_user(app_cfg.name, user), inputs=merged_inputs,
-                                workflow_id=workflow_id or app_cfg.workflow_id, auto_generate_name=auto_generate_name)
-            return req, estimate_text(q)
+            ereq = EngineRequest(messages=[], query=q, images=imgs, stream=req.stream,
+                                 remote_conversation_id=rem["id"] if rem else None,
+                                 remote_user=self.remote_user(app_cfg.name, req.user), inputs=merged_inputs,
+                                 workflow_id=req.workflow_id or app_cfg.workflow_id,
+                                 auto_generate_name=req.auto_generate_name, params=req.params)
+            return ereq, estimate_text(q)
         ratio = self.calibration.ratio(eng.name)
         budget = int((cfg.context_window - cfg.max_output_tokens) / ratio)
         memories: list[tuple[str, int]] = []
         if app_cfg.memory:
             memories = [(m["text"], m["token_estimate"]) for m in
-                        await self.store.list_memory(app=app_cfg.name, user=user)]
-        new_msg = ChatMessage("user", query, list(imgs))
+                        await self.store.list_memory(app=app_cfg.name, user=req.user)]
+        new_msg = ChatMessage("user", query, list(imgs), results=req.results)
+        new_tokens = estimate_message(query, len(imgs)) + sum(estimate_text(r.output) for r in req.results)
         packed = await pack(self.history, conv["id"], before_seq=user_seq, system_modules=app_cfg.system,
-                            memories=memories, new_message=new_msg, new_message_tokens=estimate_message(query, len(imgs)),
-                            budget=budget)
+                            memories=memories, new_message=new_msg, new_message_tokens=new_tokens, budget=budget)
+        if req.results:
+            self._check_results(req.results, packed.messages)
         if packed.file_ids:
-            await self._hydrate([i for m in packed.messages for i in m.images if i.file_id], app_cfg.name, user)
-        return (EngineRequest(messages=packed.messages, system=packed.system, stream=stream,
-                              openai_history=packed.openai_history), packed.estimated_tokens)
+            await self._hydrate([i for m in packed.messages for i in m.images if i.file_id], app_cfg.name, req.user)
+        return (EngineRequest(messages=packed.messages, system=packed.system, stream=req.stream,
+                              openai_history=packed.openai_history, tools=req.tools, tool_choice=req.tool_choice,
+                              params=req.params), packed.estimated_tokens)
 
-    async def import_history(self, *, app: str, user: str, engine: str, turns: list[tuple[str, str]],
+    @staticmethod
+    def _check_results(results: Sequence[FunctionResult], messages: Sequence[ChatMessage]) -> None:
+        """Function results answer the calls of the answer just before them, or the turn is refused
+        (every provider refuses an orphan result; OpenAI with this same 400)."""
+        prev = messages[-2] if len(messages) >= 2 else None
+        made = {c.call_id for c in prev.calls} if prev is not None and prev.role == "assistant" else set()
+        for r in results:
+            if r.call_id not in made:
+                raise InvalidParamError(f"Function result for call {r.call_id!r} answers no function call of the "
+                                        "conversation's last answer.", code="invalid_tool_result")
+
+    async def import_history(self, *, app: str, user: str, engine: str, messages: Sequence[PastMessage],
                              name: str = "") -> str:
-        """Store turns a caller already had (an OpenAI client's message list) as a new conversation,
-        so the next turn continues it on any engine. All or nothing: one transaction."""
+        """Store messages a caller already had (an OpenAI client's message list) as a new
+        conversation, so the next turn continues it on any engine. All or nothing: one transaction."""
         check_user(user)
-        pairs: list[tuple[str, str]] = []
-        pending: str | None = None
-        for role, text in turns:
-            text = (text or "").replace("\x00", "")
-            if role == "user":
+        turns: list[dict[str, Any]] = []
+        pending: PastMessage | None = None
+        for m in messages:
+            if m.role == "user":
                 if pending is not None:
-                    pairs.append((pending, ""))
-                pending = text
+                    turns.append({"query": pending.text, "query_items": pending.items, "answer": ""})
+                pending = m
             else:
-                pairs.append((pending or "", text))
+                turns.append({"query": pending.text if pending else "", "query_items": pending.items if pending else (),
+                              "answer": m.text, "answer_items": m.items})
                 pending = None
         if pending is not None:
-            pairs.append((pending, ""))
-        return await self.import_pairs(app=app, user=user, engine=engine,
-                                       turns=[{"query": q, "answer": a} for q, a in pairs], name=name)
+            turns.append({"query": pending.text, "query_items": pending.items, "answer": ""})
+        for t in turns:
+            for k in ("query", "answer"):
+                t[k] = (t[k] or "").replace("\x00", "")
+        return await self.import_pairs(app=app, user=user, engine=engine, turns=turns, name=name)
 
     async def import_pairs(self, *, app: str, user: str, engine: str, turns: list[dict[str, Any]],
                            name: str = "") -> str:
         """A new conversation from finished (query, answer) turns: `{"query", "answer"}` plus optional
-        `status`, `remote_id`, `inputs`, `created_at`. One transaction."""
+        `query_items`, `answer_items`, `status`, `remote_id`, `inputs`, `created_at`. One transaction."""
         await self.start()
         cid = new_id()
         now = time.time()
@@ -709,11 +770,18 @@ class Gateway:
         rows = []
         for t in turns:
             q, a = t.get("query") or "", t.get("answer") or ""
+            q_items: Sequence[Item] = t.get("query_items") or ()
+            a_items: Sequence[Item] = t.get("answer_items") or ()
+            calls = [i for i in a_items if isinstance(i, FunctionCall)]
             rows.append({
-                "user": {"content": q, "engine": engine, "token_estimate": estimate_message(q),
+                "user": {"content": q, "engine": engine, "parts": items_to_json(q_items),
+                         "token_estimate": estimate_message(q) + sum(estimate_text(i.output) for i in q_items
+                                                                     if isinstance(i, FunctionResult)),
                          "inputs": t.get("inputs") or None},
-                "assistant": {"content": a, "engine": engine, "token_estimate": estimate_message(a),
-                              "status": t.get("status") or "completed", "remote_id": t.get("remote_id")},
+                "assistant": {"content": a, "engine": engine, "parts": items_to_json(a_items),
+                              "token_estimate": estimate_message(a) + sum(estimate_text(c.arguments) for c in calls),
+                              "status": t.get("status") or "completed", "remote_id": t.get("remote_id"),
+                              "finish_reason": "tool_calls" if calls else None},
                 "created_at": t.get("created_at"),
             })
         await self.store.import_conversation(conv, rows)

@@ -7,7 +7,7 @@ Nothing here knows a provider.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant"]
@@ -41,15 +41,166 @@ class ImagePart:
         return cls(url=d.get("url"), file_id=d.get("file_id"), mime_type=d.get("mime_type"), name=d.get("name"))
 
 
+@dataclass(slots=True, frozen=True)
+class FunctionCall:
+    """The model asked to call a caller-defined function. `arguments` is the JSON text as the model
+    wrote it (callers parse it; a model may write invalid JSON and the caller must see that).
+    `provider`/`signature`: opaque state one provider needs back with this call (Gemini's
+    `thoughtSignature`); it goes back to an engine of that provider kind only, never to another."""
+
+    call_id: str
+    name: str
+    arguments: str = "{}"
+    provider: str | None = None
+    signature: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"type": "function_call", "call_id": self.call_id, "name": self.name,
+                             "arguments": self.arguments}
+        if self.provider and self.signature:
+            d["provider"], d["signature"] = self.provider, self.signature
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> FunctionCall:
+        return cls(str(d["call_id"]), str(d["name"]), str(d.get("arguments") or "{}"), d.get("provider"),
+                   d.get("signature"))
+
+
+@dataclass(slots=True, frozen=True)
+class FunctionResult:
+    """The caller's answer to a FunctionCall: `output` is the text the function returned. `name` is
+    the called function's (Gemini matches responses by name); filled from the call when known."""
+
+    call_id: str
+    output: str
+    name: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"type": "function_result", "call_id": self.call_id, "output": self.output}
+        if self.name:
+            d["name"] = self.name
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> FunctionResult:
+        return cls(str(d["call_id"]), str(d.get("output") or ""), d.get("name"))
+
+
+@dataclass(slots=True, frozen=True)
+class ReasoningState:
+    """Opaque reasoning state a provider wants back on the next request (an encrypted reasoning
+    item, a signature). Replayed to engines of `provider` kind only; the readable reasoning text
+    lives beside the message, never here."""
+
+    provider: str
+    data: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": "reasoning_state", "provider": self.provider, "data": self.data}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ReasoningState:
+        return cls(str(d["provider"]), str(d["data"]))
+
+
+Item = ImagePart | FunctionCall | FunctionResult | ReasoningState
+_ITEM_TYPES: dict[str, Any] = {"image": ImagePart, "function_call": FunctionCall, "function_result": FunctionResult,
+                               "reasoning_state": ReasoningState}
+
+
+def items_to_json(items: Sequence[Item]) -> list[dict[str, Any]] | None:
+    """The `parts` column: every non-text item of a message, typed; None for a plain text message."""
+    return [i.to_json() for i in items] or None
+
+
+def items_from_json(parts: Sequence[dict[str, Any]] | None) -> list[Item]:
+    out: list[Item] = []
+    for p in parts or ():
+        cls = _ITEM_TYPES.get(p.get("type", ""))
+        if cls is not None:
+            out.append(cls.from_json(p))
+    return out
+
+
 @dataclass(slots=True)
 class ChatMessage:
-    """One message as an engine sees it: text plus images; reasoning only when a profile replays it."""
+    """One message as an engine sees it. Roles alternate user/assistant: a user message may carry
+    images and the results of the previous answer's function calls; an assistant message may carry
+    function calls and opaque reasoning state. Reasoning text only when a profile replays it."""
 
     role: Role
     text: str
     # Most messages carry no image: they share the empty tuple instead of each holding an empty list.
     images: Sequence[ImagePart] = ()
     reasoning: str | None = None
+    calls: Sequence[FunctionCall] = ()
+    results: Sequence[FunctionResult] = ()
+    states: Sequence[ReasoningState] = ()
+
+    @classmethod
+    def from_items(cls, role: Role, text: str, items: Sequence[Item], reasoning: str | None = None) -> ChatMessage:
+        if not items:
+            return cls(role, text, reasoning=reasoning)
+        return cls(role, text, [i for i in items if isinstance(i, ImagePart)], reasoning,
+                   [i for i in items if isinstance(i, FunctionCall)],
+                   [i for i in items if isinstance(i, FunctionResult)],
+                   [i for i in items if isinstance(i, ReasoningState)])
+
+    @property
+    def items(self) -> list[Item]:
+        return [*self.images, *self.results, *self.calls, *self.states]
+
+
+# ---- what a caller asks of a turn beyond its messages --------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class ToolSpec:
+    """A function the model may call: name, description, JSON-schema parameters."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class ToolChoice:
+    """auto | none | required, or one named function (mode "function")."""
+
+    mode: Literal["auto", "none", "required", "function"] = "auto"
+    name: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class ResponseFormat:
+    """text | json_object | json_schema (with its schema, name and strictness)."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    schema: dict[str, Any] | None = None
+    name: str | None = None
+    strict: bool | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class GenerationParams:
+    """Sampling and output parameters a caller set. None means "not set": the engine's own default
+    applies and nothing is sent. An engine refuses (400) a set field it cannot honour."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    stop: tuple[str, ...] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    response_format: ResponseFormat | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None
+
+    def set_fields(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
 
 
 @dataclass(slots=True)
@@ -99,6 +250,25 @@ class TextDelta:
 @dataclass(slots=True)
 class ReasoningDelta:
     text: str
+
+
+@dataclass(slots=True)
+class ToolCallDelta:
+    """A piece of a function call as it streams: `index` tells calls apart; `call_id` and `name`
+    come with a call's first piece, `arguments` grows. `signature`: Gemini's thoughtSignature."""
+
+    index: int
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+    signature: str | None = None
+
+
+@dataclass(slots=True)
+class StateReport:
+    """Opaque reasoning state to keep with the answer and send back to the same provider only."""
+
+    state: ReasoningState
 
 
 @dataclass(slots=True)
@@ -165,6 +335,9 @@ class Reply:
     price: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     time_to_first_token: float = 0.0
+    tool_calls: list[FunctionCall] = field(default_factory=list)
+    # What the engine reported: stop | length | tool_calls | content_filter; a stopped turn is "stop".
+    finish_reason: str | None = None
 
 
 @dataclass(slots=True)
@@ -182,5 +355,7 @@ class TurnFailed:
     error: Exception
 
 
-EngineEvent = TextDelta | ReasoningDelta | AnswerReplaced | UsageReport | RemoteState | Finished | UpstreamAccepted
-TurnEvent = TurnStarted | TextDelta | ReasoningDelta | AnswerReplaced | UsageReport | TurnCompleted | TurnFailed
+EngineEvent = (TextDelta | ReasoningDelta | ToolCallDelta | StateReport | AnswerReplaced | UsageReport | RemoteState
+               | Finished | UpstreamAccepted)
+TurnEvent = (TurnStarted | TextDelta | ReasoningDelta | ToolCallDelta | AnswerReplaced | UsageReport | TurnCompleted
+             | TurnFailed)

@@ -57,6 +57,18 @@ CONTEXT_TOO_LONG = ("This model's maximum context length is 128000 tokens. Howev
                     "131072 tokens. Please reduce the length of the messages.")
 
 
+def _example(schema: dict[str, Any]) -> Any:
+    """A value that satisfies a (simple) JSON schema, as a model in structured-output mode writes."""
+    kind = schema.get("type")
+    if "enum" in schema:
+        return schema["enum"][0]
+    if kind == "object" or "properties" in schema:
+        return {k: _example(v) for k, v in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        return [_example(schema.get("items") or {"type": "string"})]
+    return {"string": "example", "integer": 1, "number": 1.5, "boolean": True, "null": None}.get(kind, "example")
+
+
 async def blocking_fault(fault: str | None, stall: float, whole: bytes,
                          media_type: str = "application/json") -> Response | None:
     """The blocking answer `whole` as `fault` delivers it (None: deliver it as it is). Shared by the
@@ -91,6 +103,7 @@ class OpenAIDouble:
     fault_after: int = 2  # content chunks a stream sends before its fault
     stall: float = 5.0  # how long `timeout` stays silent
     error_message: str | None = None  # the provider's text for `error_event`
+    parallel_calls: int = 1  # how many of the offered tools a tool-calling answer calls
     api_key: str | None = "sk-test-double-key"
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
@@ -118,11 +131,11 @@ class OpenAIDouble:
                                            "type": "invalid_request_error", "param": "stream_options", "code": None}},
                                 status_code=400)
         for i, m in enumerate(body["messages"]):
-            if self.provider == "deepseek" and "reasoning_content" in m:
+            if self.provider == "deepseek" and "reasoning_content" in m and not m.get("tool_calls"):
                 return JSONResponse({"error": {"message": "The reasoning_content is an intermediate result for display purposes only and will not be included in the context for inference. Please remove the reasoning_content from your input.",
                                                "type": "invalid_request_error", "param": None, "code": "invalid_request_error"}},
                                     status_code=400)
-            extra = set(m) - MESSAGE_KEYS
+            extra = set(m) - MESSAGE_KEYS - ({"reasoning_content"} if self.provider == "deepseek" else set())
             if extra:
                 return self._unknown_field(f"messages[{i}].{sorted(extra)[0]}")
             if m.get("role") not in ROLES:
@@ -130,6 +143,8 @@ class OpenAIDouble:
                                                "type": "invalid_request_error", "param": f"messages[{i}].role", "code": "invalid_value"}},
                                     status_code=400)
             content = m.get("content")
+            if m.get("role") == "assistant" and m.get("tool_calls") and content is None:
+                content = ""  # an assistant message that only calls tools has null content
             if isinstance(content, list):
                 for p in content:
                     if p.get("type") not in ("text", "image_url") or (p["type"] == "image_url" and "url" not in p.get("image_url", {})):
@@ -138,6 +153,54 @@ class OpenAIDouble:
             elif not isinstance(content, str):
                 return JSONResponse({"error": {"message": f"Invalid type for 'messages[{i}].content'", "type": "invalid_request_error",
                                                "param": f"messages[{i}].content", "code": "invalid_type"}}, status_code=400)
+        return self._reject_tools(body)
+
+    @staticmethod
+    def _bad(message: str, param: str | None, code: str | None = None) -> Response:
+        return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                       "code": code}}, status_code=400)
+
+    def _reject_tools(self, body: dict[str, Any]) -> Response | None:
+        """OpenAI's rules for tools and tool messages (texts as the API gives them)."""
+        tools = body.get("tools")
+        if tools is not None:
+            if not isinstance(tools, list) or not tools:
+                return self._bad("Invalid 'tools': empty array. Expected an array with minimum length 1.", "tools",
+                                 "empty_array")
+            for i, t in enumerate(tools):
+                fn = t.get("function") if isinstance(t, dict) else None
+                if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict) \
+                        or not isinstance(fn.get("name"), str) or set(fn) - {"name", "description", "parameters",
+                                                                              "strict"}:
+                    return self._bad(f"Invalid value for 'tools[{i}]'.", f"tools[{i}]", "invalid_value")
+        choice = body.get("tool_choice")
+        if choice is not None and not tools:
+            return self._bad("Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
+                             "specified.", "tool_choice")
+        if "parallel_tool_calls" in body and not tools:
+            return self._bad("Invalid value for 'parallel_tool_calls': 'parallel_tool_calls' is only allowed when "
+                             "'tools' are specified.", "parallel_tool_calls")
+        pending: set[str] = set()
+        for i, m in enumerate(body["messages"]):
+            if m.get("role") == "tool":
+                if m.get("tool_call_id") not in pending:
+                    return self._bad("Invalid parameter: messages with role 'tool' must be a response to a "
+                                     "preceeding message with 'tool_calls'.", f"messages.[{i}].role")
+                pending.discard(m["tool_call_id"])
+                continue
+            if pending:
+                return self._bad("An assistant message with 'tool_calls' must be followed by tool messages responding "
+                                 "to each 'tool_call_id'. The following tool_call_ids did not have response messages: "
+                                 + ", ".join(sorted(pending)), f"messages.[{i}].role")
+            if m.get("role") == "assistant" and m.get("tool_calls"):
+                pending = {c["id"] for c in m["tool_calls"]}
+                if self.provider == "deepseek" and "reasoning_content" not in m:
+                    return self._bad("Missing `reasoning_content` field in the assistant message at message index "
+                                     f"{i}. For more information, please refer to https://api-docs.deepseek.com/"
+                                     "guides/thinking_mode#tool-calls", None, "invalid_request_error")
+        if pending:
+            return self._bad("An assistant message with 'tool_calls' must be followed by tool messages responding to "
+                             "each 'tool_call_id'.", "messages")
         return None
 
     def _unknown_field(self, key: str) -> Response:
@@ -155,10 +218,38 @@ class OpenAIDouble:
 
     # ---- answers ---------------------------------------------------------------------------------
 
+    def calls_for(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        """With tools offered and a user turn last, the double calls a tool (as a model would): the
+        named one of tool_choice, else the first (`calls` of them when parallel); a tool result
+        last gets a text answer. tool_choice "none" never calls."""
+        tools = body.get("tools") or []
+        choice = body.get("tool_choice")
+        last = body["messages"][-1]
+        if not tools or choice == "none" or last.get("role") == "tool":
+            return []
+        if isinstance(choice, dict):
+            names = [choice["function"]["name"]]
+        else:
+            names = [t["function"]["name"] for t in tools][: 1 if body.get("parallel_tool_calls") is False
+                                                           else self.parallel_calls]
+        text = last.get("content")
+        if isinstance(text, list):
+            text = " ".join(p.get("text", "") for p in text if p.get("type") == "text")
+        return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                 "function": {"name": n, "arguments": orjson.dumps({"q": text}).decode()}} for n in names]
+
     def answer_for(self, body: dict[str, Any]) -> str:
         if self.reply is not None:
             return self.reply
-        last = body["messages"][-1]["content"]
+        rf = body.get("response_format") or {}
+        if rf.get("type") == "json_schema":
+            return orjson.dumps(_example(rf["json_schema"].get("schema") or {})).decode()
+        if rf.get("type") == "json_object":
+            return '{"answer": "ok"}'
+        last = body["messages"][-1]
+        if last.get("role") == "tool":
+            return f"Tool said: {last['content']}"
+        last = last["content"]
         if isinstance(last, list):
             last = " ".join(p.get("text", "") for p in last if p.get("type") == "text")
         return f"Answer to: {last}"
@@ -212,7 +303,8 @@ class OpenAIDouble:
             return JSONResponse({"error": {"message": self.error_message or CONTEXT_TOO_LONG,
                                            "type": "invalid_request_error", "param": "messages",
                                            "code": "context_length_exceeded"}}, status_code=400)
-        answer = self.answer_for(body)
+        calls = self.calls_for(body)
+        answer = "" if calls else self.answer_for(body)
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         model = body["model"]
@@ -226,10 +318,14 @@ class OpenAIDouble:
                 msg["content"] = answer
                 if self.answer_mode == "reasoning_content":
                     msg["reasoning_content"] = self.reasoning
+            if calls:
+                msg["content"] = None if self.answer_mode != "think_tags" else msg["content"]
+                msg["tool_calls"] = calls
             if self.slow:
                 await asyncio.sleep(self.slow)
             whole = orjson.dumps({"id": cid, "object": "chat.completion", "created": created, "model": model,
-                                  "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": "stop"}],
+                                  "choices": [{"index": 0, "message": msg, "logprobs": None,
+                                               "finish_reason": "tool_calls" if calls else "stop"}],
                                   "usage": self.usage(body, answer), "system_fingerprint": "fp_double"})
             return await blocking_fault(self.fault, self.stall, whole) or Response(whole, media_type="application/json")
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -275,11 +371,18 @@ class OpenAIDouble:
                     delta = {"content": piece if fld == "content" else None,
                              "reasoning_content": piece if fld == "reasoning_content" else None}
                 yield frame(delta)
+            for n, c in enumerate(calls):  # as OpenAI streams them: id, type and name first, then the arguments
+                yield frame({"tool_calls": [{"index": n, "id": c["id"], "type": "function",
+                                             "function": {"name": c["function"]["name"], "arguments": ""}}]})
+                args = c["function"]["arguments"]
+                for k in range(0, len(args), 7):
+                    yield frame({"tool_calls": [{"index": n, "function": {"arguments": args[k:k + 7]}}]})
+            finish = "tool_calls" if calls else "stop"
             if self.provider == "deepseek":
-                yield frame({"content": "", "reasoning_content": None}, "stop",
+                yield frame({"content": "", "reasoning_content": None}, finish,
                             self.usage(body, answer) if include_usage else None)
             else:
-                yield frame({}, "stop")
+                yield frame({}, finish)
                 if include_usage:
                     yield frame({}, None, self.usage(body, answer), choices=False)
             yield b"data: [DONE]\n\n"

@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 
 from ..config import EngineConfig
-from ..errors import ConfigError
-from ..messages import ChatMessage, EngineEvent, ImagePart
+from ..errors import ConfigError, UnsupportedParameterError
+from ..messages import ChatMessage, EngineEvent, GenerationParams, ImagePart, ToolChoice, ToolSpec
 from .http import HttpxPoster, Poster
 
 
@@ -30,6 +30,9 @@ class EngineRequest:
     openai_history: Sequence[Any] = ()
     stream: bool = True
     max_output_tokens: int | None = None
+    tools: Sequence[ToolSpec] = ()
+    tool_choice: ToolChoice | None = None
+    params: GenerationParams = field(default_factory=GenerationParams)
     # stateful engines
     query: str = ""
     images: list[ImagePart] = field(default_factory=list)
@@ -49,6 +52,9 @@ class Engine:
     kind: str = ""
     stateful: bool = False
     accepts_images: bool = True  # False: the gateway refuses a turn with images (400) before storing it
+    # The GenerationParams fields this engine forwards; any other field a caller sets is refused (400).
+    supported_params: frozenset[str] = frozenset({"max_tokens"})
+    supports_tools: bool = False
 
     def __init__(self, config: EngineConfig, http: httpx.AsyncClient | None = None,
                  poster: Poster | None = None) -> None:
@@ -61,6 +67,20 @@ class Engine:
 
     def events(self, request: EngineRequest) -> AsyncIterator[EngineEvent]:
         raise NotImplementedError
+
+    def check_request(self, tools: Sequence[ToolSpec], tool_choice: ToolChoice | None,
+                      params: GenerationParams) -> None:
+        """Refuse, before anything is stored, what this engine cannot honour: forward or refuse,
+        never drop. `param` carries the OpenAI name of the field."""
+        if (tools or tool_choice is not None) and not self.supports_tools:
+            raise UnsupportedParameterError(
+                f"Engine {self.name!r} ({self.kind}) does not take caller-defined tools: send the turn without "
+                "'tools', or pick an engine that supports them.", param="tools" if tools else "tool_choice")
+        for name in params.set_fields():
+            if name not in self.supported_params:
+                raise UnsupportedParameterError(
+                    f"Engine {self.name!r} ({self.kind}) does not support '{name}': leave it out, or pick an engine "
+                    "that supports it.", param=name)
 
     async def stop(self, *, task_id: str, remote_user: str) -> None:
         """Ask the remote to stop a running task (stateful engines); closing the stream does the rest."""

@@ -57,6 +57,7 @@ def usage_and_price(u: dict[str, Any]) -> tuple[Usage, dict[str, Any]]:
 
 class DifyEngine(Engine):
     kind = "dify"
+    supported_params: frozenset[str] = frozenset()  # a Dify app's model settings live in the app
     stateful = True
 
     def __init__(self, config: Any, http: httpx.AsyncClient | None = None, poster: Poster | None = None) -> None:

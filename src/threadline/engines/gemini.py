@@ -87,7 +87,7 @@ class GeminiEngine(Engine):
         if system_text:
             body["systemInstruction"] = {"parts": [{"text": system_text}]}
         gen: dict[str, Any] = {}
-        limit = req.max_output_tokens or self.config.max_output_tokens
+        limit = req.params.max_tokens or req.max_output_tokens or self.config.max_output_tokens
         if limit:
             gen["maxOutputTokens"] = limit
         if self.include_thoughts:

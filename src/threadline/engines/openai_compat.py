@@ -6,7 +6,7 @@ from `reasoning_content` deltas or from `<think>` tags in content, and never goe
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
@@ -19,8 +19,12 @@ from ..messages import (
     ChatMessage,
     EngineEvent,
     Finished,
+    GenerationParams,
     ReasoningDelta,
     TextDelta,
+    ToolCallDelta,
+    ToolChoice,
+    ToolSpec,
     UpstreamAccepted,
     Usage,
     UsageReport,
@@ -58,6 +62,14 @@ class OpenAICompatEngine(Engine):
     def accepts_images(self) -> bool:
         return self.profile.images
 
+    @property
+    def supported_params(self) -> frozenset[str]:  # type: ignore[override]
+        return self.profile.params
+
+    @property
+    def supports_tools(self) -> bool:  # type: ignore[override]
+        return self.profile.tools
+
     # ---- request ---------------------------------------------------------------------------------
 
     def refuse_unsupported(self, req: EngineRequest) -> None:
@@ -79,32 +91,102 @@ class OpenAICompatEngine(Engine):
             parts.append({"type": "image_url", "image_url": {"url": url}})
         return parts
 
+    def _wires(self, m: ChatMessage, text: str) -> list[dict[str, Any]]:
+        """One neutral message in OpenAI's chat shape: a user message's function results become
+        `tool` messages ahead of it; an assistant message's calls become `tool_calls`."""
+        if m.results:
+            out: list[dict[str, Any]] = [{"role": "tool", "tool_call_id": r.call_id, "content": r.output}
+                                         for r in m.results]
+            if text or m.images:
+                out.append({"role": "user", "content": self._content(m, text)})
+            return out
+        if m.calls:
+            wire: dict[str, Any] = {"role": "assistant", "content": text or None, "tool_calls": [
+                {"id": c.call_id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in m.calls]}
+            if self.profile.replay_reasoning_tool_calls:  # DeepSeek thinking mode wants it back here
+                wire["reasoning_content"] = m.reasoning or ""
+            return [wire]
+        return [{"role": m.role, "content": self._content(m, text)}]
+
+    @staticmethod
+    def tools_wire(tools: Sequence[ToolSpec]) -> list[dict[str, Any]]:
+        out = []
+        for t in tools:
+            fn: dict[str, Any] = {"name": t.name}
+            if t.description is not None:
+                fn["description"] = t.description
+            if t.parameters is not None:
+                fn["parameters"] = t.parameters
+            if t.strict is not None:
+                fn["strict"] = t.strict
+            out.append({"type": "function", "function": fn})
+        return out
+
+    @staticmethod
+    def tool_choice_wire(choice: ToolChoice) -> str | dict[str, Any]:
+        if choice.mode == "function":
+            return {"type": "function", "function": {"name": choice.name}}
+        return choice.mode
+
+    def _params(self, body: dict[str, Any], p: GenerationParams) -> None:
+        if p.temperature is not None:
+            body["temperature"] = p.temperature
+        if p.top_p is not None:
+            body["top_p"] = p.top_p
+        if p.stop is not None:
+            body["stop"] = list(p.stop)
+        for name in ("seed", "presence_penalty", "frequency_penalty", "parallel_tool_calls", "reasoning_effort"):
+            value = getattr(p, name)
+            if value is not None:
+                body[name] = value
+        rf = p.response_format
+        if rf is not None:
+            if rf.type == "json_schema":
+                js: dict[str, Any] = {"name": rf.name or "response", "schema": rf.schema or {}}
+                if rf.strict is not None:
+                    js["strict"] = rf.strict
+                body["response_format"] = {"type": "json_schema", "json_schema": js}
+            else:
+                body["response_format"] = {"type": rf.type}
+
     def build_body(self, req: EngineRequest) -> dict[str, Any]:
         self.refuse_unsupported(req)
         msgs: list[Any] = []
         system_text = "\n\n".join(s for s in req.system if s)
-        fold = self.profile.system == "fold"
+        fold = self.profile.system == "fold" and bool(system_text)
         if system_text and not fold:
             msgs.append({"role": self.profile.system, "content": system_text})
         messages = req.messages
-        done = len(req.openai_history)  # history the cache encoded already: sent as it is
-        wires: list[Any] = [*req.openai_history, *({"role": messages[i].role,
-                                                   "content": self._content(messages[i], messages[i].text)}
-                                                  for i in range(done, len(messages)))]
-        if fold and system_text:
-            for i, m in enumerate(messages):
-                if m.role == "user":  # the first user turn carries the system text
-                    wires[i] = {"role": m.role, "content": self._content(m, f"{system_text}\n\n{m.text}")}
+        done = len(req.openai_history)  # history the cache encoded already (plain text rows): sent as it is
+        wires: list[Any] = list(req.openai_history)
+        if fold:  # the first user turn carries the system text
+            for i in range(done):
+                if messages[i].role == "user":
+                    wires[i] = {"role": "user", "content": self._content(messages[i],
+                                                                        f"{system_text}\n\n{messages[i].text}")}
+                    fold = False
                     break
+        for i in range(done, len(messages)):
+            m = messages[i]
+            text = m.text
+            if fold and m.role == "user":
+                text, fold = f"{system_text}\n\n{text}", False
+            wires.extend(self._wires(m, text))
         msgs.extend(wires)
         body: dict[str, Any] = {"model": self.model, "messages": msgs, "stream": req.stream}
-        limit = req.max_output_tokens or self.config.max_output_tokens
+        limit = req.params.max_tokens or req.max_output_tokens or self.config.max_output_tokens
         if limit:
             body[self.profile.max_tokens_field] = limit
         if req.stream and self.profile.stream_usage:
             body["stream_options"] = {"include_usage": True}
         if self.profile.temperature is not None:
             body["temperature"] = self.profile.temperature
+        self._params(body, req.params)
+        if req.tools:
+            body["tools"] = self.tools_wire(req.tools)
+        if req.tool_choice is not None:
+            body["tool_choice"] = self.tool_choice_wire(req.tool_choice)
         bad = set(body) - self.profile.allowed
         if bad:  # a programming error, never a user error: refuse rather than send it
             raise AssertionError(f"refusing to send undocumented fields {sorted(bad)}")
@@ -176,6 +258,8 @@ class OpenAICompatEngine(Engine):
                 if content:
                     for ev in self._split(splitter, content):
                         yield ev
+                for tc in delta.get("tool_calls") or ():
+                    yield _call_delta(tc)
                 if choice.get("finish_reason"):
                     finish = choice["finish_reason"]
             if chunk.get("usage"):
@@ -207,7 +291,19 @@ class OpenAICompatEngine(Engine):
         if content:
             events += self._split(splitter, content)
         events += self._finish_split(splitter)
+        for i, tc in enumerate(msg.get("tool_calls") or ()):
+            events.append(_call_delta({"index": i, **tc}))
         if data.get("usage"):
             events.append(UsageReport(usage_from_openai(data["usage"])))
         events.append(Finished(choices[0].get("finish_reason") if choices else None))
         return events
+
+
+def _call_delta(tc: Any) -> ToolCallDelta:
+    if not isinstance(tc, dict):
+        raise UpstreamBadResponse("The engine sent a tool call that is not a JSON object.")
+    fn = tc.get("function") or {}
+    args = fn.get("arguments")
+    if args is not None and not isinstance(args, str):  # some servers send an object, not its JSON text
+        args = orjson.dumps(args).decode()
+    return ToolCallDelta(int(tc.get("index") or 0), tc.get("id") or None, fn.get("name") or None, args or "")

@@ -13,15 +13,21 @@ from ..config import EngineConfig
 # The documented request fields Threadline may send (providers.md §1.1, §2): an allow-list, so an
 # internal field such as conversation_id can never leak into a provider body.
 OPENAI_ALLOWED = frozenset({"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
-                            "temperature", "top_p", "stop", "seed", "tools", "tool_choice"})
+                            "temperature", "top_p", "stop", "seed", "tools", "tool_choice", "parallel_tool_calls",
+                            "response_format", "presence_penalty", "frequency_penalty", "reasoning_effort"})
 # llama.cpp's server (the local engine): what its /v1/chat/completions honours, checked against the
 # embedded server (xllamacpp 2026.10.11549). It ignores unknown fields instead of refusing them, so
 # the allow-list is what keeps anything else out.
 LLAMA_CPP_ALLOWED = OPENAI_ALLOWED | frozenset({
-    "response_format", "parallel_tool_calls", "n", "logprobs", "top_logprobs", "logit_bias",
-    "frequency_penalty", "presence_penalty", "top_k", "min_p", "repeat_penalty"})
+    "n", "logprobs", "top_logprobs", "logit_bias", "top_k", "min_p", "repeat_penalty"})
 
-
+# Which caller parameters (GenerationParams fields) each provider takes; any other one a caller sets
+# is refused with a 400 naming it. From providers.md: NIM answers 422 to n / penalties (garak's
+# suppressed_params) and documents model, messages, stream, max_tokens, temperature, top_p, stop,
+# seed, tools, tool_choice; xAI's reasoning models reject penalties; DeepSeek has no seed;
+# reasoning_effort only where the provider documents it.
+SAMPLING = frozenset({"temperature", "top_p", "max_tokens", "stop"})
+COMMON_PARAMS = SAMPLING | {"seed", "presence_penalty", "frequency_penalty", "response_format", "parallel_tool_calls"}
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -33,19 +39,25 @@ class Profile:
     replay_reasoning_tool_calls: bool = False  # DeepSeek thinking mode needs it back on tool-call turns
     images: bool = True               # False: a text-only model; turns with images are refused (400)
     allowed: frozenset[str] = field(default=OPENAI_ALLOWED)
+    params: frozenset[str] = field(default=COMMON_PARAMS)  # GenerationParams fields forwarded
+    tools: bool = True                # caller-defined function tools
 
 
+NIM_PARAMS = SAMPLING | {"seed"}
 PROFILES: dict[str, Profile] = {
     "default": Profile("default"),
-    "openai": Profile("openai", max_tokens_field="max_completion_tokens"),
+    "openai": Profile("openai", max_tokens_field="max_completion_tokens", params=COMMON_PARAMS | {"reasoning_effort"}),
     # NIM-hosted R1: think tags in content; no system role advised; stream_options reported to hang.
-    "deepseek-r1": Profile("deepseek-r1", think_tags=True, system="fold", stream_usage=False, temperature=0.6),
-    "nim": Profile("nim", stream_usage=False),
-    "deepseek-reasoner": Profile("deepseek-reasoner", replay_reasoning_tool_calls=True),
-    "grok": Profile("grok"),
+    "deepseek-r1": Profile("deepseek-r1", think_tags=True, system="fold", stream_usage=False, temperature=0.6,
+                           params=NIM_PARAMS),
+    "nim": Profile("nim", stream_usage=False, params=NIM_PARAMS),
+    "deepseek-reasoner": Profile("deepseek-reasoner", replay_reasoning_tool_calls=True,
+                                 params=SAMPLING | {"presence_penalty", "frequency_penalty", "response_format"}),
+    "grok": Profile("grok", params=SAMPLING | {"seed", "response_format", "parallel_tool_calls"}),
     # The embedded llama.cpp server: no vision projector is loaded, so images are refused up front
     # (llama.cpp itself answers 500 "image input is not supported"). 0.2 as the old local engine did.
-    "local": Profile("local", temperature=0.2, images=False, allowed=LLAMA_CPP_ALLOWED),
+    # Tools: the small default model's template has no tool format, so tools are refused (400).
+    "local": Profile("local", temperature=0.2, images=False, allowed=LLAMA_CPP_ALLOWED, tools=False),
 }
 
 

@@ -26,6 +26,7 @@ from ..messages import (
     TurnFailed,
     TurnStarted,
 )
+from ..turns import TurnRequest
 from .common import (
     EventStream,
     HTTPError,
@@ -132,9 +133,10 @@ async def chat_messages(request: Request) -> Response | EventStream:
     mode = p.response_mode or "blocking"
     images, uploads = _parse_files(p.files)
     gw = state(request).gateway
-    agen = gw.turn(query, user=user, app=caller.app.name, conversation_id=p.conversation_id, engine=p.engine,
-                   images=images, files=uploads, stream=mode == "streaming", inputs=p.inputs,
-                   workflow_id=p.workflow_id, auto_generate_name=p.auto_generate_name, key_id=caller.key_id)
+    agen = gw.turn(TurnRequest(user=user, text=query, app=caller.app.name, conversation_id=p.conversation_id,
+                               engine=p.engine, images=tuple(images), files=tuple(uploads),
+                               stream=mode == "streaming", inputs=p.inputs, workflow_id=p.workflow_id,
+                               auto_generate_name=p.auto_generate_name, key_id=caller.key_id))
     try:
         first = await agen.__anext__()
     except NotFoundError as exc:

@@ -25,6 +25,12 @@ class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class _Closed(BaseModel):
+    """A body whose every field is known: an unknown one is refused, never ignored."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
 class _Doc(BaseModel):
     """A documented response shape; extra keys allowed (clients ignore unknown keys)."""
 
@@ -257,26 +263,103 @@ class StreamOptions(_Open):
     include_usage: bool | None = None
 
 
+class FunctionCallModel(_Open):
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCallModel(_Open):
+    """An assistant message's call, as OpenAI's clients send it back in history."""
+
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCallModel
+
+
 class ChatCompletionMessage(_Open):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallModel] | None = None
+    tool_call_id: str | None = None
 
 
-class ChatCompletionRequest(_Open):
-    """POST /v1/chat/completions. `model` names the key's app or an engine that app may use."""
+class FunctionDefinition(_Closed):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_.:-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Closed):
+    type: Literal["function"] = Field(description="Function tools only; other tool types are refused.")
+    function: FunctionDefinition
+
+
+class NamedFunction(_Closed):
+    name: str
+
+
+class NamedToolChoice(_Closed):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(_Closed):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatModel(_Closed):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormatModel:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is 'json_schema'")
+        return self
+
+
+class ChatCompletionRequest(_Closed):
+    """POST /v1/chat/completions. `model` names the key's app or an engine that app may use. Every
+    field is forwarded to the engine or refused with a 400 naming it; none is dropped. Unknown
+    fields are refused as OpenAI refuses them ("Unrecognized request argument supplied")."""
 
     model: str = Field(min_length=1)
     messages: list[ChatCompletionMessage] = Field(min_length=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    safety_identifier: str | None = Field(None, description="Used as `user` when `user` is absent.")
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    response_format: ResponseFormatModel | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    n: int | None = Field(None, ge=1, le=128, description="Only 1: a conversation keeps one answer per turn.")
+    logprobs: bool | None = Field(None, description="Only false: log probabilities are not relayed.")
+    store: bool | None = Field(None, description="Only true: Threadline keeps every conversation.")
+    metadata: dict[str, str] | None = Field(
+        None, description="`threadline_conversation_id` names the conversation to continue (as the "
+                          "X-Threadline-Conversation-Id header does); other keys are refused.")
 
 
 class ChatCompletionChoice(_Doc):
     index: int
-    message: dict[str, Any]
-    finish_reason: str | None
+    message: dict[str, Any] = Field(description="role, content (null when the answer is only tool calls), "
+                                                "tool_calls, refusal, reasoning_content")
+    finish_reason: Literal["stop", "length", "tool_calls", "content_filter"] | None
 
 
 class CompletionUsage(_Doc):

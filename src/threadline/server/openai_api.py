@@ -20,7 +20,25 @@ from starlette.responses import Response
 
 from ..config import AppConfig
 from ..errors import ThreadlineError
-from ..messages import ImagePart, ReasoningDelta, TextDelta, TurnCompleted, TurnFailed, TurnStarted
+from ..messages import (
+    FunctionCall,
+    FunctionResult,
+    GenerationParams,
+    ImagePart,
+    Item,
+    ReasoningDelta,
+    ResponseFormat,
+    TextDelta,
+    ToolCallDelta,
+    ToolChoice,
+    ToolSpec,
+    TurnCompleted,
+    TurnFailed,
+    TurnStarted,
+    Usage,
+    items_from_json,
+)
+from ..turns import PastMessage, TurnRequest
 from .common import Caller, EventStream, HTTPError, authenticate, is_json, state
 from .models import ChatCompletion, ChatCompletionRequest, ModelList
 from .spec import Operation
@@ -48,17 +66,32 @@ def error_type(status: int) -> str:
 
 def _from_tl(exc: ThreadlineError) -> OpenAIError:
     headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))} if exc.retry_after else {}
-    return OpenAIError(exc.status, exc.message, error_type(exc.status), exc.code, headers=headers)
+    return OpenAIError(exc.status, exc.message, error_type(exc.status), exc.code, param=getattr(exc, "param", None),
+                       headers=headers)
 
 
 def _invalid(exc: ValidationError) -> OpenAIError:
     """OpenAI's own answer to a malformed body: the first problem, with its parameter path."""
     err = exc.errors(include_url=False)[0]
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".") or None
+    if err["type"] == "extra_forbidden":
+        if param in KNOWN_UNSUPPORTED:
+            return OpenAIError(400, f"'{param}' is not supported by Threadline: leave it out.", param=param,
+                               code="unsupported_parameter")
+        return OpenAIError(400, f"Unrecognized request argument supplied: {param}", param=param,
+                           code="unrecognized_argument")
     if err["type"] == "missing":
         return OpenAIError(400, f"Missing required parameter: '{param}'.", param=param,
                            code="missing_required_parameter")
     return OpenAIError(400, f"Invalid value for '{param}': {err['msg']}.", param=param, code="invalid_value")
+
+
+# OpenAI request fields Threadline knows and cannot honour: refused by name, not as unrecognized.
+KNOWN_UNSUPPORTED = frozenset({"logit_bias", "top_logprobs", "service_tier", "prompt_cache_key",
+                               "prompt_cache_retention", "verbosity", "modalities", "audio", "prediction",
+                               "web_search_options", "functions", "function_call"})
+CONVERSATION_HEADER = "x-threadline-conversation-id"
+CONVERSATION_METADATA = "threadline_conversation_id"
 
 
 def _text_and_images(content: str | list[dict[str, Any]] | None, where: str) -> tuple[str, list[ImagePart]]:
@@ -116,7 +149,15 @@ def visible_models(gw: Any, app: AppConfig) -> list[tuple[str, str]]:
     return out
 
 
-async def _match_conversation(request: Request, app: str, user: str, history: list[tuple[str, str]]) -> str | None:
+def _same(row: dict[str, Any], m: PastMessage) -> bool:
+    """A stored message is the client's: same role, text and function call/result ids."""
+    if row["role"] != m.role or (row["content"] or "").strip() != m.text.strip():
+        return False
+    ids = [i.call_id for i in items_from_json(row.get("parts")) if isinstance(i, FunctionCall | FunctionResult)]
+    return ids == [i.call_id for i in m.items if isinstance(i, FunctionCall | FunctionResult)]
+
+
+async def _match_conversation(request: Request, app: str, user: str, history: list[PastMessage]) -> str | None:
     """The stored conversation whose messages equal the client's history (newest conversations first)."""
     store = state(request).gateway.store
     convs, _ = await store.list_conversations(app=app, user=user, limit=50)
@@ -124,10 +165,114 @@ async def _match_conversation(request: Request, app: str, user: str, history: li
         if c["last_seq"] != len(history):
             continue
         rows, _ = await store.list_messages(c["id"], limit=len(history) + 1)
-        stored = [(r["role"], (r["content"] or "").strip()) for r in rows]
-        if stored == [(r, t.strip()) for r, t in history]:
+        if len(rows) == len(history) and all(_same(r, m) for r, m in zip(rows, history, strict=True)):
             return c["id"]
     return None
+
+
+def _generation(body: ChatCompletionRequest) -> GenerationParams:
+    """The request's sampling and output parameters; what no engine can honour is refused here."""
+    if body.n is not None and body.n != 1:
+        raise OpenAIError(400, "'n' greater than 1 is not supported: a conversation keeps one answer per turn.",
+                          param="n", code="unsupported_parameter")
+    if body.logprobs:
+        raise OpenAIError(400, "'logprobs' is not supported by Threadline: leave it out.", param="logprobs",
+                          code="unsupported_parameter")
+    if body.store is False:
+        raise OpenAIError(400, "'store': false is not supported: Threadline keeps every conversation.",
+                          param="store", code="unsupported_parameter")
+    if body.max_tokens is not None and body.max_completion_tokens is not None:
+        raise OpenAIError(400, "Give 'max_tokens' or 'max_completion_tokens', not both.",
+                          param="max_completion_tokens", code="invalid_value")
+    rf = None
+    if body.response_format is not None and body.response_format.type != "text":
+        js = body.response_format.json_schema
+        rf = ResponseFormat(body.response_format.type, js.schema_ if js else None, js.name if js else None,
+                            js.strict if js else None)
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop) if body.stop else None
+    return GenerationParams(
+        temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_completion_tokens or body.max_tokens,
+        stop=stop, seed=body.seed, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        response_format=rf, parallel_tool_calls=body.parallel_tool_calls, reasoning_effort=body.reasoning_effort)
+
+
+class _Split:
+    """A client's message list, read: system text, history, and the new input (the trailing user
+    text and images, or the results of the last answer's function calls)."""
+
+    def __init__(self, body: ChatCompletionRequest, max_chars: int) -> None:
+        self.system: list[str] = []
+        self.history: list[PastMessage] = []
+        self.text = ""
+        self.images: list[ImagePart] = []
+        self.results: list[FunctionResult] = []
+        pending_calls: dict[str, str] = {}  # call id -> name, of the last assistant message
+        group: tuple[list[str], list[Item]] | None = None  # the user side being read: texts, items
+        msgs = body.messages
+        for i, m in enumerate(msgs):
+            where = f"messages[{i}]"
+            if m.role == "tool":
+                if m.tool_call_id is None:
+                    raise OpenAIError(400, f"Missing required parameter: '{where}.tool_call_id'.",
+                                      param=f"{where}.tool_call_id", code="missing_required_parameter")
+                if m.tool_call_id not in pending_calls:
+                    raise OpenAIError(400, "Invalid parameter: messages with role 'tool' must be a response to a "
+                                           "preceeding message with 'tool_calls'.", param=f"{where}.role",
+                                      code="invalid_tool_result")
+                text, _ = _text_and_images(m.content, f"{where}.content")
+                self._check_len(text, where, max_chars)
+                group = group or ([], [])
+                group[1].append(FunctionResult(m.tool_call_id, text, pending_calls.pop(m.tool_call_id)))
+                continue
+            if pending_calls:
+                raise OpenAIError(400, "An assistant message with 'tool_calls' must be followed by tool messages "
+                                       "responding to each 'tool_call_id'. The following tool_call_ids did not have "
+                                       f"response messages: {', '.join(pending_calls)}", param=f"{where}.role",
+                                  code="invalid_tool_result")
+            text, imgs = _text_and_images(m.content, f"{where}.content")
+            self._check_len(text, where, max_chars)
+            if m.role in ("system", "developer"):
+                self.system.append(text)
+            elif m.role == "user":
+                group = group or ([], [])
+                group[0].append(text)
+                group[1].extend(imgs)
+            else:  # assistant
+                if group is not None:
+                    self.history.append(PastMessage("user", "\n".join(group[0]), tuple(group[1])))
+                    group = None
+                calls = [FunctionCall(c.id, c.function.name, c.function.arguments) for c in m.tool_calls or ()]
+                pending_calls = {c.call_id: c.name for c in calls}
+                self.history.append(PastMessage("assistant", text, tuple(calls)))
+        if pending_calls or group is None:
+            raise OpenAIError(400, "The last message must have role 'user' or 'tool'.", param="messages")
+        self.text = "\n".join(group[0])
+        self.images = [i for i in group[1] if isinstance(i, ImagePart)]
+        self.results = [i for i in group[1] if isinstance(i, FunctionResult)]
+
+    @staticmethod
+    def _check_len(text: str, where: str, max_chars: int) -> None:
+        if len(text) > max_chars:
+            raise OpenAIError(400, f"'{where}.content' is longer than the limit of {max_chars} characters.",
+                              param=f"{where}.content", code="string_above_max_length")
+
+
+def _tools(body: ChatCompletionRequest) -> tuple[tuple[ToolSpec, ...], ToolChoice | None]:
+    tools = tuple(ToolSpec(t.function.name, t.function.description, t.function.parameters, t.function.strict)
+                  for t in body.tools or ())
+    choice: ToolChoice | None = None
+    if isinstance(body.tool_choice, str):
+        choice = ToolChoice(body.tool_choice)
+    elif body.tool_choice is not None:
+        name = body.tool_choice.function.name
+        if name not in {t.name for t in tools}:
+            raise OpenAIError(400, f"Invalid value for 'tool_choice': no function named {name!r} in 'tools'.",
+                              param="tool_choice", code="invalid_value")
+        choice = ToolChoice("function", name)
+    if choice is not None and choice.mode != "none" and not tools:
+        raise OpenAIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
+                               "specified.", param="tool_choice", code="invalid_value")
+    return tools, choice
 
 
 async def chat_completions(request: Request) -> Response | EventStream:
@@ -156,41 +301,38 @@ async def _chat_completions(request: Request) -> Response | EventStream:
     app_cfg, engine = resolve_model(gw, caller.app, body.model)
     if len(body.messages) > limits.max_messages:
         raise OpenAIError(400, f"'messages' has more than the limit of {limits.max_messages} items.", param="messages")
-    user = body.user or "openai-user"
+    user = body.user or body.safety_identifier or "openai-user"
     if len(user) > limits.max_user_chars or "\x00" in user:
         raise OpenAIError(400, f"Invalid value for 'user': at most {limits.max_user_chars} characters, no NUL.",
                           param="user", code="invalid_value")
-    system: list[str] = []
-    turns: list[tuple[str, str]] = []
-    images: list[ImagePart] = []
-    for i, m in enumerate(body.messages):
-        text, imgs = _text_and_images(m.content, f"messages[{i}].content")
-        if len(text) > limits.max_text_chars:
-            raise OpenAIError(400, f"'messages[{i}].content' is longer than the limit of {limits.max_text_chars} "
-                                   "characters.", param=f"messages[{i}].content", code="string_above_max_length")
-        if m.role in ("system", "developer"):
-            system.append(text)
-        elif m.role in ("user", "assistant"):
-            turns.append((m.role, text))
-            images = imgs
-        else:
-            raise OpenAIError(400, f"Unsupported role {m.role!r}", param=f"messages[{i}].role")
-    if not turns or turns[-1][0] != "user":
-        raise OpenAIError(400, "The last message must have role 'user'.", param="messages")
-    query = turns[-1][1]
-    if images:  # refused before the history is imported, not after
+    named = request.headers.get(CONVERSATION_HEADER)
+    meta = dict(body.metadata or {})
+    named = meta.pop(CONVERSATION_METADATA, None) or named
+    if meta:
+        raise OpenAIError(400, f"metadata key {sorted(meta)[0]!r} is not supported: Threadline reads only "
+                               f"'{CONVERSATION_METADATA}'.", param="metadata", code="unsupported_parameter")
+    split = _Split(body, limits.max_text_chars)
+    tools, tool_choice = _tools(body)
+    params = _generation(body)
+    if split.images:  # refused before the history is imported, not after
         try:
             gw.refuse_images(gw.engine(engine or app_cfg.engine))
         except ThreadlineError as exc:
             raise _from_tl(exc) from None
-    history = turns[:-1]
-    cid = await _match_conversation(request, app_cfg.name, user, history) if history else None
+    history = split.history
+    if named:  # the client names its conversation: the stored history is the history
+        cid: str | None = named
+        history = []
+    else:
+        cid = await _match_conversation(request, app_cfg.name, user, history) if history else None
     stream = bool(body.stream)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     # A history no stored conversation matches is stored by the turn, once its limits admit it.
-    agen = gw.turn(query, user=user, app=app_cfg.name, conversation_id=cid, engine=engine, images=images,
-                   stream=stream, extra_system=system, key_id=caller.key_id,
-                   history=history if cid is None and history else None)
+    req = TurnRequest(user=user, text=split.text, app=app_cfg.name, conversation_id=cid, engine=engine,
+                      images=tuple(split.images), results=tuple(split.results), tools=tools, tool_choice=tool_choice,
+                      params=params, stream=stream, instructions=tuple(split.system), key_id=caller.key_id,
+                      history=tuple(history) if cid is None else ())
+    agen = gw.turn(req)
     try:
         first = await agen.__anext__()
     except ThreadlineError as exc:
@@ -215,6 +357,17 @@ def _failure(ev: TurnFailed) -> OpenAIError:
     return err
 
 
+def _usage(u: Usage) -> dict[str, Any]:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}}
+
+
+def _tool_calls(calls: list[FunctionCall]) -> list[dict[str, Any]]:
+    return [{"id": c.call_id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in calls]
+
+
 async def _blocking(agen: AsyncIterator[Any], completion_id: str, created: int, model: str,
                     headers: dict[str, str]) -> Response:
     async for ev in agen:
@@ -222,16 +375,17 @@ async def _blocking(agen: AsyncIterator[Any], completion_id: str, created: int, 
             raise _failure(ev)
         if isinstance(ev, TurnCompleted):
             r = ev.reply
-            message: dict[str, Any] = {"role": "assistant", "content": r.answer, "refusal": None}
+            message: dict[str, Any] = {"role": "assistant", "content": r.answer or (None if r.tool_calls else ""),
+                                       "refusal": None}
+            if r.tool_calls:
+                message["tool_calls"] = _tool_calls(r.tool_calls)
             if r.reasoning:
                 message["reasoning_content"] = r.reasoning
             return Response(orjson.dumps({
                 "id": completion_id, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": message, "logprobs": None,
-                             "finish_reason": "stop" if r.status == "completed" else "length"}],
-                "usage": {"prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens,
-                          "total_tokens": r.usage.total_tokens,
-                          "completion_tokens_details": {"reasoning_tokens": r.usage.reasoning_tokens}},
+                             "finish_reason": r.finish_reason or "stop"}],
+                "usage": _usage(r.usage),
             }), media_type="application/json", headers=headers)
     raise OpenAIError(500, "Internal error", "api_error")
 
@@ -243,21 +397,29 @@ async def _sse(agen: AsyncIterator[Any], cid: str, created: int, model: str, inc
                                                                       "finish_reason": finish}]}) + b"\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
+    started: set[int] = set()  # calls whose first piece (id, type, name) went out
     try:
         async for ev in agen:
             if isinstance(ev, TextDelta):
                 yield chunk({"content": ev.text})
             elif isinstance(ev, ReasoningDelta):
                 yield chunk({"reasoning_content": ev.text})
+            elif isinstance(ev, ToolCallDelta):
+                call: dict[str, Any] = {"index": ev.index}
+                if ev.index not in started:
+                    started.add(ev.index)
+                    call.update(id=ev.call_id or f"call_{ev.index}", type="function",
+                                function={"name": ev.name or "", "arguments": ev.arguments})
+                else:
+                    call["function"] = {"arguments": ev.arguments}
+                yield chunk({"tool_calls": [call]})
             elif isinstance(ev, TurnCompleted):
                 r = ev.reply
-                yield chunk({}, "stop" if r.status == "completed" else "length")
+                yield chunk({}, r.finish_reason or "stop")
                 if include_usage:
                     yield b"data: " + orjson.dumps({
                         "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                        "choices": [], "usage": {"prompt_tokens": r.usage.prompt_tokens,
-                                                 "completion_tokens": r.usage.completion_tokens,
-                                                 "total_tokens": r.usage.total_tokens}}) + b"\n\n"
+                        "choices": [], "usage": _usage(r.usage)}) + b"\n\n"
             elif isinstance(ev, TurnFailed):
                 e = ev.error
                 yield b"data: " + orjson.dumps({"error": {

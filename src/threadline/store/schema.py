@@ -55,7 +55,7 @@ messages = Table(
     Column("seq", Integer, nullable=False),
     Column("role", String(16), nullable=False),
     Column("content", Text, nullable=False, default=""),
-    Column("parts", JSON, nullable=True),  # images and other non-text parts
+    Column("parts", JSON, nullable=True),  # typed items: images, function calls/results, reasoning state
     Column("reasoning", Text, nullable=True),
     Column("status", String(16), nullable=False),  # completed | streaming | stopped | failed
     Column("error", JSON, nullable=True),
@@ -70,6 +70,7 @@ messages = Table(
     Column("inputs", JSON, nullable=True),
     Column("feedback", JSON, nullable=True),
     Column("latency", Float, nullable=True),
+    Column("finish_reason", String(32), nullable=True),  # what the engine reported; see migration 0004
     Column("stop_requested", Boolean, nullable=False, default=False),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),

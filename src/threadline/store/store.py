@@ -50,7 +50,7 @@ _MIGRATIONS = Path(__file__).parent / "migrations"
 _MSG_DEFAULTS: dict[str, Any] = {
     "content": "", "parts": None, "reasoning": None, "error": None, "usage": None, "price": None, "engine": None,
     "model": None, "token_estimate": 0, "parent_id": None, "task_id": None, "remote_id": None, "inputs": None,
-    "feedback": None, "latency": None, "stop_requested": False,
+    "feedback": None, "latency": None, "stop_requested": False, "finish_reason": None,
 }
 
 _CONV_DEFAULTS: dict[str, Any] = {"name": "", "inputs": {}, "remote": {}, "last_seq": 0, "deleted": False,

@@ -1,0 +1,117 @@
+"""The turn as objects: one frozen request every surface builds once, and one accumulator that
+applies the engine's events and yields what is stored and rendered.
+
+Before this module `Gateway.turn` took fifteen keyword arguments and the run loop kept the answer
+in six local variables handed on to a fourteen-parameter `_finish`; adding tool calls would have
+added five more to each. Now a surface fills a `TurnRequest` (its query or tool results, tools,
+parameters, engine, conversation) and the gateway hands that one object down, as pydantic-ai hands
+one `ModelRequestParameters` to a model; `Turn` plays `StreamedResponse`: it owns the answer,
+reasoning, tool calls, usage and finish reason as events arrive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .messages import (
+    FunctionCall,
+    FunctionResult,
+    GenerationParams,
+    ImagePart,
+    Item,
+    ReasoningState,
+    RemoteState,
+    ToolCallDelta,
+    ToolChoice,
+    ToolSpec,
+    Usage,
+)
+
+
+@dataclass(slots=True, frozen=True)
+class PastMessage:
+    """A message a caller already had (an OpenAI client's message list): role, text and items."""
+
+    role: Literal["user", "assistant"]
+    text: str = ""
+    items: tuple[Item, ...] = ()
+
+
+@dataclass(slots=True, frozen=True)
+class TurnRequest:
+    """Everything one turn asks, built once by a surface.
+
+    The new input is `text` plus `images`/`files` (uploaded file ids), or `results`: the caller's
+    answers to the function calls of the conversation's newest answer (then `text` may be empty).
+    `history`: messages the caller already had, stored as a new conversation this turn continues
+    when no `conversation_id` is given (and only once the turn is admitted)."""
+
+    user: str
+    text: str = ""
+    app: str | None = None
+    conversation_id: str | None = None
+    engine: str | None = None
+    images: tuple[str | ImagePart, ...] = ()
+    files: tuple[str, ...] = ()
+    results: tuple[FunctionResult, ...] = ()
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: ToolChoice | None = None
+    params: GenerationParams = field(default_factory=GenerationParams)
+    stream: bool = True
+    instructions: tuple[str, ...] = ()  # system text for this turn only (an OpenAI client's system messages)
+    inputs: dict[str, Any] = field(default_factory=dict)
+    workflow_id: str | None = None
+    auto_generate_name: bool = True
+    key_id: str | None = None
+    history: tuple[PastMessage, ...] = ()
+
+
+class Turn:
+    """Accumulates one answer from engine events: text, reasoning, tool calls, opaque state,
+    usage, price, remote ids and the finish reason the engine reported."""
+
+    __slots__ = ("answer", "calls", "finish_reason", "price", "reasoning", "remote", "states", "usage")
+
+    def __init__(self) -> None:
+        self.answer: list[str] = []
+        self.reasoning: list[str] = []
+        self.calls: dict[int, dict[str, Any]] = {}
+        self.states: list[ReasoningState] = []
+        self.usage: Usage | None = None
+        self.price: dict[str, Any] | None = None
+        self.remote = RemoteState()
+        self.finish_reason: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.answer)
+
+    @property
+    def reasoning_text(self) -> str | None:
+        return "".join(self.reasoning) or None
+
+    def add_call(self, d: ToolCallDelta) -> None:
+        c = self.calls.get(d.index)
+        if c is None:
+            c = self.calls[d.index] = {"call_id": None, "name": None, "arguments": [], "signature": None}
+        c["call_id"] = c["call_id"] or d.call_id
+        c["name"] = c["name"] or d.name
+        c["signature"] = c["signature"] or d.signature
+        if d.arguments:
+            c["arguments"].append(d.arguments)
+
+    def tool_calls(self, provider: str) -> list[FunctionCall]:
+        """The complete calls, in index order; a call whose id the engine never sent gets one."""
+        out = []
+        for i in sorted(self.calls):
+            c = self.calls[i]
+            if not c["name"]:
+                continue
+            out.append(FunctionCall(c["call_id"] or f"call_{i}", c["name"], "".join(c["arguments"]) or "{}",
+                                    provider if c["signature"] else None, c["signature"]))
+        return out
+
+    def items(self, provider: str) -> list[Item]:
+        return [*self.tool_calls(provider), *self.states]
+
