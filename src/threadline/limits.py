@@ -222,7 +222,7 @@ class Limiter:
         self._keys[key_id] = limits
 
     async def _key_limits(self, key_id: str) -> Limits | None:
-        limits = self._keys.get(key_id, _UNKNOWN)
+        limits: Limits | None = self._keys.get(key_id, _UNKNOWN)
         if limits is _UNKNOWN:
             limits = Limits.from_key_row(await self.counters.key_limits(key_id))
             self.remember_key(key_id, limits)

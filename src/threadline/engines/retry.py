@@ -101,9 +101,9 @@ async def send(
         except orjson.JSONDecodeError:
             body = None
         delay = retry_after_seconds(resp.headers, body)
-        err = map_error(resp.status_code, body, redact(error_message(body, text), *secrets)) if map_error else None
-        err = err or upstream_error_from_status(resp.status_code, redact(error_message(body, text), *secrets),
-                                                retry_after=delay)
+        mapped = map_error(resp.status_code, body, redact(error_message(body, text), *secrets)) if map_error else None
+        err = mapped or upstream_error_from_status(resp.status_code, redact(error_message(body, text), *secrets),
+                                                   retry_after=delay)
         if err.retry_after is None:
             err.retry_after = delay
         log.warning("engine %s answered %s (attempt %d)", engine, resp.status_code, attempt + 1)

@@ -112,7 +112,8 @@ def spaced_json(data: Any) -> Response:
 
 
 def state(request: Request) -> ServerState:
-    return request.app.state.tl
+    tl: ServerState = request.app.state.tl
+    return tl
 
 
 _BEARER = {"WWW-Authenticate": 'Bearer realm="api"'}

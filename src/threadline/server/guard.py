@@ -39,7 +39,7 @@ TRIM_AFTER_BYTES = 1024 * 1024
 def _malloc_trim() -> Callable[[int], int] | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim  # type: ignore[no-any-return]
+        return libc.malloc_trim
     except (OSError, AttributeError):  # not glibc: nothing to do
         return None
 

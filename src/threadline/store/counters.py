@@ -49,7 +49,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy import TextClause, delete, select, text, update
 from sqlalchemy.engine import Connection
@@ -65,6 +65,7 @@ MINUTE = 60
 DAY = 86_400
 
 Exec = Callable[[str, dict[str, Any]], Any]  # runs one statement; returns its cursor (rowcount, fetchall)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,20 +242,20 @@ class Counters:
 
     # ---- running a body of statements in one transaction --------------------------------------------
 
-    async def _write(self, body: Callable[[Exec, bool], Any]) -> Any:
+    async def _write(self, body: Callable[[Exec, bool], T]) -> T:
         """Run `body(execute, locked)` in one write transaction: on SQLite's hot path (`locked`: the
         transaction holds the write lock from its start), else on the store's async path."""
         hot = self.store.hot
         if hot is not None:
             res = await hot.write(lambda: body(hot.conn.execute, True))
             if res is not GAVE_UP:
-                return res
+                return cast(T, res)  # anything but GAVE_UP is body's result
         return await self._write_async(body)
 
-    async def _write_async(self, body: Callable[[Exec, bool], Any]) -> Any:
+    async def _write_async(self, body: Callable[[Exec, bool], T]) -> T:
         return await settle(self._write_async_tx(body))  # a cancelled caller never cuts it in half
 
-    async def _write_async_tx(self, body: Callable[[Exec, bool], Any]) -> Any:
+    async def _write_async_tx(self, body: Callable[[Exec, bool], T]) -> T:
         async with self.store._tx() as conn:
             return await conn.run_sync(lambda c: body(_sa_exec(c), False))
 

@@ -121,7 +121,7 @@ class SqliteHotPath:
         self.conn.execute("PRAGMA busy_timeout=0")
         self.conn.execute("PRAGMA foreign_keys=ON")
         self.conn.execute("PRAGMA wal_autocheckpoint=0")
-        self._updates: dict[tuple[str, tuple[str, ...]], str] = {}
+        self._updates: dict[tuple[str, tuple[str, ...], bool], str] = {}
         self._writes = 0
         self._queue: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None

@@ -182,7 +182,7 @@ def new_id() -> str:
 
 def _in_transaction(dbapi_conn: Any) -> bool:
     """Whether a pooled driver connection (SQLAlchemy's async adapters) is inside a transaction."""
-    driver = getattr(dbapi_conn, "_connection", None)
+    driver: Any = getattr(dbapi_conn, "_connection", None)
     if hasattr(driver, "is_in_transaction"):  # asyncpg
         return bool(driver.is_in_transaction())
     inner = getattr(driver, "_connection", None)  # aiosqlite's sqlite3 connection
