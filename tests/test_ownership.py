@@ -226,7 +226,7 @@ def py_outcome(fn: Callable[[], Any]) -> Outcome:
         v = fn()
         if isinstance(v, Iterator):
             v = list(v)
-    except Exception as exc:  # noqa: BLE001 - the error is the outcome under test
+    except Exception as exc:  # the error is the outcome under test
         return Outcome(error=exc)
     return Outcome(value=v)
 
