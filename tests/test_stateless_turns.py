@@ -105,7 +105,7 @@ async def test_provider_profiles_stream_and_never_replay_reasoning(oai, sqlite_u
             assert "max_completion_tokens" in body and "max_tokens" not in body
             assert d.requests[0]["stream_options"] == {"include_usage": True}
             assert final.usage.estimated is False
-        stored = await tl.messages(final.conversation_id, user="u")
+        stored = await tl.messages(final.conversation_id, user="u", app="a")
         assert stored[1].reasoning == (None if mode == "plain" else d.reasoning)
 
 

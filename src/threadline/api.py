@@ -30,7 +30,7 @@ from .messages import (
     TurnFailed,
     items_from_json,
 )
-from .tokens import estimate_text
+from .service import ConversationService
 from .turns import TurnRequest
 
 T = TypeVar("T")
@@ -124,26 +124,25 @@ def _request(
                        results=tuple(tool_results or ()), params=params or GenerationParams(), stream=stream)
 
 
+def _memory(r: dict[str, Any]) -> MemoryEntry:
+    return MemoryEntry(r["id"], r["app"], r["user"], r["text"], r["created_at"])
+
+
 class AsyncMemory:
     def __init__(self, owner: AsyncThreadline) -> None:
         self._o = owner
 
     async def add(self, *, user: str, app: str | None = None, text: str) -> MemoryEntry:
-        gw = await self._o._gw()
-        app_name = gw.app_config(app).name
-        if not text.strip():
-            raise InvalidParamError("memory text is empty")
-        r = await gw.store.add_memory(app=app_name, user=user, text=text.strip(), token_estimate=estimate_text(text) + 2)
-        return MemoryEntry(r["id"], r["app"], r["user"], r["text"], r["created_at"])
+        svc = self._o.service
+        return _memory(await svc.remember(svc.scope(app, user), text))
 
     async def list(self, *, user: str, app: str | None = None) -> list[MemoryEntry]:
-        gw = await self._o._gw()
-        rows = await gw.store.list_memory(app=gw.app_config(app).name, user=user)
-        return [MemoryEntry(r["id"], r["app"], r["user"], r["text"], r["created_at"]) for r in rows]
+        svc = self._o.service
+        return [_memory(r) for r in await svc.memories(svc.scope(app, user))]
 
     async def delete(self, memory_id: str, *, user: str, app: str | None = None) -> None:
-        gw = await self._o._gw()
-        await gw.store.delete_memory(memory_id, app=gw.app_config(app).name, user=user)
+        svc = self._o.service
+        await svc.forget(svc.scope(app, user), memory_id)
 
 
 class AsyncThreadline:
@@ -162,6 +161,7 @@ class AsyncThreadline:
         self.settings = settings or Settings.build(database_url=database_url, engines=engines, apps=apps,
                                                    default_engine=default_engine, include_presets=include_presets)
         self.gateway = Gateway(self.settings)
+        self.service = ConversationService(self.gateway)
         self.memory = AsyncMemory(self)
 
     @classmethod
@@ -186,10 +186,10 @@ class AsyncThreadline:
         the next turn with `tool_results` (and no text). `params`: sampling and output parameters;
         one the engine cannot honour is refused (InvalidParamError), never dropped."""
         final: Reply | None = None
-        gw = await self._gw()
+        svc = self.service
         req = _request(text, user, app, conversation_id, engine, images, files, inputs, tools, tool_choice,
                        tool_results, params, stream=False)
-        async for ev in gw.turn(req):
+        async for ev in svc.turn(svc.scope(app, user, any_app=conversation_id is not None), req):
             if isinstance(ev, TurnFailed):
                 raise ev.error
             if isinstance(ev, TurnCompleted):
@@ -208,48 +208,49 @@ class AsyncThreadline:
 
         A failure raises after the partial answer was stored with status `failed`.
         """
-        gw = await self._gw()
+        svc = self.service
         req = _request(text, user, app, conversation_id, engine, images, files, inputs, tools, tool_choice,
                        tool_results, params, stream=True)
-        async for ev in gw.turn(req):
+        async for ev in svc.turn(svc.scope(app, user, any_app=conversation_id is not None), req):
             if isinstance(ev, TurnFailed):
                 raise ev.error
             yield ev
 
     async def stop(self, task_id: str, *, user: str, app: str | None = None) -> bool:
-        gw = await self._gw()
-        return await gw.stop(task_id, user=user, app=app)
+        svc = self.service
+        return await svc.stop(svc.scope(app, user, any_app=True), task_id)
 
     async def conversations(
         self, *, user: str, app: str | None = None, limit: int = 20, last_id: str | None = None,
         sort_by: str = "-updated_at",
     ) -> list[Conversation]:
-        gw = await self._gw()
-        rows, _ = await gw.store.list_conversations(app=gw.app_config(app).name, user=user, last_id=last_id,
-                                                    limit=limit, sort_by=sort_by)
+        svc = self.service
+        rows, _ = await svc.conversations(svc.scope(app, user), limit=limit, last_id=last_id, sort_by=sort_by)
         return [_conv(r) for r in rows]
 
     async def conversation(self, conversation_id: str, *, user: str, app: str | None = None) -> Conversation:
-        gw = await self._gw()
-        return _conv(await gw.store.get_conversation(conversation_id, app=gw.app_config(app).name, user=user))
+        svc = self.service
+        return _conv(await svc.conversation(svc.scope(app, user, any_app=True), conversation_id))
 
     async def messages(
         self, conversation_id: str, *, user: str, app: str | None = None, limit: int = 1000,
         before_seq: int | None = None,
     ) -> list[Message]:
-        """Oldest first; the newest `limit` messages (older pages via `before_seq`)."""
-        gw = await self._gw()
-        await gw.store.get_conversation(conversation_id, app=gw.app_config(app).name if app else None, user=user)
-        rows, _ = await gw.store.list_messages(conversation_id, before_seq=before_seq, limit=limit)
+        """Oldest first; the newest `limit` messages (older pages via `before_seq`), each with its
+        typed `items` (images, function calls, function results)."""
+        svc = self.service
+        rows, _ = await svc.messages(svc.scope(app, user, any_app=True), conversation_id, before_seq=before_seq,
+                                     limit=limit)
         return [_msg(r) for r in rows]
 
-    async def rename_conversation(self, conversation_id: str, name: str, *, user: str, app: str | None = None) -> Conversation:
-        gw = await self._gw()
-        return _conv(await gw.store.rename_conversation(conversation_id, app=gw.app_config(app).name, user=user, name=name))
+    async def rename_conversation(self, conversation_id: str, name: str, *, user: str,
+                                  app: str | None = None) -> Conversation:
+        svc = self.service
+        return _conv(await svc.rename(svc.scope(app, user, any_app=True), conversation_id, name))
 
     async def delete_conversation(self, conversation_id: str, *, user: str, app: str | None = None) -> None:
-        gw = await self._gw()
-        await gw.store.delete_conversation(conversation_id, app=gw.app_config(app).name if app else None, user=user)
+        svc = self.service
+        await svc.delete(svc.scope(app, user, any_app=True), conversation_id)
 
     async def upload(self, data: bytes | str | Path, *, user: str, app: str | None = None, name: str | None = None,
                      mime_type: str | None = None) -> str:
@@ -260,10 +261,10 @@ class AsyncThreadline:
             data = await asyncio.to_thread(p.read_bytes)
         name = name or "upload.bin"
         mime = mime_type or sniff_image_type(data) or "application/octet-stream"
-        gw = await self._gw()
-        row = await gw.store.add_file(app=gw.app_config(app).name, user=user, name=name, data=data, mime_type=mime,
-                                      extension=guess_extension(name))
-        return row["id"]
+        svc = self.service
+        row = await svc.upload(svc.scope(app, user), name=name, data=data, mime_type=mime,
+                               extension=guess_extension(name))
+        return str(row["id"])
 
     async def import_dify_conversation(
         self, remote_conversation_id: str, *, user: str, app: str | None = None, engine: str | None = None,
@@ -272,9 +273,9 @@ class AsyncThreadline:
         """Pull an existing Dify conversation's history (paged via first_id/has_more) into Threadline."""
         from .dify_import import import_dify_conversation
 
-        gw = await self._gw()
-        return _conv(await import_dify_conversation(gw, remote_conversation_id, user=user, app=app, engine=engine,
-                                                    remote_user=remote_user))
+        svc = self.service
+        return _conv(await import_dify_conversation(svc, svc.scope(app, user), remote_conversation_id,
+                                                    engine=engine, remote_user=remote_user))
 
     async def aclose(self) -> None:
         await self.gateway.close()

@@ -6,7 +6,7 @@ import asyncio
 import json
 import math
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -17,6 +17,7 @@ from starlette.types import Receive, Scope, Send
 from ..config import AppConfig
 from ..errors import ThreadlineError
 from ..gateway import Gateway
+from ..service import ConversationService
 from .keys import KeyCache
 
 
@@ -25,6 +26,10 @@ class ServerState:
     gateway: Gateway
     keys: KeyCache
     open_access: bool = False
+    service: ConversationService = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.service = ConversationService(self.gateway)
 
 
 @dataclass(frozen=True, slots=True)

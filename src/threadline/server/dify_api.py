@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..errors import NotFoundError, ThreadlineError
+from ..errors import InvalidParamError, NotFoundError, ThreadlineError
 from ..media import IMAGE_EXTENSIONS, guess_extension, sniff_image_type
 from ..messages import (
     AnswerReplaced,
@@ -26,6 +26,7 @@ from ..messages import (
     TurnFailed,
     TurnStarted,
 )
+from ..service import Scope
 from ..turns import TurnRequest
 from .common import (
     EventStream,
@@ -132,11 +133,10 @@ async def chat_messages(request: Request) -> Response | EventStream:
         raise HTTPError(400, "invalid_param", f"query is longer than the limit of {limit} characters")
     mode = p.response_mode or "blocking"
     images, uploads = _parse_files(p.files)
-    gw = state(request).gateway
-    agen = gw.turn(TurnRequest(user=user, text=query, app=caller.app.name, conversation_id=p.conversation_id,
-                               engine=p.engine, images=tuple(images), files=tuple(uploads),
-                               stream=mode == "streaming", inputs=p.inputs, workflow_id=p.workflow_id,
-                               auto_generate_name=p.auto_generate_name, key_id=caller.key_id))
+    req = TurnRequest(user=user, text=query, app=caller.app.name, conversation_id=p.conversation_id, engine=p.engine,
+                      images=tuple(images), files=tuple(uploads), stream=mode == "streaming", inputs=p.inputs,
+                      workflow_id=p.workflow_id, auto_generate_name=p.auto_generate_name, key_id=caller.key_id)
+    agen = state(request).service.turn(Scope(caller.app.name, user), req)
     try:
         first = await agen.__anext__()
     except NotFoundError as exc:
@@ -249,7 +249,7 @@ async def stop(request: Request) -> Response:
     caller = await authenticate(request)
     body = await read_json(request)
     user = _user_from_json(request, body)
-    await state(request).gateway.stop(request.path_params["task_id"], user=user, app=caller.app.name)
+    await state(request).service.stop(Scope(caller.app.name, user), request.path_params["task_id"])
     return json_response({"result": "success"})
 
 
@@ -280,8 +280,8 @@ async def upload(request: Request) -> Response:
     raw_user = form.get("user")
     user = _user_from_query(request, raw_user if isinstance(raw_user, str) else None)
     name = f.filename.replace("\x00", "")[:255]
-    row = await state(request).gateway.store.add_file(app=caller.app.name, user=user, name=name, data=data,
-                                                     mime_type=mime[:128], extension=ext[:32])
+    row = await state(request).service.upload(Scope(caller.app.name, user), name=name, data=data, mime_type=mime,
+                                              extension=ext)
     return json_response({
         "id": row["id"], "name": row["name"], "size": row["size"], "extension": ext, "mime_type": mime,
         "created_by": user, "created_at": _ts(row["created_at"]), "preview_url": None,
@@ -303,7 +303,7 @@ async def file_preview(request: Request) -> Response:
         raise HTTPError(400, "invalid_param", "Arg user must be provided.")
     user = check_user(request, q.user)
     try:
-        f = await state(request).gateway.store.get_file(request.path_params["file_id"], app=caller.app.name, user=user)
+        f = await state(request).service.file(Scope(caller.app.name, user), request.path_params["file_id"])
     except ThreadlineError:
         raise HTTPError(404, "not_found", "File Not Exists.") from None
     headers = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox",
@@ -371,10 +371,9 @@ async def messages(request: Request) -> Response:
     if not raw.get("conversation_id"):
         return json_response({"limit": q.limit, "has_more": False, "data": []})
     cid = raw["conversation_id"]
-    store = state(request).gateway.store
     try:
-        await store.get_conversation(cid, app=caller.app.name, user=user)
-        page, more = await store.turns_page(cid, first_id=q.first_id, limit=q.limit)
+        page, more = await state(request).service.turns(Scope(caller.app.name, user), cid, first_id=q.first_id,
+                                                         limit=q.limit)
     except NotFoundError as exc:
         raise HTTPError(404, "not_found", exc.message) from None
     return json_response({"limit": q.limit, "has_more": more, "data": [render_turn(cid, u, a) for u, a in page]})
@@ -399,8 +398,8 @@ async def conversations(request: Request) -> Response:
     q = _query(request, ConversationListQuery)
     user = _user_from_query(request, q.user)
     try:
-        rows, more = await state(request).gateway.store.list_conversations(
-            app=caller.app.name, user=user, last_id=q.last_id, limit=q.limit, sort_by=q.sort_by)
+        rows, more = await state(request).service.conversations(Scope(caller.app.name, user), last_id=q.last_id,
+                                                                 limit=q.limit, sort_by=q.sort_by)
     except NotFoundError as exc:
         raise HTTPError(404, "not_found", exc.message) from None
     return json_response({"limit": q.limit, "has_more": more,
@@ -412,20 +411,14 @@ async def rename(request: Request) -> Response:
     body = await read_json(request)
     user = _user_from_json(request, body)
     p = _validated(ConversationRenamePayload, body)
-    store = state(request).gateway.store
     cid = request.path_params["conversation_id"]
     try:
-        conv = await store.get_conversation(cid, app=caller.app.name, user=user)
-        if p.auto_generate:
-            first, _ = await store.turns_page(cid, first_id=None, limit=1)
-            name = conv["name"] or (first[0][0]["content"][:60] if first and first[0][0] else "New conversation")
-        else:
-            name = (p.name or "").replace("\x00", "").strip()[:255]
-            if not name:
-                raise HTTPError(400, "invalid_param", "name is required when auto_generate is false")
-        conv = await store.rename_conversation(cid, app=caller.app.name, user=user, name=name)
+        conv = await state(request).service.rename(Scope(caller.app.name, user), cid, p.name,
+                                                   auto_generate=bool(p.auto_generate))
     except NotFoundError:
         raise HTTPError(404, "not_found", "Conversation Not Exists.") from None
+    except InvalidParamError as exc:
+        raise HTTPError(400, "invalid_param", exc.message) from None
     return json_response(render_conversation(conv, caller.app.opening_statement))
 
 
@@ -434,8 +427,7 @@ async def delete_conversation(request: Request) -> Response:
     body = await read_json(request)
     user = _user_from_json(request, body)
     try:
-        await state(request).gateway.store.delete_conversation(request.path_params["conversation_id"],
-                                                               app=caller.app.name, user=user)
+        await state(request).service.delete(Scope(caller.app.name, user), request.path_params["conversation_id"])
     except NotFoundError:
         raise HTTPError(404, "not_found", "Conversation Not Exists.") from None
     return Response(status_code=204, media_type="application/json")
@@ -446,18 +438,13 @@ async def feedback(request: Request) -> Response:
     body = await read_json(request)
     user = _user_from_json(request, body)
     p = _validated(FeedbackPayload, body)
-    store = state(request).gateway.store
-    msg = await store.get_message(request.path_params["message_id"])
-    if msg is None or msg["role"] != "assistant":
-        raise HTTPError(404, "not_found", "Message Not Exists.")
     try:
-        await store.get_conversation(msg["conversation_id"], app=caller.app.name, user=user)
+        await state(request).service.feedback(Scope(caller.app.name, user), request.path_params["message_id"],
+                                              p.rating, p.content)
     except NotFoundError:
         raise HTTPError(404, "not_found", "Message Not Exists.") from None
-    if p.rating is None and not msg.get("feedback"):
-        raise HTTPError(400, "invalid_param", "rating cannot be None when feedback not exists")
-    content = p.content.replace("\x00", "") if p.content else p.content
-    await store.update_message(msg["id"], feedback={"rating": p.rating, "content": content} if p.rating else None)
+    except InvalidParamError as exc:
+        raise HTTPError(400, "invalid_param", exc.message) from None
     return json_response({"result": "success"})
 
 

@@ -36,8 +36,8 @@ from ..messages import (
     TurnFailed,
     TurnStarted,
     Usage,
-    items_from_json,
 )
+from ..service import Scope
 from ..turns import PastMessage, TurnRequest
 from .common import Caller, EventStream, HTTPError, authenticate, is_json, state
 from .models import ChatCompletion, ChatCompletionRequest, ModelList
@@ -147,27 +147,6 @@ def visible_models(gw: Any, app: AppConfig) -> list[tuple[str, str]]:
     out += [(name, f"threadline-engine:{e.kind}") for name, e in gw.settings.engines.items()
             if not e.missing and app.allows(name)]
     return out
-
-
-def _same(row: dict[str, Any], m: PastMessage) -> bool:
-    """A stored message is the client's: same role, text and function call/result ids."""
-    if row["role"] != m.role or (row["content"] or "").strip() != m.text.strip():
-        return False
-    ids = [i.call_id for i in items_from_json(row.get("parts")) if isinstance(i, FunctionCall | FunctionResult)]
-    return ids == [i.call_id for i in m.items if isinstance(i, FunctionCall | FunctionResult)]
-
-
-async def _match_conversation(request: Request, app: str, user: str, history: list[PastMessage]) -> str | None:
-    """The stored conversation whose messages equal the client's history (newest conversations first)."""
-    store = state(request).gateway.store
-    convs, _ = await store.list_conversations(app=app, user=user, limit=50)
-    for c in convs:
-        if c["last_seq"] != len(history):
-            continue
-        rows, _ = await store.list_messages(c["id"], limit=len(history) + 1)
-        if len(rows) == len(history) and all(_same(r, m) for r, m in zip(rows, history, strict=True)):
-            return c["id"]
-    return None
 
 
 def _generation(body: ChatCompletionRequest) -> GenerationParams:
@@ -305,6 +284,8 @@ async def _chat_completions(request: Request) -> Response | EventStream:
     if len(user) > limits.max_user_chars or "\x00" in user:
         raise OpenAIError(400, f"Invalid value for 'user': at most {limits.max_user_chars} characters, no NUL.",
                           param="user", code="invalid_value")
+    svc = state(request).service
+    scope = Scope(app_cfg.name, user)
     named = request.headers.get(CONVERSATION_HEADER)
     meta = dict(body.metadata or {})
     named = meta.pop(CONVERSATION_METADATA, None) or named
@@ -324,7 +305,7 @@ async def _chat_completions(request: Request) -> Response | EventStream:
         cid: str | None = named
         history = []
     else:
-        cid = await _match_conversation(request, app_cfg.name, user, history) if history else None
+        cid = await svc.find_conversation(scope, history) if history else None
     stream = bool(body.stream)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     # A history no stored conversation matches is stored by the turn, once its limits admit it.
@@ -332,7 +313,7 @@ async def _chat_completions(request: Request) -> Response | EventStream:
                       images=tuple(split.images), results=tuple(split.results), tools=tools, tool_choice=tool_choice,
                       params=params, stream=stream, instructions=tuple(split.system), key_id=caller.key_id,
                       history=tuple(history) if cid is None else ())
-    agen = gw.turn(req)
+    agen = svc.turn(scope, req)
     try:
         first = await agen.__anext__()
     except ThreadlineError as exc:

@@ -1,0 +1,193 @@
+"""The one conversation service every surface goes through: Dify-style and OpenAI-style routes,
+the Python API, the CLI and the web page.
+
+It owns (app, user) scoping. Before it, the surfaces called the store directly at 32 sites, each
+with its own copy of the ownership check, and the copies drifted: the Python API's `messages()` and
+`delete_conversation()` skipped the app check when `app` was left out, so a caller with the same user
+name in another app read and deleted that app's conversation, while `conversation()` answered
+not-found for the same id; the file preview skipped the owner check when `user` was absent. Now
+every operation takes a `Scope` — an app that exists and a valid user, resolved once — and the store
+is asked only with both, so another user's or another app's id is not-found everywhere, the same
+way, by construction (tests/test_ownership.py drives every route and method through one table).
+
+httpx has one `Client` and one transport interface for the same reason: one place owns the rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .errors import InvalidParamError, NotFoundError
+from .gateway import Gateway, check_user
+from .messages import FunctionCall, FunctionResult, TurnEvent, items_from_json
+from .tokens import estimate_text
+from .turns import PastMessage, TurnRequest
+
+MATCH_SCAN = 50  # conversations an OpenAI client's history is compared with, newest first
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Who is asking: an app that exists (None: any app, for the Python API's id-based calls made
+    without one) and a user id the store can hold."""
+
+    app: str | None
+    user: str
+
+
+class ConversationService:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.store = gateway.store
+
+    async def start(self) -> None:
+        await self.gateway.start()
+
+    def scope(self, app: str | None, user: str, *, any_app: bool = False) -> Scope:
+        """Resolve the caller's app and check the user, once per call. Without an app: the default
+        app, or with `any_app` (an operation on an id the caller holds, in the Python API: the
+        library's caller holds every app) the id's own app, the user still checked."""
+        check_user(user)
+        if app is None and any_app:
+            return Scope(None, user)
+        return Scope(self.gateway.app_config(app).name, user)
+
+    # ---- turns -----------------------------------------------------------------------------------
+
+    async def turn(self, scope: Scope, req: TurnRequest) -> AsyncIterator[TurnEvent]:
+        """Run one turn in `scope` (the request's own app and user are replaced by the scope's). In
+        an any-app scope, a turn continuing a conversation runs in that conversation's app."""
+        app = scope.app
+        if app is None and req.conversation_id is not None:
+            app = (await self.conversation(scope, req.conversation_id))["app"]
+        if req.app != app or req.user != scope.user:
+            req = replace(req, app=app, user=scope.user)
+        async for ev in self.gateway.turn(req):
+            yield ev
+
+    async def stop(self, scope: Scope, task_id: str) -> bool:
+        return await self.gateway.stop(task_id, user=scope.user, app=scope.app)
+
+    # ---- conversations ---------------------------------------------------------------------------
+
+    async def conversations(self, scope: Scope, *, limit: int = 20, last_id: str | None = None,
+                            sort_by: str = "-updated_at") -> tuple[list[dict[str, Any]], bool]:
+        await self.start()
+        return await self.store.list_conversations(app=scope.app, user=scope.user, last_id=last_id, limit=limit,
+                                                   sort_by=sort_by)
+
+    async def conversation(self, scope: Scope, conversation_id: str) -> dict[str, Any]:
+        await self.start()
+        return await self.store.get_conversation(conversation_id, app=scope.app, user=scope.user)
+
+    async def rename(self, scope: Scope, conversation_id: str, name: str | None = None, *,
+                     auto_generate: bool = False) -> dict[str, Any]:
+        """Rename; with `auto_generate`, the first question's first line unless it has a name."""
+        conv = await self.conversation(scope, conversation_id)
+        if auto_generate:
+            first, _ = await self.store.turns_page(conversation_id, first_id=None, limit=1)
+            name = conv["name"] or (first[0][0]["content"][:60] if first and first[0][0] else "New conversation")
+        else:
+            name = (name or "").replace("\x00", "").strip()[:255]
+            if not name:
+                raise InvalidParamError("name is required when auto_generate is false")
+        return await self.store.rename_conversation(conversation_id, app=scope.app, user=scope.user, name=name)
+
+    async def delete(self, scope: Scope, conversation_id: str) -> None:
+        await self.start()
+        await self.store.delete_conversation(conversation_id, app=scope.app, user=scope.user)
+
+    async def messages(self, scope: Scope, conversation_id: str, *, before_seq: int | None = None,
+                       limit: int = 100) -> tuple[list[dict[str, Any]], bool]:
+        """Oldest first: the newest `limit` messages older than `before_seq`."""
+        await self.conversation(scope, conversation_id)
+        return await self.store.list_messages(conversation_id, before_seq=before_seq, limit=limit)
+
+    async def turns(self, scope: Scope, conversation_id: str, *, first_id: str | None,
+                    limit: int) -> tuple[list[tuple[dict[str, Any] | None, dict[str, Any]]], bool]:
+        """Dify-style paging: (question, answer) pairs, newest page first."""
+        await self.conversation(scope, conversation_id)
+        return await self.store.turns_page(conversation_id, first_id=first_id, limit=limit)
+
+    async def message(self, scope: Scope, message_id: str) -> dict[str, Any]:
+        """One answer of the caller's own conversations (not-found otherwise)."""
+        await self.start()
+        msg = await self.store.get_message(message_id)
+        if msg is None or msg["role"] != "assistant":
+            raise NotFoundError("Message Not Exists.")
+        try:
+            await self.store.get_conversation(msg["conversation_id"], app=scope.app, user=scope.user)
+        except NotFoundError:
+            raise NotFoundError("Message Not Exists.") from None
+        return msg
+
+    async def feedback(self, scope: Scope, message_id: str, rating: str | None, content: str | None) -> None:
+        msg = await self.message(scope, message_id)
+        if rating is None and not msg.get("feedback"):
+            raise InvalidParamError("rating cannot be None when feedback not exists")
+        content = content.replace("\x00", "") if content else content
+        await self.store.update_message(msg["id"], feedback={"rating": rating, "content": content} if rating else None)
+
+    async def find_conversation(self, scope: Scope, history: Sequence[PastMessage]) -> str | None:
+        """The newest stored conversation whose messages are exactly `history` (an OpenAI client
+        resends its whole list): same roles, texts and function call/result ids."""
+        await self.start()
+        convs, _ = await self.store.list_conversations(app=scope.app, user=scope.user, limit=MATCH_SCAN)
+        for c in convs:
+            if c["last_seq"] != len(history):
+                continue
+            rows, _ = await self.store.list_messages(c["id"], limit=len(history) + 1)
+            if len(rows) == len(history) and all(_same(r, m) for r, m in zip(rows, history, strict=True)):
+                return str(c["id"])
+        return None
+
+    # ---- files -----------------------------------------------------------------------------------
+
+    async def upload(self, scope: Scope, *, name: str, data: bytes, mime_type: str,
+                     extension: str) -> dict[str, Any]:
+        await self.start()
+        return await self.store.add_file(app=scope.app, user=scope.user, name=name.replace("\x00", "")[:255],
+                                         data=data, mime_type=mime_type[:128], extension=extension[:32])
+
+    async def file(self, scope: Scope, file_id: str) -> dict[str, Any]:
+        await self.start()
+        return await self.store.get_file(file_id, app=scope.app, user=scope.user)
+
+    # ---- long-term memory ------------------------------------------------------------------------
+
+    async def remember(self, scope: Scope, text: str) -> dict[str, Any]:
+        text = text.replace("\x00", "").strip()
+        if not text:
+            raise InvalidParamError("memory text is empty")
+        await self.start()
+        return await self.store.add_memory(app=scope.app, user=scope.user, text=text,
+                                           token_estimate=estimate_text(text) + 2)
+
+    async def memories(self, scope: Scope) -> list[dict[str, Any]]:
+        await self.start()
+        return await self.store.list_memory(app=scope.app, user=scope.user)
+
+    async def forget(self, scope: Scope, memory_id: str) -> None:
+        await self.start()
+        await self.store.delete_memory(memory_id, app=scope.app, user=scope.user)
+
+    # ---- imports ---------------------------------------------------------------------------------
+
+    async def import_pairs(self, scope: Scope, *, engine: str, turns: list[dict[str, Any]], name: str = "",
+                           remote: tuple[str, int] | None = None) -> dict[str, Any]:
+        """A new conversation of finished turns (a Dify export); `remote`: the engine's own
+        conversation id and how many messages it has seen."""
+        cid = await self.gateway.import_pairs(app=scope.app, user=scope.user, engine=engine, turns=turns, name=name)
+        if remote is not None:
+            await self.store.set_remote(cid, engine, remote[0], remote[1])
+        return await self.conversation(scope, cid)
+
+
+def _same(row: dict[str, Any], m: PastMessage) -> bool:
+    """A stored message is the client's: same role, text and function call/result ids."""
+    if row["role"] != m.role or (row["content"] or "").strip() != m.text.strip():
+        return False
+    ids = [i.call_id for i in items_from_json(row.get("parts")) if isinstance(i, FunctionCall | FunctionResult)]
+    return ids == [i.call_id for i in m.items if isinstance(i, FunctionCall | FunctionResult)]
