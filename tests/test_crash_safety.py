@@ -45,7 +45,8 @@ async def _left_streaming(store: Store, *, owner: str | None, ttl: float, user: 
     return cid, uid, aid
 
 
-LATER_COLUMNS = [("messages", "finish_reason", "VARCHAR(32)")]  # added by migrations after 0003
+LATER_COLUMNS = [("messages", "finish_reason", "VARCHAR(32)"),
+                 ("conversations", "forked", "BOOLEAN NOT NULL DEFAULT false")]  # added by migrations after 0003
 
 
 def _interrupted(msg: dict[str, Any] | None, partial: str = "the part that came") -> bool:

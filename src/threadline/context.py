@@ -25,6 +25,18 @@ class HistorySource(Protocol):
     async def history_newest(self, conversation_id: str, *, before_seq: int, limit: int) -> list[dict[str, Any]]: ...
 
 
+class BranchSource:
+    """History of one branch of a forked conversation (rows oldest first, see Store.branch), served
+    as `pack` reads history: newest first, in pages."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    async def history_newest(self, conversation_id: str, *, before_seq: int, limit: int) -> list[dict[str, Any]]:
+        older = [r for r in self.rows if r["seq"] < before_seq]
+        return older[::-1][:limit]
+
+
 @dataclass
 class Window:
     """The newest history that fits a budget, ready to send: what `pack` would build from the same

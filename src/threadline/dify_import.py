@@ -17,10 +17,10 @@ async def import_dify_conversation(service: ConversationService, scope: Scope, r
     eng = gw.engine(eng_name)
     if not isinstance(eng, DifyEngine):
         raise InvalidParamError(f"engine {eng_name!r} is not a Dify engine")
-    ruser = remote_user or gw.remote_user(scope.app, scope.user)
+    ruser = remote_user or gw.remote_user(scope.own_app, scope.user)
     items = await eng.list_messages(remote_conversation_id, ruser)
     # The remote conversation is ours to continue only when it is this user's own there.
-    ours = remote_user is None or remote_user == gw.remote_user(scope.app, scope.user)
+    ours = remote_user is None or remote_user == gw.remote_user(scope.own_app, scope.user)
     return await service.import_pairs(
         scope, engine=eng_name, name=(items[0].get("query") or "")[:60] if items else "",
         turns=[{"query": (m.get("query") or "").replace("\x00", ""),

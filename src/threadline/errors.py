@@ -145,7 +145,7 @@ class UpstreamStreamError(UpstreamError):
     status = 502
 
 
-class RemoteConversationLost(ThreadlineError):
+class RemoteConversationLost(UpstreamError):
     """A stateful engine no longer knows the remote conversation id we stored (deleted or expired)."""
 
     code = "remote_conversation_lost"

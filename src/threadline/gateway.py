@@ -27,7 +27,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 
 from .config import AppConfig, EngineConfig, Settings
-from .context import pack, seeded_query, transcript
+from .context import BranchSource, HistorySource, pack, seeded_query, transcript
 from .engines.base import Engine, EngineRequest, build_engine
 from .engines.http import AiohttpPoster
 from .engines.retry import transport_error
@@ -78,6 +78,7 @@ from .messages import (
     items_to_json,
 )
 from .store import Store, new_id, settle
+from .store.store import ROOT_PARENT
 from .tokens import Calibration, estimate_message, estimate_text
 from .turns import PastMessage, Turn, TurnRequest
 
@@ -126,6 +127,8 @@ class _Plan:
     conversation_id: str
     existing: bool
     ticket: Ticket | None = None
+    fork: bool = False  # the turn continues from an older answer (starts a branch)
+    user_message_id: str = ""
 
 
 @dataclass(slots=True)
@@ -352,7 +355,7 @@ class Gateway:
 
     # ---- the turn --------------------------------------------------------------------------------
 
-    async def turn(self, req: TurnRequest) -> AsyncIterator[TurnEvent]:
+    async def turn(self, req: TurnRequest) -> AsyncGenerator[TurnEvent, None]:
         """Yield TurnStarted, deltas, then TurnCompleted or TurnFailed; never raises once the turn is
         stored. TurnStarted waits until the engine accepted the request, so a turn that fails before
         that (an upstream 429, a refused request) yields TurnFailed alone, and a surface can still
@@ -402,6 +405,9 @@ class Gateway:
         text = (req.text or "").replace("\x00", "")  # PostgreSQL text cannot hold NUL; Dify drops it too
         if not text.strip() and not req.results:
             raise InvalidParamError("query is required")
+        if req.parent_id is not None and req.conversation_id is None:
+            raise InvalidParamError("parent_message_id needs the conversation_id it belongs to",
+                                    code="invalid_parent")
         await self.start()
         app_cfg = self.app_config(req.app, req.engine)
         engine = req.engine
@@ -423,6 +429,25 @@ class Gateway:
             req = replace(req, text=text)
         return _Plan(req, app_cfg, eng, imgs, req.conversation_id or new_id(), req.conversation_id is not None)
 
+    async def _fork_point(self, plan: _Plan) -> bool:
+        """Check the answer a turn continues from (owner first, so another's ids tell nothing) and
+        say whether the turn starts a branch: it does unless that answer is the newest message. The
+        conversation is marked forked before the turn is written, so no reader takes the tree for a
+        line."""
+        req = plan.request
+        conv = await self.store.get_conversation(plan.conversation_id, app=plan.app.name, user=req.user)
+        if req.parent_id == ROOT_PARENT:
+            fork = bool(conv["last_seq"] > 0)
+        else:
+            parent = await self.store.get_message(req.parent_id or "")
+            if parent is None or parent["conversation_id"] != plan.conversation_id or parent["role"] != "assistant":
+                raise InvalidParamError("parent_message_id is not an answer of this conversation.",
+                                        code="invalid_parent")
+            fork = parent["seq"] != conv["last_seq"]
+        if fork and not conv.get("forked"):
+            await self.store.set_conversation_fields(plan.conversation_id, forked=True)
+        return fork
+
     async def _release_if_held(self, cid: str) -> None:
         """The turn ended without its final write (it failed before, or the write did): free the
         lease and close the answer if it is still streaming. If even this fails, the lease is no
@@ -431,17 +456,22 @@ class Gateway:
         with contextlib.suppress(Exception):
             await self.store.release_turn(cid, self.owner, running.message_id if running else None)
 
-    async def _run(self, plan: _Plan) -> AsyncIterator[TurnEvent]:
+    async def _run(self, plan: _Plan) -> AsyncGenerator[TurnEvent, None]:
         req, app_cfg, eng, cid = plan.request, plan.app, plan.engine, plan.conversation_id
         started = time.time()
         await self._hydrate(plan.images, app_cfg.name, req.user)
         user_mid, asst_mid, task_id = new_id(), new_id(), new_id()
+        plan.user_message_id = user_mid
         query = req.text
         user_items: list[Item] = [*plan.images, *req.results]
         q_tokens = estimate_message(query, len(plan.images)) + sum(estimate_text(r.output) for r in req.results)
         user_row = {"id": user_mid, "content": query, "parts": items_to_json(user_items),
                     "engine": eng.name, "model": eng.model, "token_estimate": q_tokens, "inputs": req.inputs or None}
         asst_row = {"id": asst_mid, "parent_id": user_mid, "engine": eng.name, "model": eng.model, "task_id": task_id}
+        if req.parent_id is not None:
+            plan.fork = await self._fork_point(plan)
+            if plan.fork:
+                user_row["parent_id"] = req.parent_id
         if plan.existing:
             conv, user_seq, asst_seq = await self._claim(cid, app_cfg.name, req.user, user_row, asst_row)
         else:
@@ -457,7 +487,8 @@ class Gateway:
         self.running[task_id] = running
         self._leases[cid] = running  # renewed from now on by _keep_leases, until the final write
         turn = Turn()
-        status, error = "completed", None
+        status = "completed"
+        error: Exception | None = None
         # Held back until the engine has accepted (or produced its first event): a turn that fails
         # before that yields TurnFailed alone, so a surface can still answer with the real status.
         turn_started: TurnStarted | None = TurnStarted(cid, asst_mid, user_mid, task_id, eng.name, started)
@@ -626,7 +657,9 @@ class Gateway:
             del self._leases[cid]  # freed by that write
         if charge is not None:
             await settle(charge)
-        if running.history_row is not None:
+        if conv.get("forked"):
+            self.history.forget(cid)  # the cache holds lines; a tree is read from the store
+        elif running.history_row is not None:
             self.history.append_turn(cid, [running.history_row, {
                 "seq": running.seq, "role": "assistant", "content": text, "parts": parts,
                 "reasoning": reasoning_text, "status": status, "token_estimate": answer_tokens, "engine": eng.name}])
@@ -684,13 +717,19 @@ class Gateway:
         req, app_cfg, eng = plan.request, plan.app, plan.engine
         cfg = eng.config
         query, imgs = req.text, plan.images
+        branch: list[dict[str, Any]] | None = None
+        if conv.get("forked"):  # a tree: what is sent is the branch this turn continues
+            branch = [r for r in await self.store.branch(conv["id"], plan.user_message_id) if r["seq"] < user_seq]
         if eng.stateful:
             rem = (conv.get("remote") or {}).get(eng.name)
             seen = int(rem["seq"]) if rem else 0
+            if rem and branch is not None and (plan.fork or all(r["seq"] != seen for r in branch)):
+                rem, seen = None, 0  # the remote conversation holds another branch: start afresh, seeded
             merged_inputs = {**app_cfg.inputs, **(conv.get("inputs") or {}), **req.inputs}
             q = query
             if user_seq - 1 > seen:
-                rows = await self.store.history_range(conv["id"], after_seq=seen, before_seq=user_seq)
+                rows = ([r for r in branch if r["seq"] > seen] if branch is not None else
+                        await self.store.history_range(conv["id"], after_seq=seen, before_seq=user_seq))
                 missed = transcript(rows)
                 if missed:
                     var = app_cfg.history_input or cfg.extra.get("history_input")
@@ -712,7 +751,8 @@ class Gateway:
                         await self.store.list_memory(app=app_cfg.name, user=req.user)]
         new_msg = ChatMessage("user", query, list(imgs), results=req.results)
         new_tokens = estimate_message(query, len(imgs)) + sum(estimate_text(r.output) for r in req.results)
-        packed = await pack(self.history, conv["id"], before_seq=user_seq, system_modules=app_cfg.system,
+        source: HistorySource = self.history if branch is None else BranchSource(branch)
+        packed = await pack(source, conv["id"], before_seq=user_seq, system_modules=app_cfg.system,
                             memories=memories, new_message=new_msg, new_message_tokens=new_tokens, budget=budget)
         if req.results:
             self._check_results(req.results, packed.messages)
@@ -764,8 +804,8 @@ class Gateway:
         cid = new_id()
         now = time.time()
         first = next((t["query"] for t in turns if t.get("query")), "")
-        conv = {"id": cid, "app": app, "user": user, "engine": engine,
-                "name": name or first.strip().splitlines()[0][:60] if (name or first.strip()) else "",
+        conv: dict[str, Any] = {"id": cid, "app": app, "user": user, "engine": engine,
+                                "name": name or first.strip().splitlines()[0][:60] if (name or first.strip()) else "",
                 "inputs": {}, "remote": {}, "created_at": now, "updated_at": now, "deleted": False}
         rows = []
         for t in turns:

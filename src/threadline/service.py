@@ -15,13 +15,14 @@ httpx has one `Client` and one transport interface for the same reason: one plac
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import InvalidParamError, NotFoundError
 from .gateway import Gateway, check_user
 from .messages import FunctionCall, FunctionResult, TurnEvent, items_from_json
+from .store.store import ROOT_PARENT
 from .tokens import estimate_text
 from .turns import PastMessage, TurnRequest
 
@@ -35,6 +36,13 @@ class Scope:
 
     app: str | None
     user: str
+
+    @property
+    def own_app(self) -> str:
+        """The app, for operations that create or list (never run in an any-app scope)."""
+        if self.app is None:
+            raise InvalidParamError("app is required for this operation")
+        return self.app
 
 
 class ConversationService:
@@ -56,7 +64,7 @@ class ConversationService:
 
     # ---- turns -----------------------------------------------------------------------------------
 
-    async def turn(self, scope: Scope, req: TurnRequest) -> AsyncIterator[TurnEvent]:
+    async def turn(self, scope: Scope, req: TurnRequest) -> AsyncGenerator[TurnEvent, None]:
         """Run one turn in `scope` (the request's own app and user are replaced by the scope's). In
         an any-app scope, a turn continuing a conversation runs in that conversation's app."""
         app = scope.app
@@ -100,16 +108,56 @@ class ConversationService:
         await self.store.delete_conversation(conversation_id, app=scope.app, user=scope.user)
 
     async def messages(self, scope: Scope, conversation_id: str, *, before_seq: int | None = None,
-                       limit: int = 100) -> tuple[list[dict[str, Any]], bool]:
-        """Oldest first: the newest `limit` messages older than `before_seq`."""
-        await self.conversation(scope, conversation_id)
-        return await self.store.list_messages(conversation_id, before_seq=before_seq, limit=limit)
+                       limit: int = 100, tip_id: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+        """Oldest first: the newest `limit` messages older than `before_seq` of the current branch
+        (the one ending at the newest message, or at `tip_id`)."""
+        conv = await self.conversation(scope, conversation_id)
+        if not conv.get("forked") and tip_id is None:
+            return await self.store.list_messages(conversation_id, before_seq=before_seq, limit=limit)
+        rows = await self._branch(conversation_id, tip_id)
+        if before_seq is not None:
+            rows = [r for r in rows if r["seq"] < before_seq]
+        return rows[-limit:] if limit else [], len(rows) > limit
+
+    async def _branch(self, conversation_id: str, tip_id: str | None) -> list[dict[str, Any]]:
+        rows = await self.store.branch(conversation_id, tip_id)
+        if tip_id is not None and (not rows or rows[-1]["id"] != tip_id):
+            raise NotFoundError("Message Not Exists.")
+        return rows
 
     async def turns(self, scope: Scope, conversation_id: str, *, first_id: str | None,
                     limit: int) -> tuple[list[tuple[dict[str, Any] | None, dict[str, Any]]], bool]:
-        """Dify-style paging: (question, answer) pairs, newest page first."""
-        await self.conversation(scope, conversation_id)
-        return await self.store.turns_page(conversation_id, first_id=first_id, limit=limit)
+        """Dify-style paging: (question, answer) pairs of the current branch, newest page first."""
+        conv = await self.conversation(scope, conversation_id)
+        if not conv.get("forked"):
+            return await self.store.turns_page(conversation_id, first_id=first_id, limit=limit)
+        rows = await self.store.branch(conversation_id)
+        by_id = {r["id"]: r for r in rows}
+        pairs = [(by_id.get(r.get("parent_id") or ""), r) for r in rows if r["role"] == "assistant"]
+        if first_id:
+            at = next((i for i, (_, a) in enumerate(pairs) if a["id"] == first_id), None)
+            if at is None:
+                raise NotFoundError("First Message Not Exists.")
+            pairs = pairs[:at]
+        return pairs[-limit:], len(pairs) > limit
+
+    async def branch_point(self, scope: Scope, message_id: str) -> tuple[dict[str, Any], str]:
+        """For regenerate and edit: a question of the caller's conversations and the answer it
+        followed (ROOT_PARENT for the first question), so a new turn can start a branch there."""
+        await self.start()
+        msg = await self.store.get_message(message_id)
+        if msg is None:
+            raise NotFoundError("Message Not Exists.")
+        await self.conversation(scope, msg["conversation_id"])
+        if msg["role"] == "assistant":  # an answer: its question
+            msg = await self.store.get_message(msg.get("parent_id") or "")
+            if msg is None:
+                raise NotFoundError("Message Not Exists.")
+        parent = msg.get("parent_id")
+        if not parent:
+            before = [r for r in await self.store.branch(msg["conversation_id"], msg["id"]) if r["seq"] < msg["seq"]]
+            parent = before[-1]["id"] if before else ROOT_PARENT
+        return msg, parent
 
     async def message(self, scope: Scope, message_id: str) -> dict[str, Any]:
         """One answer of the caller's own conversations (not-found otherwise)."""
@@ -148,7 +196,7 @@ class ConversationService:
     async def upload(self, scope: Scope, *, name: str, data: bytes, mime_type: str,
                      extension: str) -> dict[str, Any]:
         await self.start()
-        return await self.store.add_file(app=scope.app, user=scope.user, name=name.replace("\x00", "")[:255],
+        return await self.store.add_file(app=scope.own_app, user=scope.user, name=name.replace("\x00", "")[:255],
                                          data=data, mime_type=mime_type[:128], extension=extension[:32])
 
     async def file(self, scope: Scope, file_id: str) -> dict[str, Any]:
@@ -162,16 +210,16 @@ class ConversationService:
         if not text:
             raise InvalidParamError("memory text is empty")
         await self.start()
-        return await self.store.add_memory(app=scope.app, user=scope.user, text=text,
+        return await self.store.add_memory(app=scope.own_app, user=scope.user, text=text,
                                            token_estimate=estimate_text(text) + 2)
 
     async def memories(self, scope: Scope) -> list[dict[str, Any]]:
         await self.start()
-        return await self.store.list_memory(app=scope.app, user=scope.user)
+        return await self.store.list_memory(app=scope.own_app, user=scope.user)
 
     async def forget(self, scope: Scope, memory_id: str) -> None:
         await self.start()
-        await self.store.delete_memory(memory_id, app=scope.app, user=scope.user)
+        await self.store.delete_memory(memory_id, app=scope.own_app, user=scope.user)
 
     # ---- imports ---------------------------------------------------------------------------------
 
@@ -179,7 +227,7 @@ class ConversationService:
                            remote: tuple[str, int] | None = None) -> dict[str, Any]:
         """A new conversation of finished turns (a Dify export); `remote`: the engine's own
         conversation id and how many messages it has seen."""
-        cid = await self.gateway.import_pairs(app=scope.app, user=scope.user, engine=engine, turns=turns, name=name)
+        cid = await self.gateway.import_pairs(app=scope.own_app, user=scope.user, engine=engine, turns=turns, name=name)
         if remote is not None:
             await self.store.set_remote(cid, engine, remote[0], remote[1])
         return await self.conversation(scope, cid)

@@ -44,13 +44,17 @@ class TurnRequest:
 
     The new input is `text` plus `images`/`files` (uploaded file ids), or `results`: the caller's
     answers to the function calls of the conversation's newest answer (then `text` may be empty).
-    `history`: messages the caller already had, stored as a new conversation this turn continues
+    `parent_id`: see the field. `history`: messages the caller already had, stored as a new conversation this turn continues
     when no `conversation_id` is given (and only once the turn is admitted)."""
 
     user: str
     text: str = ""
     app: str | None = None
     conversation_id: str | None = None
+    # Continue from this answer of the conversation instead of its newest message (regenerate,
+    # edit-and-resend, go on from an older point): the turn starts a branch. store.ROOT_PARENT:
+    # from the very beginning. The branch being continued is what an engine is sent.
+    parent_id: str | None = None
     engine: str | None = None
     images: tuple[str | ImagePart, ...] = ()
     files: tuple[str, ...] = ()

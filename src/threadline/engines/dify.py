@@ -49,8 +49,9 @@ FIRST_EVENT_TIMEOUT = 20.0
 def usage_and_price(u: dict[str, Any]) -> tuple[Usage, dict[str, Any]]:
     usage = Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0),
                   int(u.get("total_tokens") or 0))
-    price = {k: str(u[k]) for k in ("prompt_unit_price", "prompt_price_unit", "prompt_price", "completion_unit_price",
-                                    "completion_price_unit", "completion_price", "total_price") if k in u}
+    keys = ("prompt_unit_price", "prompt_price_unit", "prompt_price", "completion_unit_price", "completion_price_unit",
+            "completion_price", "total_price")
+    price: dict[str, Any] = {k: str(u[k]) for k in keys if k in u}
     price["currency"] = u.get("currency") or "USD"
     return usage, price
 

@@ -53,22 +53,14 @@ class OpenAICompatEngine(Engine):
     def __init__(self, config: Any, http: httpx.AsyncClient | None = None, poster: Poster | None = None) -> None:
         super().__init__(config, http, poster)
         self.profile: Profile = resolve_profile(config)
+        self.accepts_images = self.profile.images
+        self.supported_params = self.profile.params
+        self.supports_tools = self.profile.tools
         self.url = f"{config.base_url}/chat/completions"
         self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if config.api_key:
             self.headers["Authorization"] = f"Bearer {config.api_key}"
 
-    @property
-    def accepts_images(self) -> bool:
-        return self.profile.images
-
-    @property
-    def supported_params(self) -> frozenset[str]:  # type: ignore[override]
-        return self.profile.params
-
-    @property
-    def supports_tools(self) -> bool:  # type: ignore[override]
-        return self.profile.tools
 
     # ---- request ---------------------------------------------------------------------------------
 

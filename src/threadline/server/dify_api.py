@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import math
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, TypeVar
 
 import orjson
@@ -133,7 +133,8 @@ async def chat_messages(request: Request) -> Response | EventStream:
         raise HTTPError(400, "invalid_param", f"query is longer than the limit of {limit} characters")
     mode = p.response_mode or "blocking"
     images, uploads = _parse_files(p.files)
-    req = TurnRequest(user=user, text=query, app=caller.app.name, conversation_id=p.conversation_id, engine=p.engine,
+    req = TurnRequest(user=user, text=query, app=caller.app.name, conversation_id=p.conversation_id,
+                      parent_id=p.parent_message_id, engine=p.engine,
                       images=tuple(images), files=tuple(uploads), stream=mode == "streaming", inputs=p.inputs,
                       workflow_id=p.workflow_id, auto_generate_name=p.auto_generate_name, key_id=caller.key_id)
     agen = state(request).service.turn(Scope(caller.app.name, user), req)
@@ -166,7 +167,7 @@ def _failure(ev: TurnFailed) -> HTTPError:
     return HTTPError(500, "internal_server_error", "Internal Server Error, please contact support.", headers)
 
 
-async def _blocking(agen: AsyncIterator[Any], started: TurnStarted) -> Response:
+async def _blocking(agen: AsyncGenerator[Any, None], started: TurnStarted) -> Response:
     async for ev in agen:
         if isinstance(ev, TurnFailed):
             raise _failure(ev)
@@ -186,7 +187,7 @@ def _frame(data: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
-async def _stream(request: Request, agen: AsyncIterator[Any], started: TurnStarted,
+async def _stream(request: Request, agen: AsyncGenerator[Any, None], started: TurnStarted,
                   include_reasoning: bool) -> AsyncIterator[bytes]:
     env = {"conversation_id": started.conversation_id, "message_id": started.message_id,
            "created_at": _ts(started.created_at)}
@@ -267,7 +268,7 @@ async def upload(request: Request) -> Response:
     if len([v for _, v in form.multi_items() if hasattr(v, "filename")]) > 1:
         raise HTTPError(400, "too_many_files", "Only one file is allowed.")
     f = files[0]
-    if not f.filename:
+    if isinstance(f, str) or not f.filename:
         raise HTTPError(400, "filename_not_exists_error", "The specified filename does not exist.")
     ext = guess_extension(f.filename)
     if ext in BLOCKED_EXTENSIONS:
@@ -345,7 +346,9 @@ def render_turn(conv_id: str, user_msg: dict[str, Any] | None, a: dict[str, Any]
     usage = a.get("usage") or {}
     err = a.get("error")
     return {
-        "id": a["id"], "conversation_id": conv_id, "parent_message_id": NIL,
+        # The answer a question continued from when it started a branch; NIL otherwise, as Dify's
+        # service API records every message it makes (its conversations are linear).
+        "id": a["id"], "conversation_id": conv_id, "parent_message_id": (user_msg or {}).get("parent_id") or NIL,
         "inputs": (user_msg or {}).get("inputs") or {}, "query": (user_msg or {}).get("content", ""),
         "answer": a.get("content") or "", "feedback": a.get("feedback"), "retriever_resources": [],
         "created_at": _ts(a["created_at"]), "agent_thoughts": [], "message_files": _message_files(user_msg),

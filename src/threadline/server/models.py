@@ -15,7 +15,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class _Open(BaseModel):
@@ -80,21 +80,27 @@ class ChatRequestPayload(_Open):
     workflow_id: str | None = None
     engine: str | None = Field(None, description="Threadline: answer this turn with another engine the app allows.")
     include_reasoning: bool = Field(False, description="Threadline: stream `reasoning` events too.")
+    parent_message_id: str | None = Field(
+        None, description="Threadline: continue from this earlier answer of the conversation (regenerate, edit and "
+                          "resend) instead of its newest one; the turn starts a branch and the engine is sent that "
+                          "branch. Absent or UUID_NIL (what Dify's service API always uses): the newest answer.")
 
     @field_validator("inputs", mode="before")
     @classmethod
     def _inputs(cls, v: Any) -> Any:
         return {} if v is None else v
 
-    @field_validator("conversation_id")
+    @field_validator("conversation_id", "parent_message_id")
     @classmethod
-    def _uuid(cls, v: str | None) -> str | None:
+    def _uuid(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None or not v.strip():
             return None
         try:
-            uuid.UUID(v)
+            parsed = uuid.UUID(v)
         except ValueError:
-            raise ValueError("conversation_id must be a valid UUID") from None
+            raise ValueError(f"{info.field_name} must be a valid UUID") from None
+        if parsed.int == 0:  # UUID_NIL: Dify's "no parent", i.e. the newest answer
+            return None
         return v.strip()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import orjson
@@ -349,7 +349,7 @@ def _tool_calls(calls: list[FunctionCall]) -> list[dict[str, Any]]:
             for c in calls]
 
 
-async def _blocking(agen: AsyncIterator[Any], completion_id: str, created: int, model: str,
+async def _blocking(agen: AsyncGenerator[Any, None], completion_id: str, created: int, model: str,
                     headers: dict[str, str]) -> Response:
     async for ev in agen:
         if isinstance(ev, TurnFailed):
@@ -371,7 +371,7 @@ async def _blocking(agen: AsyncIterator[Any], completion_id: str, created: int, 
     raise OpenAIError(500, "Internal error", "api_error")
 
 
-async def _sse(agen: AsyncIterator[Any], cid: str, created: int, model: str, include_usage: bool) -> AsyncIterator[bytes]:
+async def _sse(agen: AsyncGenerator[Any, None], cid: str, created: int, model: str, include_usage: bool) -> AsyncIterator[bytes]:
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
         return b"data: " + orjson.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
                                          "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": None,

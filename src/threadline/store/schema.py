@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
 )
 
 metadata = MetaData()
@@ -38,6 +39,8 @@ conversations = Table(
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     Column("deleted", Boolean, nullable=False, default=False),
+    # True once a turn continued from an older message: messages then form a tree (see Store.branch).
+    Column("forked", Boolean, nullable=False, default=False, server_default=false()),
     Column("lock_owner", String(64), nullable=True),
     Column("lock_until", Float, nullable=True),
 )

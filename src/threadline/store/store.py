@@ -53,9 +53,10 @@ _MSG_DEFAULTS: dict[str, Any] = {
     "feedback": None, "latency": None, "stop_requested": False, "finish_reason": None,
 }
 
-_CONV_DEFAULTS: dict[str, Any] = {"name": "", "inputs": {}, "remote": {}, "last_seq": 0, "deleted": False,
+_CONV_DEFAULTS: dict[str, Any] = {"name": "", "inputs": {}, "remote": {}, "last_seq": 0, "deleted": False, "forked": False,
                                   "lock_owner": None, "lock_until": None}
 
+ROOT_PARENT = "00000000-0000-0000-0000-000000000000"  # a question that starts a branch at the root (Dify's UUID_NIL)
 CONV_SORTS = {"created_at", "-created_at", "updated_at", "-updated_at"}
 MEMORY_TTL = 2.0  # seconds another process's memory change may take to be seen here
 
@@ -719,6 +720,32 @@ class Store:
         answers.reverse()
         await self._repair(conversation_id, answers)
         return [(parents.get(a.get("parent_id") or ""), a) for a in answers], has_more
+
+    async def branch(self, conversation_id: str, tip_id: str | None = None) -> list[dict[str, Any]]:
+        """The messages from the first to `tip_id` (default: the newest message), oldest first,
+        following parents: a message's parent is its `parent_id` (an answer's question; a question
+        continuing an older answer), else the message just before it. UUID_NIL as a question's
+        parent starts a branch at the root. Reads the whole conversation: only forked conversations
+        come here; a linear one is read by seq ranges as before."""
+        async with self.engine.connect() as conn:
+            rows = [dict(r) for r in (await conn.execute(
+                select(messages).where(messages.c.conversation_id == conversation_id).order_by(messages.c.seq.asc())
+            )).mappings().all()]
+        if not rows:
+            return []
+        by_id = {r["id"]: r for r in rows}
+        by_seq = {r["seq"]: r for r in rows}
+        cur = by_id.get(tip_id) if tip_id else rows[-1]
+        out: list[dict[str, Any]] = []
+        while cur is not None:
+            out.append(cur)
+            parent = cur.get("parent_id")
+            if parent == ROOT_PARENT:
+                break
+            cur = by_id.get(parent) if parent else by_seq.get(cur["seq"] - 1)
+        out.reverse()
+        await self._repair(conversation_id, out)
+        return out
 
     async def get_message(self, message_id: str) -> dict[str, Any] | None:
         async with self.engine.connect() as conn:
