@@ -257,3 +257,22 @@ async def test_new_turn_on_dify_uses_the_stored_remote_conversation(tl: AsyncThr
     assert d.requests[0]["conversation_id"] == remote
     assert d.requests[-1]["conversation_id"] == ""
     assert "hello dify" in d.requests[-1]["query"] and d.requests[-1]["query"].endswith("after the upgrade")
+
+
+async def test_old_conversations_are_found_by_their_history(tl: AsyncThreadline) -> None:
+    """Migration 0004 computes every old conversation's history hash: an OpenAI client resending an
+    old conversation's messages continues it."""
+    from threadline.turns import PastMessage
+
+    await tl._gw()
+    svc = tl.service
+    found = 0
+    for cid, app, user in CONVS.values():
+        try:
+            msgs = await tl.messages(cid, user=user, app=app)
+        except NotFoundError:
+            continue  # the deleted one
+        history = [PastMessage(m.role, m.content, tuple(m.items)) for m in msgs]  # type: ignore[arg-type]
+        assert await svc.find_conversation(svc.scope(app, user), history) == cid
+        found += 1
+    assert found >= 5

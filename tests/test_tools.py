@@ -309,3 +309,36 @@ def test_openai_route_continues_a_named_conversation(server):
     r = httpx.post(f"{base}/v1/chat/completions", headers={**h, "X-Threadline-Conversation-Id": cid},
                    json={"model": "demo", "messages": [{"role": "user", "content": "intrude"}], "user": "n2"})
     assert r.status_code == 404
+
+
+def test_openai_route_finds_a_conversation_by_its_history_beyond_the_newest_fifty(server):
+    """The resent history is matched through an index of history hashes: an old conversation behind
+    55 newer ones continues (it used to be looked for among the newest 50 only, then imported anew)."""
+    base, key, d = server
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+    first = [{"role": "user", "content": "the oldest one"}]
+    r = client.chat.completions.with_raw_response.create(model="demo", messages=first, user="many")
+    cid = r.headers["x-threadline-conversation-id"]
+    answer = r.parse().choices[0].message.content
+    for i in range(55):
+        client.chat.completions.create(model="demo", messages=[{"role": "user", "content": f"filler {i}"}], user="many")
+    again = client.chat.completions.with_raw_response.create(
+        model="demo", user="many",
+        messages=[*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "and then?"}])
+    assert again.headers["x-threadline-conversation-id"] == cid
+    assert [m["content"] for m in d.requests[-1]["messages"]] == ["the oldest one", answer, "and then?"]
+
+
+async def test_a_stale_history_hash_is_recomputed_by_the_next_turn(atl, oai):
+    """A turn that ended without its final write leaves the hash behind its messages: the next turn
+    recomputes it from the rows, so the conversation stays findable."""
+    from threadline.turns import PastMessage
+
+    r1 = await atl.chat("one", user="u", app="demo")
+    await atl.gateway.store.set_conversation_fields(r1.conversation_id, history_hash=None)
+    r2 = await atl.chat("two", user="u", app="demo", conversation_id=r1.conversation_id)
+    svc = atl.service
+    history = [PastMessage("user", "one"), PastMessage("assistant", r1.answer), PastMessage("user", "two"),
+               PastMessage("assistant", r2.answer)]
+    assert await svc.find_conversation(svc.scope("demo", "u"), history) == r1.conversation_id
+    assert await svc.find_conversation(svc.scope("demo", "u"), history[:3]) is None

@@ -80,7 +80,7 @@ from .messages import (
 from .store import Store, new_id, settle
 from .store.store import ROOT_PARENT
 from .tokens import Calibration, estimate_message, estimate_text
-from .turns import PastMessage, Turn, TurnRequest
+from .turns import PastMessage, Turn, TurnRequest, counted_hash, history_hash, rows_hash
 
 log = logging.getLogger("threadline.gateway")
 
@@ -128,6 +128,7 @@ class _Plan:
     existing: bool
     ticket: Ticket | None = None
     fork: bool = False  # the turn continues from an older answer (starts a branch)
+    branch: list[dict[str, Any]] | None = None  # a forked conversation's rows this turn continues
     user_message_id: str = ""
 
 
@@ -638,6 +639,8 @@ class Gateway:
             rem[eng.name] = {"id": turn.remote.conversation_id, "seq": running.seq}
             conv_values["remote"] = conv["remote"] = rem
         parts = items_to_json(items)
+        conv_values["history_hash"] = conv["history_hash"] = await self._history_hash(
+            plan, conv, running.seq, [plan.request.results, items], text)
         running.finishing = True
         # A task started on the next pass, so the limits write below is queued in the same pass and on
         # SQLite shares its commit; awaited to its end even if this task is cancelled meanwhile.
@@ -669,6 +672,21 @@ class Gateway:
                      engine=eng.name, model=eng.model, created_at=running.started, latency=latency, price=price,
                      error=err, time_to_first_token=(running.first_token_at - running.started)
                      if running.first_token_at else 0.0, tool_calls=calls, finish_reason=finish_reason)
+
+    async def _history_hash(self, plan: _Plan, conv: dict[str, Any], asst_seq: int,
+                            items: list[Sequence[Item]], answer: str) -> str:
+        """The conversation's history hash once this turn's two messages are in: chained from the
+        stored one when it covers every message before them (the usual case: no read), else
+        recomputed from the branch or the rows (a fork, a turn that ended without its final write)."""
+        before = asst_seq - 2  # messages before this turn's question
+        count, _, digest = (conv.get("history_hash") or "").partition(":")
+        if plan.branch is not None:
+            before, digest = len(plan.branch), rows_hash(plan.branch)
+        elif count != str(before):
+            digest = rows_hash(await self.store.history_range(plan.conversation_id, after_seq=0,
+                                                              before_seq=before + 1))
+        digest = history_hash(digest, "user", plan.request.text, items[0])
+        return counted_hash(before + 2, history_hash(digest, "assistant", answer, items[1]))
 
     def _redacted(self, exc: ThreadlineError) -> ThreadlineError:
         """Every engine's error text passes here before it is stored, logged or shown: the keys of
@@ -720,6 +738,7 @@ class Gateway:
         branch: list[dict[str, Any]] | None = None
         if conv.get("forked"):  # a tree: what is sent is the branch this turn continues
             branch = [r for r in await self.store.branch(conv["id"], plan.user_message_id) if r["seq"] < user_seq]
+            plan.branch = branch
         if eng.stateful:
             rem = (conv.get("remote") or {}).get(eng.name)
             seen = int(rem["seq"]) if rem else 0
@@ -808,11 +827,13 @@ class Gateway:
                                 "name": name or first.strip().splitlines()[0][:60] if (name or first.strip()) else "",
                 "inputs": {}, "remote": {}, "created_at": now, "updated_at": now, "deleted": False}
         rows = []
+        digest = ""
         for t in turns:
             q, a = t.get("query") or "", t.get("answer") or ""
             q_items: Sequence[Item] = t.get("query_items") or ()
             a_items: Sequence[Item] = t.get("answer_items") or ()
             calls = [i for i in a_items if isinstance(i, FunctionCall)]
+            digest = history_hash(history_hash(digest, "user", q, q_items), "assistant", a, a_items)
             rows.append({
                 "user": {"content": q, "engine": engine, "parts": items_to_json(q_items),
                          "token_estimate": estimate_message(q) + sum(estimate_text(i.output) for i in q_items
@@ -824,6 +845,7 @@ class Gateway:
                               "finish_reason": "tool_calls" if calls else None},
                 "created_at": t.get("created_at"),
             })
+        conv["history_hash"] = counted_hash(2 * len(rows), digest)
         await self.store.import_conversation(conv, rows)
         return cid
 

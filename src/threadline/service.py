@@ -21,12 +21,10 @@ from typing import Any
 
 from .errors import InvalidParamError, NotFoundError
 from .gateway import Gateway, check_user
-from .messages import FunctionCall, FunctionResult, TurnEvent, items_from_json
+from .messages import TurnEvent
 from .store.store import ROOT_PARENT
 from .tokens import estimate_text
-from .turns import PastMessage, TurnRequest
-
-MATCH_SCAN = 50  # conversations an OpenAI client's history is compared with, newest first
+from .turns import PastMessage, TurnRequest, counted_hash, history_hash
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,14 +180,11 @@ class ConversationService:
         """The newest stored conversation whose messages are exactly `history` (an OpenAI client
         resends its whole list): same roles, texts and function call/result ids."""
         await self.start()
-        convs, _ = await self.store.list_conversations(app=scope.app, user=scope.user, limit=MATCH_SCAN)
-        for c in convs:
-            if c["last_seq"] != len(history):
-                continue
-            rows, _ = await self.store.list_messages(c["id"], limit=len(history) + 1)
-            if len(rows) == len(history) and all(_same(r, m) for r, m in zip(rows, history, strict=True)):
-                return str(c["id"])
-        return None
+        digest = ""
+        for m in history:
+            digest = history_hash(digest, m.role, m.text, m.items)
+        return await self.store.find_by_history(app=scope.own_app, user=scope.user,
+                                                history_hash=counted_hash(len(history), digest))
 
     # ---- files -----------------------------------------------------------------------------------
 
@@ -231,11 +226,3 @@ class ConversationService:
         if remote is not None:
             await self.store.set_remote(cid, engine, remote[0], remote[1])
         return await self.conversation(scope, cid)
-
-
-def _same(row: dict[str, Any], m: PastMessage) -> bool:
-    """A stored message is the client's: same role, text and function call/result ids."""
-    if row["role"] != m.role or (row["content"] or "").strip() != m.text.strip():
-        return False
-    ids = [i.call_id for i in items_from_json(row.get("parts")) if isinstance(i, FunctionCall | FunctionResult)]
-    return ids == [i.call_id for i in m.items if isinstance(i, FunctionCall | FunctionResult)]

@@ -11,6 +11,8 @@ reasoning, tool calls, usage and finish reason as events arrive.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,6 +28,7 @@ from .messages import (
     ToolChoice,
     ToolSpec,
     Usage,
+    items_from_json,
 )
 
 
@@ -119,3 +122,27 @@ class Turn:
     def items(self, provider: str) -> list[Item]:
         return [*self.tool_calls(provider), *self.states]
 
+
+
+def history_hash(prev: str, role: str, text: str, items: Sequence[Item]) -> str:
+    """The running digest of a conversation's messages, one message more: what an OpenAI client's
+    resent history is matched with, through an index (conversations.history_hash) instead of a
+    scan of the newest conversations. A message counts by its role, its text (stripped, as clients
+    resend it) and its function call/result ids; images and reasoning do not (clients drop them)."""
+    ids = ",".join(i.call_id for i in items if isinstance(i, FunctionCall | FunctionResult))
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{prev}\x00{role}\x00{ids}\x00".encode())
+    h.update(text.strip().encode())
+    return h.hexdigest()
+
+
+def counted_hash(count: int, digest: str) -> str:
+    """What conversations.history_hash holds: how many messages the digest covers, and the digest."""
+    return f"{count}:{digest}"
+
+
+def rows_hash(rows: Iterable[dict[str, Any]], prev: str = "") -> str:
+    """history_hash over stored message rows (oldest first)."""
+    for r in rows:
+        prev = history_hash(prev, r["role"], r.get("content") or "", items_from_json(r.get("parts")))
+    return prev

@@ -41,11 +41,15 @@ conversations = Table(
     Column("deleted", Boolean, nullable=False, default=False),
     # True once a turn continued from an older message: messages then form a tree (see Store.branch).
     Column("forked", Boolean, nullable=False, default=False, server_default=false()),
+    # turns.history_hash over the current branch's messages: finds the conversation an OpenAI client's
+    # resent history continues, by index (ix_conv_history).
+    Column("history_hash", String(48), nullable=True),
     Column("lock_owner", String(64), nullable=True),
     Column("lock_until", Float, nullable=True),
 )
 Index("ix_conv_owner_updated", conversations.c.app, conversations.c.user, conversations.c.updated_at)
 Index("ix_conv_owner_created", conversations.c.app, conversations.c.user, conversations.c.created_at)
+Index("ix_conv_history", conversations.c.app, conversations.c.user, conversations.c.history_hash)
 # Only leases in use (a few per running turn): the sweep for expired ones reads this, not the table.
 Index("ix_conv_lease", conversations.c.lock_until, sqlite_where=conversations.c.lock_until.is_not(None),
       postgresql_where=conversations.c.lock_until.is_not(None))

@@ -54,7 +54,7 @@ _MSG_DEFAULTS: dict[str, Any] = {
 }
 
 _CONV_DEFAULTS: dict[str, Any] = {"name": "", "inputs": {}, "remote": {}, "last_seq": 0, "deleted": False, "forked": False,
-                                  "lock_owner": None, "lock_until": None}
+                                  "lock_owner": None, "lock_until": None, "history_hash": None}
 
 ROOT_PARENT = "00000000-0000-0000-0000-000000000000"  # a question that starts a branch at the root (Dify's UUID_NIL)
 CONV_SORTS = {"created_at", "-created_at", "updated_at", "-updated_at"}
@@ -720,6 +720,16 @@ class Store:
         answers.reverse()
         await self._repair(conversation_id, answers)
         return [(parents.get(a.get("parent_id") or ""), a) for a in answers], has_more
+
+    async def find_by_history(self, *, app: str, user: str, history_hash: str) -> str | None:
+        """The newest conversation of (app, user) whose messages hash to `history_hash` (an index seek)."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(
+                select(conversations.c.id)
+                .where(conversations.c.app == app, conversations.c.user == user,
+                       conversations.c.history_hash == history_hash, conversations.c.deleted.is_(False))
+                .order_by(conversations.c.updated_at.desc()).limit(1))).first()
+        return str(row[0]) if row else None
 
     async def branch(self, conversation_id: str, tip_id: str | None = None) -> list[dict[str, Any]]:
         """The messages from the first to `tip_id` (default: the newest message), oldest first,
