@@ -180,7 +180,6 @@ async def test_structured_output_json_schema_and_json_object(atl, gem):
     ({"params": GenerationParams(parallel_tool_calls=False)}, "parallel_tool_calls"),
     ({"params": GenerationParams(reasoning_effort="none")}, "reasoning_effort"),  # 2.5 Pro cannot stop thinking
     ({"params": GenerationParams(reasoning_effort="xhigh")}, "reasoning_effort"),
-    ({"tools": [ToolSpec("f", None, {"type": "object"}, strict=True)]}, "tools.function.strict"),
 ])
 async def test_what_gemini_cannot_honour_is_refused_naming_it(atl, gem, kw, param):
     d, _ = gem
@@ -371,3 +370,15 @@ async def test_foreign_signatures_never_reach_gemini():
     assert body["contents"][2]["parts"] == [{"functionResponse": {"name": "get_time", "response": {"result": "[1, 2]"}}},
                                             {"functionResponse": {"name": "get_time", "response": {"result": "b"}}}]
     await engine.aclose()
+
+
+async def test_a_strict_tool_is_honoured_with_validated_mode(atl, gem):
+    """OpenAI's `strict` (schema adherence; openai-agents sends it on every function tool) maps to
+    Gemini's VALIDATED function-calling mode; with tool_choice required, ANY already adheres."""
+    d, _ = gem
+    tool = ToolSpec("get_weather", None, {"type": "object", "properties": {"city": {"type": "string"}}}, strict=True)
+    r = await atl.chat("weather?", user="u", app="gdemo", tools=[tool])
+    assert r.tool_calls
+    assert d.requests[-1]["toolConfig"] == {"functionCallingConfig": {"mode": "VALIDATED"}}
+    await atl.chat("weather?", user="u", app="gdemo", tools=[tool], tool_choice="required")
+    assert d.requests[-1]["toolConfig"] == {"functionCallingConfig": {"mode": "ANY"}}

@@ -115,11 +115,6 @@ class GeminiEngine(Engine):
     def check_request(self, tools: Sequence[ToolSpec], tool_choice: ToolChoice | None,
                       params: GenerationParams) -> None:
         super().check_request(tools, tool_choice, params)
-        for t in tools:
-            if t.strict:  # Gemini has no strict function mode to forward it to
-                raise UnsupportedParameterError(
-                    f"Engine {self.name!r} (gemini) has no strict mode for function {t.name!r}: send the tool "
-                    "without 'strict', or pick an engine that supports it.", param="tools.function.strict")
         effort = params.reasoning_effort
         if effort is not None and effort not in (THINKING_LEVELS if self.gemini3 else self._budgets()):
             raise UnsupportedParameterError(
@@ -197,10 +192,16 @@ class GeminiEngine(Engine):
         return [{"functionDeclarations": decls}]
 
     @staticmethod
-    def tool_config(choice: ToolChoice) -> dict[str, Any]:
-        if choice.mode == "function":
+    def tool_config(choice: ToolChoice | None, strict: bool) -> dict[str, Any] | None:
+        """tool_choice as functionCallingConfig. A `strict` tool (OpenAI's schema adherence; the
+        openai-agents SDK sends it on every function tool) is honoured with mode VALIDATED, Gemini's
+        "calls adhere to the function schema" mode; ANY already adheres."""
+        if choice is not None and choice.mode == "function":
             return {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [choice.name]}}
-        return {"functionCallingConfig": {"mode": {"auto": "AUTO", "none": "NONE", "required": "ANY"}[choice.mode]}}
+        mode = {"auto": "AUTO", "none": "NONE", "required": "ANY"}[choice.mode] if choice is not None else None
+        if strict and mode in (None, "AUTO"):
+            mode = "VALIDATED"
+        return {"functionCallingConfig": {"mode": mode}} if mode else None
 
     def _generation(self, req: EngineRequest) -> dict[str, Any]:
         p = req.params
@@ -246,8 +247,9 @@ class GeminiEngine(Engine):
             body["systemInstruction"] = {"parts": [{"text": system_text}]}
         if req.tools:
             body["tools"] = self.tools_wire(req.tools)
-            if req.tool_choice is not None:
-                body["toolConfig"] = self.tool_config(req.tool_choice)
+            config = self.tool_config(req.tool_choice, any(t.strict for t in req.tools))
+            if config is not None:
+                body["toolConfig"] = config
         gen = self._generation(req)
         if gen:
             body["generationConfig"] = gen
