@@ -2,17 +2,32 @@
 
 The sync class runs the async core on a private event loop in a background thread (as httpx and
 openai-python keep their sync and async clients alike), so both share every behaviour.
+
+One source of truth for the signatures too: each sync method is generated from its async twin
+(`chat = _sync(AsyncThreadline.chat)`). `_sync` is typed with a ParamSpec, so mypy (strict) and IDEs
+see the twin's real parameters, names, defaults and types (a misspelt keyword is a type error, not a
+`**kw` that fails at run time), and at run time it copies the twin's `__signature__`, annotations and
+docstring, so `inspect.signature` and `help()` agree. Explicit forwarding methods would repeat every
+signature by hand, and `**kw` hid them all; tests/test_python_api.py checks that every public async
+method has a sync twin with the same parameters.
+
+The library closes what it opens: `async with AsyncThreadline(...)` / `await aclose()`, and
+`with Threadline(...)` / `close()`, close the engines' HTTP sessions, the store and (sync) the private
+loop and its thread. A `Threadline` left open is closed by a `weakref.finalize` when it is garbage-
+collected or at interpreter exit, whichever comes first; the finalizer holds the loop and the async
+core, never the instance, so the instance stays collectable; closing twice is a no-op.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from concurrent.futures import Future
+import weakref
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from .config import Settings
 from .errors import InvalidParamError
@@ -34,6 +49,10 @@ from .service import ConversationService
 from .turns import TurnRequest
 
 T = TypeVar("T")
+R = TypeVar("R")
+P = ParamSpec("P")
+
+CLOSE_TIMEOUT = 30.0  # seconds a sync close waits for the core to close and the loop thread to end
 
 
 @dataclass
@@ -129,6 +148,8 @@ def _memory(r: dict[str, Any]) -> MemoryEntry:
 
 
 class AsyncMemory:
+    """`AsyncThreadline.memory`: notes about a user that every turn of theirs sees."""
+
     def __init__(self, owner: AsyncThreadline) -> None:
         self._o = owner
 
@@ -163,6 +184,7 @@ class AsyncThreadline:
         self.gateway = Gateway(self.settings)
         self.service = ConversationService(self.gateway)
         self.memory = AsyncMemory(self)
+        self._closed = False
 
     @classmethod
     def from_config(cls, path: str | Path) -> AsyncThreadline:
@@ -278,6 +300,10 @@ class AsyncThreadline:
                                                     engine=engine, remote_user=remote_user))
 
     async def aclose(self) -> None:
+        """Close the engines' HTTP sessions and the store. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         await self.gateway.close()
 
     async def __aenter__(self) -> AsyncThreadline:
@@ -288,51 +314,138 @@ class AsyncThreadline:
 
 
 class _Loop:
-    """A private event loop in a daemon thread, for the sync facade."""
+    """A private event loop in a daemon thread, for the sync facade. `close` runs a last coroutine on
+    it (the core's `aclose`), stops and closes the loop and ends the thread; it acts at most once."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="threadline-loop", daemon=True)
+        self.closed = False
+        self._lock = threading.Lock()
+        self._last: asyncio.Task[None] | None = None
+        self.thread = threading.Thread(target=self._main, name="threadline-loop", daemon=True)
         self.thread.start()
 
-    def run(self, coro: Any) -> Any:
-        fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return fut.result()
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+            # As asyncio.run() ends: what still runs (a turn's producer the close cancelled) finishes
+            # its clean-up before the async generators are closed and the loop with them.
+            tasks = asyncio.all_tasks(self.loop)
+            for task in tasks:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        finally:
+            self.loop.close()
 
-    def iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
+    def run(self, coro: Coroutine[Any, Any, R]) -> R:
+        if self.closed:
+            coro.close()
+            raise RuntimeError("this Threadline is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def iterate(self, agen: AsyncIterator[T], owner: object) -> Iterator[T]:
+        """`agen`, step by step on the loop. `owner` (the Threadline) is held while iterating, so
+        `Threadline(...).stream(...)` is not closed by garbage collection under its own stream."""
         try:
             while True:
                 try:
-                    yield self.run(agen.__anext__())
+                    yield self.run(_step(agen))
                 except StopAsyncIteration:
                     return
         finally:
             # Breaking out of the loop (or Ctrl-C) closes the turn: the partial answer is kept as stopped.
             aclose = getattr(agen, "aclose", None)
-            if aclose is not None:
+            if aclose is not None and not self.closed:
                 self.run(aclose())
+            del owner
 
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
+    def close(self, last: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Await `last()` on the loop, then stop the loop and end its thread. Safe from any thread and
+        any number of times; from the loop's own thread (a garbage collection there) it cannot wait,
+        so it schedules the same and returns."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+
+        async def final() -> None:
+            try:
+                await last()
+            finally:
+                asyncio.get_running_loop().stop()
+
+        if threading.current_thread() is self.thread:
+            def schedule() -> None:
+                self._last = self.loop.create_task(final())
+
+            self.loop.call_soon_threadsafe(schedule)
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(final(), self.loop).result(timeout=CLOSE_TIMEOUT)
+        finally:
+            self.thread.join(timeout=CLOSE_TIMEOUT)
+
+
+def _twin_metadata(method: Any, fn: Any, *, iterator: bool) -> None:
+    """Give the generated sync method its async twin's name, docstring and signature (what
+    `inspect.signature`, `help()` and IDEs read); only the return annotation changes for a stream."""
+    method.__name__ = fn.__name__
+    method.__qualname__ = fn.__qualname__.removeprefix("Async")  # AsyncThreadline.chat -> Threadline.chat
+    method.__module__ = fn.__module__
+    method.__doc__ = fn.__doc__
+    sig = inspect.signature(fn)
+    ann = dict(fn.__annotations__)
+    if iterator:
+        ret = str(sig.return_annotation).replace("AsyncIterator[", "Iterator[", 1)
+        sig = sig.replace(return_annotation=ret)
+        ann["return"] = ret
+    method.__signature__ = sig
+    method.__annotations__ = ann
+
+
+def _sync(fn: Callable[Concatenate[Any, P], Coroutine[Any, Any, R]]) -> Callable[Concatenate[Any, P], R]:
+    """The blocking twin of the async method `fn`: runs `fn` on the owner's private loop, on the
+    owner's async core (`self._core`)."""
+
+    def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        loop: _Loop = self._loop
+        return loop.run(fn(self._core, *args, **kwargs))
+
+    _twin_metadata(method, fn, iterator=False)
+    return method
+
+
+def _sync_iter(fn: Callable[Concatenate[Any, P], AsyncIterator[T]]) -> Callable[Concatenate[Any, P], Iterator[T]]:
+    """The iterator twin of the async generator method `fn`; breaking out of it closes the stream."""
+
+    def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> Iterator[T]:
+        loop: _Loop = self._loop
+        return loop.iterate(fn(self._core, *args, **kwargs), self)
+
+    _twin_metadata(method, fn, iterator=True)
+    return method
 
 
 class Memory:
+    """Synchronous twin of AsyncMemory (`Threadline.memory`)."""
+
     def __init__(self, owner: Threadline) -> None:
-        self._o = owner
+        self._owner = owner  # held: `Threadline(...).memory.add(...)` must not close the owner under it
+        self._loop = owner._loop
+        self._core = owner._async.memory
 
-    def add(self, *, user: str, app: str | None = None, text: str) -> MemoryEntry:
-        return self._o._loop.run(self._o._async.memory.add(user=user, app=app, text=text))
-
-    def list(self, *, user: str, app: str | None = None) -> list[MemoryEntry]:
-        return self._o._loop.run(self._o._async.memory.list(user=user, app=app))
-
-    def delete(self, memory_id: str, *, user: str, app: str | None = None) -> None:
-        self._o._loop.run(self._o._async.memory.delete(memory_id, user=user, app=app))
+    add = _sync(AsyncMemory.add)
+    list = _sync(AsyncMemory.list)
+    delete = _sync(AsyncMemory.delete)
 
 
 class Threadline:
-    """Synchronous twin of AsyncThreadline (same methods, no await)."""
+    """Synchronous twin of AsyncThreadline (same methods, same signatures, no await).
+
+    Close it with `close()` or `with Threadline(...) as tl:`; one left open is closed when it is
+    garbage-collected or, at the latest, when the interpreter exits."""
 
     def __init__(
         self,
@@ -345,53 +458,55 @@ class Threadline:
         include_presets: bool = True,
     ) -> None:
         self._loop = _Loop()
-        self._async = AsyncThreadline(database_url, engines, apps, settings=settings, default_engine=default_engine,
-                                      include_presets=include_presets)
+        try:
+            self._async = AsyncThreadline(database_url, engines, apps, settings=settings,
+                                          default_engine=default_engine, include_presets=include_presets)
+        except BaseException:
+            self._loop.close(_nothing)
+            raise
+        self._core = self._async
         self.settings = self._async.settings
-        self.memory = Memory(self)
+        # Neither argument refers back to self: the instance stays collectable, and the finalizer
+        # runs once, on close(), on garbage collection or at interpreter exit, whichever comes first.
+        self._finalizer = weakref.finalize(self, self._loop.close, self._async.aclose)
+
+    @property
+    def memory(self) -> Memory:
+        return Memory(self)
 
     @classmethod
     def from_config(cls, path: str | Path) -> Threadline:
         return cls(settings=Settings.from_file(path))
 
-    def chat(self, text: str, **kw: Any) -> Reply:
-        return self._loop.run(self._async.chat(text, **kw))
+    chat = _sync(AsyncThreadline.chat)
+    stream = _sync_iter(AsyncThreadline.stream)
+    stop = _sync(AsyncThreadline.stop)
+    conversations = _sync(AsyncThreadline.conversations)
+    conversation = _sync(AsyncThreadline.conversation)
+    messages = _sync(AsyncThreadline.messages)
+    rename_conversation = _sync(AsyncThreadline.rename_conversation)
+    delete_conversation = _sync(AsyncThreadline.delete_conversation)
+    upload = _sync(AsyncThreadline.upload)
+    import_dify_conversation = _sync(AsyncThreadline.import_dify_conversation)
 
-    def stream(self, text: str, **kw: Any) -> Iterator[TurnEvent]:
-        return self._loop.iterate(self._async.stream(text, **kw))
-
-    def stop(self, task_id: str, **kw: Any) -> bool:
-        return self._loop.run(self._async.stop(task_id, **kw))
-
-    def conversations(self, **kw: Any) -> list[Conversation]:
-        return self._loop.run(self._async.conversations(**kw))
-
-    def conversation(self, conversation_id: str, **kw: Any) -> Conversation:
-        return self._loop.run(self._async.conversation(conversation_id, **kw))
-
-    def messages(self, conversation_id: str, **kw: Any) -> list[Message]:
-        return self._loop.run(self._async.messages(conversation_id, **kw))
-
-    def rename_conversation(self, conversation_id: str, name: str, **kw: Any) -> Conversation:
-        return self._loop.run(self._async.rename_conversation(conversation_id, name, **kw))
-
-    def delete_conversation(self, conversation_id: str, **kw: Any) -> None:
-        self._loop.run(self._async.delete_conversation(conversation_id, **kw))
-
-    def upload(self, data: bytes | str | Path, **kw: Any) -> str:
-        return self._loop.run(self._async.upload(data, **kw))
-
-    def import_dify_conversation(self, remote_conversation_id: str, **kw: Any) -> Conversation:
-        return self._loop.run(self._async.import_dify_conversation(remote_conversation_id, **kw))
+    @property
+    def closed(self) -> bool:
+        return self._loop.closed
 
     def close(self) -> None:
-        try:
-            self._loop.run(self._async.aclose())
-        finally:
-            self._loop.close()
+        """Close the engines' HTTP sessions, the store and the private loop's thread. Idempotent."""
+        self._finalizer()
 
     def __enter__(self) -> Threadline:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+async def _step(agen: AsyncIterator[T]) -> T:
+    return await agen.__anext__()
+
+
+async def _nothing() -> None:
+    return None

@@ -196,6 +196,8 @@ class Gateway:
         self._leases: dict[str, RunningTurn] = {}  # conversation id -> the turn holding its lease here
         self._upkeep: asyncio.Task[None] | None = None
         self._started = False
+        self._closing = False
+        self._released = False
 
     async def start(self) -> None:
         if self._started:
@@ -208,10 +210,18 @@ class Gateway:
         self._upkeep = asyncio.get_running_loop().create_task(self._keep_leases())
 
     async def close(self) -> None:
+        self._closing = True
         if self._upkeep is not None:
             self._upkeep.cancel()
             with contextlib.suppress(BaseException):
                 await self._upkeep
+        await self._release()
+
+    async def _release(self) -> None:
+        """Close what the gateway opened (HTTP sessions, limits, the store); at most once."""
+        if self._released:
+            return
+        self._released = True
         for t in list(self.running.values()):
             if t.producer:
                 t.producer.cancel()
@@ -281,6 +291,17 @@ class Gateway:
 
     async def _keep_leases(self) -> None:
         """The process's one lease task: renew every lease held here, sweep now and then."""
+        try:
+            await self._upkeep_loop()
+        except asyncio.CancelledError:
+            if not self._closing:
+                # Cancelled without close(): the event loop is ending (asyncio.run() returning) under a
+                # gateway nobody closed. Close what it opened rather than leak its sessions and store.
+                self._closing = True
+                await self._release()
+            raise
+
+    async def _upkeep_loop(self) -> None:
         next_sweep = time.monotonic() + SWEEP_EVERY
         while True:
             await asyncio.sleep(RENEW_EVERY)
