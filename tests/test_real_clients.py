@@ -208,7 +208,8 @@ def test_langchain_bind_tools_completes_a_tool_loop(srv, streaming):
 # ---- llm -T -----------------------------------------------------------------------------------------------
 
 
-def test_llm_cli_tool_loop_completes(srv, tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--no-stream"]], ids=["streaming", "blocking"])
+def test_llm_cli_tool_loop_completes(srv, tmp_path, mode):
     base, key, d = srv
     (tmp_path / "extra-openai-models.yaml").write_text(
         f"- model_id: threadline-demo\n  model_name: demo\n  api_base: {base}/v1\n  api_key_name: threadline\n"
@@ -216,12 +217,14 @@ def test_llm_cli_tool_loop_completes(srv, tmp_path):
     (tmp_path / "keys.json").write_text(json.dumps({"threadline": key}))
     env = {**os.environ, "LLM_USER_PATH": str(tmp_path), "LLM_LOAD_PLUGINS": ""}
     fn = "def get_weather(q: str) -> str:\n    'The weather for a question.'\n    return 'hail, 3C'\n"
-    r = subprocess.run([str(BIN / "llm"), "-m", "threadline-demo", "--functions", fn, "--td", "weather in Lima?"],
+    r = subprocess.run([str(BIN / "llm"), "-m", "threadline-demo", "--functions", fn, "--td", *mode,
+                        "weather in Lima?"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("Tool said: hail, 3C"), (r.stdout, r.stderr)
     call = _tool_loop_reached_engine(d, "hail, 3C")
     assert call["function"]["name"] == "get_weather"
+    assert all(bool(r.get("stream")) is not bool(mode) for r in d.requests[-2:])
 
 
 # ---- LiteLLM as a client ----------------------------------------------------------------------------------
