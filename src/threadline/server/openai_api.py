@@ -40,7 +40,7 @@ from ..messages import (
 from ..service import Scope
 from ..turns import PastMessage, TurnRequest
 from .common import Caller, EventStream, HTTPError, authenticate, is_json, state
-from .models import ChatCompletion, ChatCompletionRequest, ModelList
+from .models import ChatCompletion, ChatCompletionRequest, Model, ModelList
 from .spec import Operation
 
 
@@ -198,7 +198,11 @@ class _Split:
                     raise OpenAIError(400, "Invalid parameter: messages with role 'tool' must be a response to a "
                                            "preceeding message with 'tool_calls'.", param=f"{where}.role",
                                       code="invalid_tool_result")
-                text, _ = _text_and_images(m.content, f"{where}.content")
+                text, imgs = _text_and_images(m.content, f"{where}.content")
+                if imgs:  # a function result is text: an image in it would be lost on the way
+                    raise OpenAIError(400, f"Invalid value for '{where}.content': a tool message carries text "
+                                           "parts only; send images in a user message.", param=f"{where}.content",
+                                      code="invalid_value")
                 self._check_len(text, where, max_chars)
                 group = group or ([], [])
                 group[1].append(FunctionResult(m.tool_call_id, text, pending_calls.pop(m.tool_call_id)))
@@ -422,9 +426,26 @@ async def models(request: Request) -> Response:
     return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
 
 
+async def model(request: Request) -> Response:
+    """One model the key may name (as listed by /v1/models); anything else does not exist for it."""
+    try:
+        caller = await _auth(request)
+        model_id = request.path_params["model_id"]
+        owners = dict(visible_models(state(request).gateway, caller.app))
+        if model_id not in owners:
+            raise OpenAIError(404, f"The model `{model_id}` does not exist or you do not have access to it.",
+                              code="model_not_found", param="model")
+    except OpenAIError as exc:
+        return openai_error(exc)
+    return Response(orjson.dumps({"id": model_id, "object": "model", "created": int(time.time()),
+                                  "owned_by": owners[model_id]}), media_type="application/json")
+
+
 operations = [
     Operation("POST", "/v1/chat/completions", chat_completions, "Chat Completions (OpenAI-compatible)",
               surface="openai", body=ChatCompletionRequest, response=ChatCompletion, stream=True, tags=("OpenAI",)),
     Operation("GET", "/v1/models", models, "The models the key may name: its app and the app's engines",
               surface="openai", response=ModelList, tags=("OpenAI",)),
+    Operation("GET", "/v1/models/{model_id}", model, "One model the key may name (its app or one of the app's "
+              "engines)", surface="openai", response=Model, tags=("OpenAI",)),
 ]
