@@ -308,3 +308,71 @@ def test_switching_to_the_local_engine_with_images_in_history_is_refused(serve, 
         assert r.status_code == 400 and r.json()["code"] == "unsupported_input"
         assert "'local'" in r.json()["message"] and "history" in r.json()["message"]
     assert _helpers() == []  # refused before llama.cpp was started for it
+
+
+CAPITAL_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
+                                                   "country": {"type": "string", "maxLength": 24}},
+                  "required": ["city", "country"], "additionalProperties": False}
+
+
+async def test_json_schema_response_format_is_grammar_constrained_by_llama_cpp(sqlite_url, monkeypatch):
+    """Through the Python API: the schema reaches llama.cpp's body as OpenAI's json_schema shape and
+    llama.cpp constrains the answer to it. The question asks for no JSON: a 135M model answering in
+    prose otherwise, only the grammar makes the answer this object."""
+    from threadline import AsyncThreadline
+    from threadline.messages import GenerationParams, ResponseFormat
+
+    bodies: list[dict] = []
+    build = local.LocalEngine.build_body
+
+    def spy(self, req):  # type: ignore[no-untyped-def]
+        body = build(self, req)
+        bodies.append(body)
+        return body
+
+    monkeypatch.setattr(local.LocalEngine, "build_body", spy)
+    tl = AsyncThreadline(database_url=sqlite_url, engines={"local": {"kind": "local", "max_output_tokens": 64}},
+                         include_presets=False)
+    try:
+        fmt = ResponseFormat("json_schema", CAPITAL_SCHEMA, "capital", True)
+        r = await tl.chat("What is the capital of France?", user="u", engine="local",
+                          params=GenerationParams(response_format=fmt))
+        assert bodies[-1]["response_format"] == {"type": "json_schema", "json_schema": {
+            "name": "capital", "schema": CAPITAL_SCHEMA, "strict": True}}
+        assert r.status == "completed" and r.finish_reason == "stop", r.answer
+        answer = json.loads(r.answer)
+        assert set(answer) == {"city", "country"}
+        assert all(isinstance(v, str) and len(v) <= 24 for v in answer.values())
+    finally:
+        await tl.aclose()
+    assert _wait(lambda: not _helpers())
+
+
+async def test_tools_on_the_local_engine_are_refused_naming_tools(sqlite_url):
+    """The local profile runs no caller-defined tools: a 400 naming `tools`, before anything starts."""
+    from threadline import AsyncThreadline
+    from threadline.errors import UnsupportedParameterError
+    from threadline.messages import ToolSpec
+
+    tl = AsyncThreadline(database_url=sqlite_url, engines={"local": {"kind": "local"}}, include_presets=False)
+    try:
+        with pytest.raises(UnsupportedParameterError) as e:
+            await tl.chat("weather?", user="u", engine="local",
+                          tools=[ToolSpec("get_weather", "The weather", {"type": "object", "properties": {}})])
+        assert e.value.param == "tools" and e.value.status == 400 and "'local'" in e.value.message
+        assert await tl.conversations(user="u") == []
+    finally:
+        await tl.aclose()
+    assert _helpers() == []
+
+
+def test_tools_on_the_local_engine_are_refused_on_the_openai_route(serve):
+    url = serve()
+    with httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/v1/chat/completions", json={
+            "model": "local", "user": "u", "messages": [{"role": "user", "content": "weather?"}],
+            "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "unsupported_parameter" and err["param"] == "tools"
+    assert _helpers() == []  # refused before llama.cpp was started for it

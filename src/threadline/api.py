@@ -83,7 +83,8 @@ class Message:
     created_at: float
     error: dict[str, Any] | None = None
     parent_id: str | None = None
-    # Typed items beyond the text: ImagePart, FunctionCall, FunctionResult (the parts column, read).
+    # Typed items beyond the text: ImagePart, FunctionCall, FunctionResult, ReasoningState, and AgentStep
+    # (an engine's own tool runs, e.g. a Dify agent app's thoughts) — the parts column, read.
     items: list[Any] = field(default_factory=list)
     finish_reason: str | None = None
 

@@ -14,10 +14,11 @@ from typing import Any, Protocol, overload
 
 import orjson
 
-from .messages import ChatMessage, FunctionCall, FunctionResult, items_from_json
+from .messages import AgentStep, ChatMessage, FunctionCall, FunctionResult, items_from_json
 from .tokens import estimate_text
 
 FIRST_PAGE = 64
+STEP_OUTPUT_CHARS = 2000  # a tool's output told in history is cut to this (a fetched web page can be huge)
 MAX_PAGE = 1024
 
 
@@ -115,9 +116,34 @@ def _replayed(role: str, text: str) -> bool:
     return role == "user" or (role == "assistant" and bool(text))
 
 
+def _cut(text: str, limit: int = STEP_OUTPUT_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def steps_text(steps: Sequence[AgentStep]) -> str:
+    """An engine's own agent steps in words: the tools it ran, with what, and what they returned.
+    They are history, not calls to answer, so no engine is ever sent them as function calls."""
+    lines: list[str] = []
+    for s in steps:
+        outputs = {r.call_id: r.output for r in s.results}
+        for c in s.calls:
+            line = f"[The assistant ran its tool {c.name} with {c.arguments}"
+            if c.call_id in outputs:
+                line += f"; it returned: {_cut(outputs[c.call_id])}"
+            lines.append(line + "]")
+    return "\n".join(lines)
+
+
+def with_steps(text: str, steps: Sequence[AgentStep]) -> str:
+    """An answer's text as history tells it: its agent's tool runs first, then the answer."""
+    told = steps_text(steps)
+    return f"{told}\n{text}" if told and text else told or text
+
+
 def row_to_message(row: dict[str, Any]) -> ChatMessage | None:
     """History rows become engine messages; failed empty answers are skipped. Reasoning text goes
-    along only with function calls (a profile may have to replay it there: DeepSeek thinking mode)."""
+    along only with function calls (a profile may have to replay it there: DeepSeek thinking mode).
+    An engine's own agent steps (a Dify agent app's tool runs) go along in words, never as calls."""
     text = row.get("content") or ""
     parts = row.get("parts")
     if not parts:
@@ -125,6 +151,9 @@ def row_to_message(row: dict[str, Any]) -> ChatMessage | None:
             return None
         return ChatMessage(role=row["role"], text=text)
     items = items_from_json(parts)
+    steps = [i for i in items if isinstance(i, AgentStep)]
+    if steps:
+        text = with_steps(text, steps)
     if row["role"] == "assistant" and row.get("status", "completed") != "completed":
         items = [i for i in items if not isinstance(i, FunctionCall)]  # a cut-short call was never made
     msg = ChatMessage.from_items(row["role"], text, items)
@@ -252,6 +281,8 @@ def transcript(rows: list[dict[str, Any]], *, limit_chars: int = 12000) -> str:
                 lines.append(f"Assistant called tool {item.name} with {item.arguments}")
             elif isinstance(item, FunctionResult):
                 lines.append(f"Tool result{f' of {item.name}' if item.name else ''}: {item.output}")
+            elif isinstance(item, AgentStep) and item.calls:
+                lines.append(f"Assistant: {steps_text([item])}")
         text = (r.get("content") or "").strip()
         if text:
             lines.append(f"{who}: {text}")

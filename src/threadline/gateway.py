@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 
 from .config import AppConfig, EngineConfig, Settings
-from .context import BranchSource, HistorySource, pack, seeded_query, transcript
+from .context import BranchSource, HistorySource, pack, seeded_query, steps_text, transcript
 from .engines.base import Engine, EngineRequest, build_engine
 from .engines.http import AiohttpPoster
 from .engines.retry import transport_error
@@ -55,6 +55,7 @@ from .errors import (
 from .history_cache import HistoryCache
 from .limits import Limiter, Ticket
 from .messages import (
+    AgentStep,
     AnswerReplaced,
     ChatMessage,
     Finished,
@@ -557,6 +558,10 @@ class Gateway:
                         yield ev
                     elif isinstance(ev, StateReport):
                         turn.states.append(ev.state)
+                    elif isinstance(ev, AgentStep):
+                        step = self._clean_step(ev)
+                        turn.add_step(step)
+                        yield step
                     elif isinstance(ev, AnswerReplaced):
                         if ev.reason == "no_think_tags":
                             answer[:] = [redactor.reclassified("".join(reasoning), "".join(answer))]
@@ -648,9 +653,13 @@ class Gateway:
         # A call cut short (stopped, failed) was never made: only a completed answer keeps its calls.
         calls = turn.tool_calls(eng.kind) if status == "completed" else []
         calls = [c if not self._secrets else replace(c, arguments=redact(c.arguments, *self._secrets)) for c in calls]
-        items: list[Item] = [*calls, *turn.states]
+        # The engine's own agent steps happened whatever the outcome: a stopped answer keeps them too.
+        steps = turn.steps
+        items: list[Item] = [*calls, *turn.states, *steps]
         finish_reason = _finish_reason(status, turn.finish_reason, bool(calls))
         answer_tokens = estimate_message(text) + sum(estimate_text(c.arguments) for c in calls)
+        if steps:
+            answer_tokens += estimate_text(steps_text(steps))
         conv_values: dict[str, Any] = {"engine": eng.name}
         query = plan.request.text
         if not conv.get("name") and plan.request.auto_generate_name and query.strip():
@@ -692,7 +701,14 @@ class Gateway:
                      user_message_id=running.user_message_id, task_id=running.task_id, usage=usage, status=status,
                      engine=eng.name, model=eng.model, created_at=running.started, latency=latency, price=price,
                      error=err, time_to_first_token=(running.first_token_at - running.started)
-                     if running.first_token_at else 0.0, tool_calls=calls, finish_reason=finish_reason)
+                     if running.first_token_at else 0.0, tool_calls=calls, steps=steps, finish_reason=finish_reason)
+
+    def _clean_step(self, step: AgentStep) -> AgentStep:
+        """An agent step's texts with every configured key (and anything key-shaped) redacted."""
+        sec = self._secrets
+        return replace(step, thought=redact(step.thought, *sec),
+                       calls=tuple(replace(c, arguments=redact(c.arguments, *sec)) for c in step.calls),
+                       results=tuple(replace(r, output=redact(r.output, *sec)) for r in step.results))
 
     async def _history_hash(self, plan: _Plan, conv: dict[str, Any], asst_seq: int,
                             items: list[Sequence[Item]], answer: str) -> str:

@@ -104,9 +104,43 @@ class ReasoningState:
         return cls(str(d["provider"]), str(d["data"]))
 
 
-Item = ImagePart | FunctionCall | FunctionResult | ReasoningState
+@dataclass(slots=True, frozen=True)
+class AgentStep:
+    """One step of an engine's OWN agent (a Dify agent app's `agent_thought`): what it thought, the
+    tools it ran itself (`calls`) and what they returned (`results`). These are no caller-defined
+    function calls: the engine already ran them, so they never become `Reply.tool_calls` and are
+    never replayed to an engine as calls to answer; history tells them in words (context.py).
+
+    It is both an engine event (a step as it grows: the same `id` again replaces the step so far)
+    and the stored item of the answer it belongs to. `position` counts steps from 1; `files`: ids
+    of files the step produced; `tool_labels`: display names per tool, as the engine gave them."""
+
+    id: str
+    position: int = 1
+    thought: str = ""
+    calls: tuple[FunctionCall, ...] = ()
+    results: tuple[FunctionResult, ...] = ()
+    tool_labels: dict[str, Any] = field(default_factory=dict)
+    files: tuple[str, ...] = ()
+    created_at: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": "agent_step", "id": self.id, "position": self.position, "thought": self.thought,
+                "calls": [c.to_json() for c in self.calls], "results": [r.to_json() for r in self.results],
+                "tool_labels": self.tool_labels, "files": list(self.files), "created_at": self.created_at}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> AgentStep:
+        return cls(str(d["id"]), int(d.get("position") or 1), str(d.get("thought") or ""),
+                   tuple(FunctionCall.from_json(c) for c in d.get("calls") or ()),
+                   tuple(FunctionResult.from_json(r) for r in d.get("results") or ()),
+                   dict(d.get("tool_labels") or {}), tuple(str(f) for f in d.get("files") or ()),
+                   int(d.get("created_at") or 0))
+
+
+Item = ImagePart | FunctionCall | FunctionResult | ReasoningState | AgentStep
 _ITEM_TYPES: dict[str, Any] = {"image": ImagePart, "function_call": FunctionCall, "function_result": FunctionResult,
-                               "reasoning_state": ReasoningState}
+                               "reasoning_state": ReasoningState, "agent_step": AgentStep}
 
 
 def items_to_json(items: Sequence[Item]) -> list[dict[str, Any]] | None:
@@ -127,7 +161,8 @@ def items_from_json(parts: Sequence[dict[str, Any]] | None) -> list[Item]:
 class ChatMessage:
     """One message as an engine sees it. Roles alternate user/assistant: a user message may carry
     images and the results of the previous answer's function calls; an assistant message may carry
-    function calls and opaque reasoning state. Reasoning text only when a profile replays it."""
+    function calls and opaque reasoning state. Reasoning text only when a profile replays it.
+    An engine's own agent steps (AgentStep) are no part of it: context.py tells them in the text."""
 
     role: Role
     text: str
@@ -237,7 +272,7 @@ class Usage:
 
 # ---- stream events -------------------------------------------------------------------------------
 # Engines yield UpstreamAccepted, then TextDelta / ReasoningDelta / UsageReport / RemoteState /
-# AnswerReplaced, then Finished (only when the answer really ended: a stream cut short raises).
+# AnswerReplaced / AgentStep, then Finished (only when the answer really ended: a stream cut short raises).
 # The gateway adds TurnStarted first (once the engine accepted) and TurnCompleted or TurnFailed last;
 # a turn that fails before its engine accepted yields TurnFailed alone.
 
@@ -336,6 +371,8 @@ class Reply:
     error: dict[str, Any] | None = None
     time_to_first_token: float = 0.0
     tool_calls: list[FunctionCall] = field(default_factory=list)
+    # The engine's own agent steps (a Dify agent app's tool runs): already done, nothing to answer.
+    steps: list[AgentStep] = field(default_factory=list)
     # What the engine reported: stop | length | tool_calls | content_filter; a stopped turn is "stop".
     finish_reason: str | None = None
 
@@ -356,6 +393,6 @@ class TurnFailed:
 
 
 EngineEvent = (TextDelta | ReasoningDelta | ToolCallDelta | StateReport | AnswerReplaced | UsageReport | RemoteState
-               | Finished | UpstreamAccepted)
+               | Finished | UpstreamAccepted | AgentStep)
 TurnEvent = (TurnStarted | TextDelta | ReasoningDelta | ToolCallDelta | AnswerReplaced | UsageReport | TurnCompleted
-             | TurnFailed)
+             | TurnFailed | AgentStep)

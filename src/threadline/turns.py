@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .messages import (
+    AgentStep,
     FunctionCall,
     FunctionResult,
     GenerationParams,
@@ -75,16 +76,17 @@ class TurnRequest:
 
 
 class Turn:
-    """Accumulates one answer from engine events: text, reasoning, tool calls, opaque state,
-    usage, price, remote ids and the finish reason the engine reported."""
+    """Accumulates one answer from engine events: text, reasoning, tool calls, opaque state, the
+    engine's own agent steps, usage, price, remote ids and the finish reason the engine reported."""
 
-    __slots__ = ("answer", "calls", "finish_reason", "price", "reasoning", "remote", "states", "usage")
+    __slots__ = ("_steps", "answer", "calls", "finish_reason", "price", "reasoning", "remote", "states", "usage")
 
     def __init__(self) -> None:
         self.answer: list[str] = []
         self.reasoning: list[str] = []
         self.calls: dict[int, dict[str, Any]] = {}
         self.states: list[ReasoningState] = []
+        self._steps: dict[str, AgentStep] = {}
         self.usage: Usage | None = None
         self.price: dict[str, Any] | None = None
         self.remote = RemoteState()
@@ -107,6 +109,15 @@ class Turn:
         c["signature"] = c["signature"] or d.signature
         if d.arguments:
             c["arguments"].append(d.arguments)
+
+    def add_step(self, step: AgentStep) -> None:
+        """A step as it grows: the same id again replaces it (Dify resends a thought whole)."""
+        self._steps[step.id] = step
+
+    @property
+    def steps(self) -> list[AgentStep]:
+        """The agent steps in the order they began."""
+        return list(self._steps.values())
 
     def tool_calls(self, provider: str) -> list[FunctionCall]:
         """The complete calls, in index order; a call whose id the engine never sent gets one."""

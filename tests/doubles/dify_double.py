@@ -15,11 +15,21 @@ Faults (`fault`, one of FAULTS; the shared ones behave as in the OpenAI double):
   Blocking: 400 `invalid_param` "Run failed: ..." as recorded in 076.
 `error_message` replaces the failure text (a workflow that echoes secrets). `replace_with` is output
 moderation: a streamed answer is followed by `message_replace` with that text (reason
-`output_moderation`), a blocking one is that text."""
+`output_moderation`), a blocking one is that text.
+
+`agent=True` plays an agent-chat app instead (no recording exists; built from Dify 1.13's own
+agent runner, fc_agent_runner.py, and task_entities.py): blocking mode is refused with 400
+`invalid_param` "Agent Chat App does not support blocking mode" before anything is created; a
+stream runs one tool, `get_weather`, then answers. Each thought is sent whole every time it
+changes (created empty, then with its tool and input, then with the observation), `tool_input`
+and `observation` JSON keyed by tool name as Dify writes them, the answer as `agent_message`
+events, and `message_end` ends the stream (no workflow events). `/messages` lists the thoughts.
+`agent_observation` replaces what the tool returns."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -65,6 +75,8 @@ class DifyDouble:
     error_kind: str = "workflow"  # how `error_event` fails a stream: "workflow" | "error"
     error_message: str | None = None  # the failure text for `error_event`
     replace_with: str | None = None  # output moderation's replacement answer
+    agent: bool = False  # play an agent-chat app (see the module doc)
+    agent_observation: str | None = None  # what the agent's tool returns
 
     def reset(self, **kw: Any) -> DifyDouble:
         fresh = DifyDouble()
@@ -128,6 +140,8 @@ class DifyDouble:
                     return err(400, "invalid_param", "Invalid upload file id")
         cid = body.get("conversation_id") or ""
         streaming = body.get("response_mode") == "streaming"
+        if self.agent and not streaming:
+            return err(400, "invalid_param", "Agent Chat App does not support blocking mode")
         if cid:
             c = self.conversations.get(cid)
             if c is None or c["user"] != user:
@@ -140,6 +154,9 @@ class DifyDouble:
         else:
             cid = str(uuid.uuid4())
             self.conversations[cid] = {"user": user, "turns": 0, "last_query": "", "messages": []}
+        if self.agent:
+            return StreamingResponse(self._agent_stream(cid, body["query"], body.get("inputs") or {}),
+                                     media_type="text/event-stream; charset=utf-8")
         mid, answer = self._answer(cid, body["query"], body.get("inputs") or {})
         final = answer if self.replace_with is None else self.replace_with
         task_id = str(uuid.uuid4())
@@ -208,6 +225,44 @@ class DifyDouble:
 
         return StreamingResponse(gen(), media_type="text/event-stream; charset=utf-8")
 
+    async def _agent_stream(self, cid: str, query: str, inputs: dict[str, Any]):  # type: ignore[no-untyped-def]
+        c = self.conversations[cid]
+        mid, task_id, created = str(uuid.uuid4()), str(uuid.uuid4()), int(time.time())
+        city = query.split()[-1].strip("?.!") or "Paris"
+        observation = self.agent_observation or f"Sunny, 21°C in {city}"
+        answer = f"It is sunny in {city}: {observation}."
+        env = {"conversation_id": cid, "message_id": mid, "created_at": created}
+        labels = {"get_weather": {"en_US": "Get weather", "zh_Hans": "Get weather"}}
+        t1 = {"id": str(uuid.uuid4()), "position": 1, "thought": "", "observation": "", "tool": "",
+              "tool_labels": {}, "tool_input": "", "message_files": []}
+        t2 = {**t1, "id": str(uuid.uuid4()), "position": 2}
+
+        def thought(t: dict[str, Any]) -> bytes:
+            return b"data: " + orjson.dumps({"event": "agent_thought", **env, "task_id": task_id, **t}) + b"\n\n"
+
+        yield b"event: ping\n\n"
+        yield thought(t1)
+        t1.update(tool="get_weather", tool_labels=labels,
+                  tool_input=json.dumps({"get_weather": {"city": city}}, ensure_ascii=False))
+        yield thought(t1)
+        t1.update(observation=json.dumps({"get_weather": observation}, ensure_ascii=False))
+        yield thought(t1)
+        yield thought(t2)
+        for piece in (answer[: len(answer) // 2], answer[len(answer) // 2:]):
+            if self.slow:
+                await asyncio.sleep(self.slow)
+            yield b"data: " + orjson.dumps({"event": "agent_message", **env, "task_id": task_id, "id": mid,
+                                            "answer": piece}) + b"\n\n"
+        t2.update(thought=answer)
+        yield thought(t2)
+        c["messages"].append({"id": mid, "query": query, "answer": answer, "inputs": inputs, "created_at": created,
+                              "thoughts": [{**t, "created_at": created} for t in (t1, t2)]})
+        c["turns"] += 1
+        c["last_query"] = query
+        yield b"data: " + orjson.dumps({"event": "message_end", **env, "task_id": task_id, "id": mid,
+                                        "metadata": {"retriever_resources": [], "usage": USAGE},
+                                        "files": None}) + b"\n\n"
+
     async def stop(self, request: Request) -> Response:
         if (bad := self._auth(request)) is not None:
             return bad
@@ -247,8 +302,12 @@ class DifyDouble:
         page = msgs[-limit:]
         data = [{"id": m["id"], "conversation_id": q["conversation_id"], "parent_message_id": None,
                  "inputs": m["inputs"], "query": m["query"], "answer": m["answer"], "feedback": None,
-                 "retriever_resources": [], "created_at": m["created_at"], "agent_thoughts": [], "message_files": [],
-                 "status": "normal", "error": None} for m in page]
+                 "retriever_resources": [], "created_at": m["created_at"],
+                 "agent_thoughts": [{"id": t["id"], "chain_id": None, "message_id": m["id"], "position": t["position"],
+                                     "thought": t["thought"], "tool": t["tool"], "tool_labels": t["tool_labels"],
+                                     "tool_input": t["tool_input"], "created_at": t["created_at"],
+                                     "observation": t["observation"], "files": []} for t in m.get("thoughts", ())],
+                 "message_files": [], "status": "normal", "error": None} for m in page]
         return JSONResponse({"limit": limit, "has_more": len(msgs) > limit, "data": data})
 
     def app(self) -> Starlette:

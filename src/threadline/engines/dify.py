@@ -10,6 +10,7 @@ and a failing workflow that ends with `workflow_finished: failed` and no `error`
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,9 +26,12 @@ from ..errors import (
     upstream_error_from_status,
 )
 from ..messages import (
+    AgentStep,
     AnswerReplaced,
     EngineEvent,
     Finished,
+    FunctionCall,
+    FunctionResult,
     RemoteState,
     TextDelta,
     UpstreamAccepted,
@@ -42,8 +46,80 @@ from .sse import iter_sse
 # Fields of POST /chat-messages that Threadline sends (reference §2.1): nothing else, ever.
 DIFY_FIELDS = frozenset({"inputs", "query", "response_mode", "conversation_id", "user", "files", "auto_generate_name",
                          "workflow_id"})
+# An agent app refuses blocking mode with this 400 (core/app/apps/agent_chat/app_generator.py), before it
+# creates anything: the engine then asks again in streaming mode and reads the stream whole.
+NO_BLOCKING = "does not support blocking mode"
 # Dify sends nothing for an unknown conversation in streaming mode (fixture 082: ping, then 300 s of silence).
 FIRST_EVENT_TIMEOUT = 20.0
+
+
+def _json_text(v: Any) -> str:
+    return v if isinstance(v, str) else orjson.dumps(v).decode()
+
+
+def _keyed(raw: Any, names: list[str]) -> dict[str, Any] | None:
+    """Dify writes a thought's tool_input and observation as JSON objects keyed by tool name."""
+    if not isinstance(raw, str) or not raw:
+        return None
+    try:
+        d = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return d if isinstance(d, dict) and all(n in d for n in names) else None
+
+
+def step_from_thought(data: dict[str, Any], created_at: int) -> AgentStep:
+    """A Dify `agent_thought` event as an AgentStep. Dify's agent runners (function calling and
+    ReAct alike) write `tool` as the tool names joined by ";", `tool_input` as `{name: arguments}`
+    and `observation` as `{name: output}`, each JSON text; a single tool's call id is the thought's
+    id (several: `<id>.1`, `<id>.2`, ...). Text that is not keyed that way is kept whole."""
+    tid = str(data.get("id") or "")
+    names = [n for n in str(data.get("tool") or "").split(";") if n]
+    ids = [tid] if len(names) == 1 else [f"{tid}.{i}" for i in range(1, len(names) + 1)]
+    raw_in, raw_out = data.get("tool_input"), data.get("observation")
+    inputs, outputs = _keyed(raw_in, names), _keyed(raw_out, names)
+    calls: list[FunctionCall] = []
+    results: list[FunctionResult] = []
+    for cid, name in zip(ids, names, strict=True):
+        if inputs is not None:
+            args = _json_text(inputs[name])
+        else:
+            args = str(raw_in) if len(names) == 1 and raw_in else "{}"
+        calls.append(FunctionCall(cid, name, args))
+        if outputs is not None:
+            results.append(FunctionResult(cid, _json_text(outputs[name]), name))
+        elif len(names) == 1 and isinstance(raw_out, str) and raw_out:
+            results.append(FunctionResult(cid, raw_out, name))
+    labels = data.get("tool_labels")
+    files = data.get("message_files")
+    return AgentStep(tid, int(data.get("position") or 1), str(data.get("thought") or ""), tuple(calls),
+                     tuple(results), labels if isinstance(labels, dict) else {},
+                     tuple(str(f) for f in files) if isinstance(files, list) else (), created_at)
+
+
+def _args_value(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+
+
+def _py_json(v: Any) -> str:
+    """JSON text as Dify's Python writes it (json.dumps, ensure_ascii=False: ", " and ": ")."""
+    return json.dumps(v, ensure_ascii=False)
+
+
+def thought_fields(step: AgentStep) -> dict[str, str]:
+    """An AgentStep back in Dify's words: `tool`, `tool_input` and `observation` as Dify writes them."""
+    if not step.calls:
+        return {"tool": "", "tool_input": "", "observation": ""}
+    outputs = {r.call_id: r.output for r in step.results}
+    observation = ""
+    if step.results:
+        observation = _py_json({c.name: outputs[c.call_id] for c in step.calls if c.call_id in outputs})
+    return {"tool": ";".join(c.name for c in step.calls),
+            "tool_input": _py_json({c.name: _args_value(c.arguments) for c in step.calls}),
+            "observation": observation}
 
 
 def usage_and_price(u: dict[str, Any]) -> tuple[Usage, dict[str, Any]]:
@@ -66,6 +142,7 @@ class DifyEngine(Engine):
         self.base = config.base_url
         self.headers = {"Authorization": f"Bearer {config.api_key}"}
         self._uploads: dict[tuple[str, str], str] = {}
+        self._stream_only = False  # the app refused blocking mode once (an agent app): always stream
 
     # ---- errors --------------------------------------------------------------------------------
 
@@ -121,9 +198,10 @@ class DifyEngine(Engine):
                 out.append({"type": "image", "transfer_method": "remote_url", "url": img.url})
         return out
 
-    def build_body(self, req: EngineRequest, files: list[dict[str, Any]]) -> dict[str, Any]:
+    def build_body(self, req: EngineRequest, files: list[dict[str, Any]], *, stream: bool | None = None) -> dict[str, Any]:
+        stream = req.stream if stream is None else stream
         body: dict[str, Any] = {
-            "inputs": req.inputs, "query": req.query, "response_mode": "streaming" if req.stream else "blocking",
+            "inputs": req.inputs, "query": req.query, "response_mode": "streaming" if stream else "blocking",
             "conversation_id": req.remote_conversation_id or "", "user": req.remote_user,
             "auto_generate_name": req.auto_generate_name,
         }
@@ -138,17 +216,18 @@ class DifyEngine(Engine):
 
     async def events(self, req: EngineRequest) -> AsyncIterator[EngineEvent]:
         files = await self._files(req)
-        payload = orjson.dumps(self.build_body(req, files))
         sent_remote = bool(req.remote_conversation_id)
-        headers = {**self.headers, "Content-Type": "application/json"}
-        resp = await retry.send(
-            lambda: self.poster.post(f"{self.base}/chat-messages", payload, headers, read_timeout=self.config.timeout),
-            max_retries=self.config.max_retries, secrets=(self.config.api_key,), engine=self.name,
-            map_error=lambda s, b, m: self._map(s, b, m, sent_remote=sent_remote),
-        )
+        stream = req.stream or self._stream_only
+        try:
+            resp = await self._send(req, files, stream, sent_remote)
+        except UpstreamError as exc:
+            if stream or exc.status != 400 or NO_BLOCKING not in exc.message:
+                raise
+            self._stream_only = stream = True
+            resp = await self._send(req, files, stream, sent_remote)
         try:
             yield UpstreamAccepted()
-            if not req.stream:
+            if not stream:
                 try:
                     data = orjson.loads(await resp.aread())
                 except orjson.JSONDecodeError:
@@ -169,6 +248,16 @@ class DifyEngine(Engine):
                 yield ev
         finally:
             await resp.aclose()
+
+    async def _send(self, req: EngineRequest, files: list[dict[str, Any]], stream: bool,
+                    sent_remote: bool) -> UpstreamResponse:
+        payload = orjson.dumps(self.build_body(req, files, stream=stream))
+        headers = {**self.headers, "Content-Type": "application/json"}
+        return await retry.send(
+            lambda: self.poster.post(f"{self.base}/chat-messages", payload, headers, read_timeout=self.config.timeout),
+            max_retries=self.config.max_retries, secrets=(self.config.api_key,), engine=self.name,
+            map_error=lambda s, b, m: self._map(s, b, m, sent_remote=sent_remote),
+        )
 
     async def _stream(self, resp: UpstreamResponse, req: EngineRequest, sent_remote: bool) -> AsyncIterator[EngineEvent]:
         it = iter_sse(resp).__aiter__()
@@ -201,9 +290,12 @@ class DifyEngine(Engine):
             if not bound and data.get("conversation_id"):
                 bound = True
                 yield RemoteState(data.get("conversation_id"), data.get("message_id"), data.get("task_id"))
-            if kind in ("message", "agent_message"):
+            if kind in ("message", "agent_message"):  # agent apps send agent_message instead
                 if data.get("answer"):
                     yield TextDelta(data["answer"])
+            elif kind == "agent_thought":
+                created = data.get("created_at")
+                yield step_from_thought(data, created if isinstance(created, int) else 0)
             elif kind == "message_replace":
                 yield AnswerReplaced(data.get("answer") or "", data.get("reason"))
             elif kind == "message_end":
@@ -224,7 +316,7 @@ class DifyEngine(Engine):
                 if isinstance(wf, dict) and wf.get("status") == "failed":
                     error = redact(str(wf.get("error") or "workflow failed"), self.config.api_key)
                     raise UpstreamError(f"Run failed: {error}", code="invalid_param", status=400)
-            # workflow/node/iteration/loop/agent_thought/message_file/tts events and future ones: ignored safely
+            # workflow/node/iteration/loop/message_file/tts events and future ones: ignored safely
         if not ended:
             raise UpstreamTruncated("Dify's stream ended before the answer did (no message_end).")
         yield Finished("stop")

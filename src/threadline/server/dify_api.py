@@ -15,9 +15,11 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..engines.dify import thought_fields
 from ..errors import InvalidParamError, NotFoundError, ThreadlineError
 from ..media import IMAGE_EXTENSIONS, guess_extension, sniff_image_type
 from ..messages import (
+    AgentStep,
     AnswerReplaced,
     ImagePart,
     ReasoningDelta,
@@ -193,6 +195,7 @@ async def _stream(request: Request, agen: AsyncGenerator[Any, None], started: Tu
            "created_at": _ts(started.created_at)}
     yield b"event: ping\n\n"
     queue: asyncio.Queue[Any] = asyncio.Queue()
+    agent = False  # an agent's stream (it told a step first): answer text goes as agent_message, as Dify's does
 
     async def pump() -> None:
         try:
@@ -216,8 +219,19 @@ async def _stream(request: Request, agen: AsyncGenerator[Any, None], started: Tu
             if ev is None:
                 break
             if isinstance(ev, TextDelta):
-                yield _frame({"event": "message", **env, "task_id": started.task_id, "id": started.message_id,
-                              "answer": ev.text, "from_variable_selector": None})
+                if agent:
+                    yield _frame({"event": "agent_message", **env, "task_id": started.task_id,
+                                  "id": started.message_id, "answer": ev.text})
+                else:
+                    yield _frame({"event": "message", **env, "task_id": started.task_id, "id": started.message_id,
+                                  "answer": ev.text, "from_variable_selector": None})
+            elif isinstance(ev, AgentStep):
+                agent = True
+                f = thought_fields(ev)
+                yield _frame({"event": "agent_thought", **env, "task_id": started.task_id, "id": ev.id,
+                              "position": ev.position, "thought": ev.thought, "observation": f["observation"],
+                              "tool": f["tool"], "tool_labels": ev.tool_labels, "tool_input": f["tool_input"],
+                              "message_files": list(ev.files)})
             elif isinstance(ev, ReasoningDelta):
                 if include_reasoning:
                     yield _frame({"event": "reasoning", **env, "task_id": started.task_id, "id": started.message_id,
@@ -342,6 +356,21 @@ def _dify_status(status: str) -> str:
     return "error" if status == "failed" else "normal"
 
 
+def _agent_thoughts(a: dict[str, Any]) -> list[dict[str, Any]]:
+    """An answer's agent steps as Dify lists them (fields/message_fields.py agent_thought_fields)."""
+    out = []
+    for p in a.get("parts") or []:
+        if p.get("type") != "agent_step":
+            continue
+        step = AgentStep.from_json(p)
+        f = thought_fields(step)
+        out.append({"id": step.id, "chain_id": None, "message_id": a["id"], "position": step.position,
+                    "thought": step.thought, "tool": f["tool"], "tool_labels": step.tool_labels,
+                    "tool_input": f["tool_input"], "created_at": step.created_at or _ts(a["created_at"]),
+                    "observation": f["observation"], "files": list(step.files)})
+    return out
+
+
 def render_turn(conv_id: str, user_msg: dict[str, Any] | None, a: dict[str, Any]) -> dict[str, Any]:
     usage = a.get("usage") or {}
     err = a.get("error")
@@ -351,7 +380,8 @@ def render_turn(conv_id: str, user_msg: dict[str, Any] | None, a: dict[str, Any]
         "id": a["id"], "conversation_id": conv_id, "parent_message_id": (user_msg or {}).get("parent_id") or NIL,
         "inputs": (user_msg or {}).get("inputs") or {}, "query": (user_msg or {}).get("content", ""),
         "answer": a.get("content") or "", "feedback": a.get("feedback"), "retriever_resources": [],
-        "created_at": _ts(a["created_at"]), "agent_thoughts": [], "message_files": _message_files(user_msg),
+        "created_at": _ts(a["created_at"]), "agent_thoughts": _agent_thoughts(a),
+        "message_files": _message_files(user_msg),
         "status": _dify_status(a["status"]), "error": (err or {}).get("message") if err else None,
         "extra_contents": [],
         # Threadline additions (Dify clients ignore unknown keys):
