@@ -238,7 +238,7 @@ class OpenAITool(OpenAIText):
             return self.fail(f"call: HTTP {status}", data)
         text, calls = read_answer(data, self.stream)
         if not calls:
-            return self.fail("call: no tool_calls in the answer")
+            return self.fail("call: the answer has no tool_calls (the tree ignores or refuses `tools`)")
         self.same_conversation(self.cid_of(h1))
         self.messages.append({"role": "assistant", "content": text or None, "tool_calls": calls})
         for c in calls:
@@ -306,13 +306,14 @@ async def start_tree(tree: Tree, work: Path, upstream: int, postgres: bool) -> p
     return tree.proc
 
 
-async def accepts_tools(tree: Tree, stream: bool) -> bool:
+async def tool_probe(tree: Tree, stream: bool) -> str | None:
+    """None when the tree runs a tool loop, else why not."""
     probe = OpenAITool(f"{tree.name}-probe", tree.port, tree.key, 2, stream)
     try:
         await probe.step()
     finally:
         probe.close()
-    return not probe.failures and len(probe.samples["loop"].client_ms) == 1
+    return probe.first_error or None
 
 
 # ---- the run -----------------------------------------------------------------------------------------
@@ -337,10 +338,11 @@ async def measure(opts: argparse.Namespace) -> dict[str, Any]:
             arms.append(OpenAIText(f"{t.name} text (openai)", t.port, t.key, opts.turns, opts.stream))
             if not opts.no_dify:
                 arms.append(DifyText(f"{t.name} text (dify)", t.port, t.key, opts.turns, opts.stream))
-            if await accepts_tools(t, opts.stream):
+            why = await tool_probe(t, opts.stream)
+            if why is None:
                 arms.append(OpenAITool(f"{t.name} tool (openai)", t.port, t.key, opts.turns, opts.stream))
             else:
-                notes.append(f"{t.name}: does not run a tool loop (tools refused or not answered); no tool arm")
+                notes.append(f"{t.name}: no tool arm, its tool loop failed: {why[:200]}")
         arms.append(OpenAIText("direct upstream", port, "sk-upstream", opts.turns, opts.stream))
 
         print(f"warm-up {opts.warmup:g}s per arm, then {opts.rounds} rounds x {opts.seconds:g}s per arm "
