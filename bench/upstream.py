@@ -1,8 +1,12 @@
 """A fast OpenAI-compatible upstream for the benchmark: raw asyncio + httptools, keep-alive, no framework.
 
 It must cost far less than anything it measures, so responses are built from templates and the request
-body is only parsed to learn `stream` and `stream_options`. `--latency-ms` adds a fixed think time before
-the first byte; `--chunks` and `--chunk-delay-ms` shape a streamed answer.
+body is only parsed to learn `stream`, `stream_options`, `tools` and the last message's role. `--latency-ms`
+adds a fixed think time before the first byte; `--chunks` and `--chunk-delay-ms` shape a streamed answer.
+
+Tool calls: a request offering `tools` whose last message is the user's is answered with one call of the
+first tool (finish_reason "tool_calls"), blocking or streamed in OpenAI's shape; after a `tool` message, or
+without tools, the answer is text.
 
 Run: python bench/upstream.py --port 9100 [--latency-ms 0] [--chunks 8] [--chunk-delay-ms 0]
 """
@@ -48,10 +52,47 @@ def _usage_chunk(model: str, n_prompt: int, chunks: int) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+TOOL_ARGS = ['{"query": ', '"bench', 'mark"}']
+
+
+def _tool_name(req: dict[str, object]) -> str | None:
+    """The first offered tool's name when this turn should be answered with a call, else None."""
+    tools, msgs = req.get("tools"), req.get("messages")
+    if not tools or not isinstance(tools, list) or not isinstance(msgs, list) or not msgs:
+        return None
+    if msgs[-1].get("role") != "user":
+        return None
+    fn = tools[0].get("function") or {}
+    return str(fn.get("name") or "tool")
+
+
+def _call_completion(model: str, n_prompt: int, name: str, call_id: str) -> bytes:
+    call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": "".join(TOOL_ARGS)}}
+    return orjson.dumps({
+        "id": "chatcmpl-bench", "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                     "finish_reason": "tool_calls", "logprobs": None}],
+        "usage": {"prompt_tokens": n_prompt, "completion_tokens": 12, "total_tokens": n_prompt + 12},
+        "system_fingerprint": "fp_bench",
+    })
+
+
+def _call_chunks(model: str, name: str, call_id: str) -> list[bytes]:
+    first = {"role": "assistant", "content": None, "tool_calls": [
+        {"index": 0, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}]}
+    out = [_chunk(model, first)]
+    for piece in TOOL_ARGS:
+        out.append(_chunk(model, {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
+    out.append(_chunk(model, {}, "tool_calls"))
+    return out
+
+
 DONE = b"%x\r\n%s\r\n" % (len(b"data: [DONE]\n\n"), b"data: [DONE]\n\n") + b"0\r\n\r\n"
 
 
 class Upstream(asyncio.Protocol):
+    calls = 0  # call ids, unique per upstream process
+
     def __init__(self, opts: argparse.Namespace) -> None:
         self.opts = opts
         self.parser = httptools.HttpRequestParser(self)
@@ -100,12 +141,26 @@ class Upstream(asyncio.Protocol):
         if self.opts.latency_ms:
             await asyncio.sleep(self.opts.latency_ms / 1000)
         chunks = self.opts.chunks
+        tool = _tool_name(req)
+        call_id = ""
+        if tool is not None:
+            Upstream.calls += 1
+            call_id = f"call_bench{Upstream.calls}"
+            chunks = 12
         if not req.get("stream"):
-            body = _completion(model, n_prompt, chunks)
+            body = _completion(model, n_prompt, chunks) if tool is None else _call_completion(model, n_prompt, tool,
+                                                                                              call_id)
             t.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
             return
-        parts = [b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
-                 _chunk(model, {"role": "assistant", "content": ""})]
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        if tool is not None:
+            parts = [head, *_call_chunks(model, tool, call_id)]
+            if (req.get("stream_options") or {}).get("include_usage"):
+                parts.append(_usage_chunk(model, n_prompt, chunks))
+            parts.append(DONE)
+            t.write(b"".join(parts))
+            return
+        parts = [head, _chunk(model, {"role": "assistant", "content": ""})]
         delay = self.opts.chunk_delay_ms / 1000
         for i in range(chunks):
             parts.append(_chunk(model, {"content": TEXT_TOKENS[i % len(TEXT_TOKENS)]}))
