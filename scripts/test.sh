@@ -10,6 +10,7 @@ if [ ! -x /usr/bin/chromium ]; then
   $SUDO apt-get install -y -q chromium || { $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium; }
 fi
 .venv/bin/ruff check src tests bench
+.venv/bin/mypy  # strict, on src/ ([tool.mypy] in pyproject.toml)
 set +e
 .venv/bin/python -m pytest -q "$@"
 status=$?
