@@ -153,3 +153,24 @@ def test_dify_route_parent_message_id(oai, tmp_path):
         assert ask("x", cid, r1["message_id"], user="d2").status_code == 404
     finally:
         srv.stop()
+
+
+async def test_python_api_regenerate_edit_and_read_a_branch(tl, oai):
+    d, _ = oai
+    r1 = await tl.chat("q1", user="u", app="demo")
+    cid = r1.conversation_id
+    r2 = await tl.chat("q2", user="u", app="demo", conversation_id=cid)
+    again = await tl.regenerate(r2.message_id, user="u")  # by the answer; app found from the id
+    assert again.conversation_id == cid and again.message_id != r2.message_id
+    assert sent(d) == ["q1", "Answer to: q1", "q2"]
+    edited = await tl.edit(r2.user_message_id, "q2, edited", user="u", app="demo")  # by the question
+    assert sent(d) == ["q1", "Answer to: q1", "q2, edited"]
+    assert [m.content for m in await tl.messages(cid, user="u")] == ["q1", "Answer to: q1", "q2, edited",
+                                                                      "Answer to: q2, edited"]
+    assert [m.content for m in await tl.messages(cid, user="u", tip_id=r2.message_id)][-1] == "Answer to: q2"
+    first = await tl.edit(r1.user_message_id, "q1 from the top", user="u")
+    assert sent(d) == ["q1 from the top"] and first.conversation_id == edited.conversation_id
+    r3 = await tl.chat("next", user="u", conversation_id=cid, parent_id=again.message_id)
+    assert sent(d) == ["q1", "Answer to: q1", "q2", "Answer to: q2", "next"] and r3.status == "completed"
+    with pytest.raises(NotFoundError):
+        await tl.regenerate(r2.message_id, user="mallory")

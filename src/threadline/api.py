@@ -132,14 +132,15 @@ def tool_choice_of(choice: str | ToolChoice | None) -> ToolChoice | None:
 
 
 def _request(
-    text: str, user: str, app: str | None, conversation_id: str | None, engine: str | None,
-    images: Iterable[str | ImagePart] | None, files: Iterable[str] | None, inputs: dict[str, Any] | None,
-    tools: Sequence[ToolSpec | dict[str, Any]] | None, tool_choice: str | ToolChoice | None,
-    tool_results: Sequence[FunctionResult] | None, params: GenerationParams | None, *, stream: bool,
+    *, text: str, user: str, app: str | None, conversation_id: str | None, parent_id: str | None,
+    engine: str | None, images: Iterable[str | ImagePart] | None, files: Iterable[str] | None,
+    inputs: dict[str, Any] | None, tools: Sequence[ToolSpec | dict[str, Any]] | None,
+    tool_choice: str | ToolChoice | None, tool_results: Sequence[FunctionResult] | None,
+    params: GenerationParams | None, stream: bool,
 ) -> TurnRequest:
-    """The one place the Python API's arguments become a TurnRequest (chat and stream alike)."""
-    return TurnRequest(user=user, text=text, app=app, conversation_id=conversation_id, engine=engine,
-                       images=tuple(images or ()), files=tuple(files or ()), inputs=inputs or {},
+    """The one place the Python API's arguments become a TurnRequest (chat, stream, regenerate, edit)."""
+    return TurnRequest(user=user, text=text, app=app, conversation_id=conversation_id, parent_id=parent_id,
+                       engine=engine, images=tuple(images or ()), files=tuple(files or ()), inputs=inputs or {},
                        tools=tuple(tool_spec(t) for t in tools or ()), tool_choice=tool_choice_of(tool_choice),
                        results=tuple(tool_results or ()), params=params or GenerationParams(), stream=stream)
 
@@ -201,18 +202,25 @@ class AsyncThreadline:
         files: Iterable[str] | None = None, inputs: dict[str, Any] | None = None,
         tools: Sequence[ToolSpec | dict[str, Any]] | None = None, tool_choice: str | ToolChoice | None = None,
         tool_results: Sequence[FunctionResult] | None = None, params: GenerationParams | None = None,
+        parent_id: str | None = None,
     ) -> Reply:
         """One blocking turn. Raises the turn's error after the partial answer is stored.
 
         `tools`: functions the model may call (`ToolSpec`, or OpenAI's `{"type": "function",
         "function": {...}}` dict); the reply's `tool_calls` lists the calls it made. Answer them on
         the next turn with `tool_results` (and no text). `params`: sampling and output parameters;
-        one the engine cannot honour is refused (InvalidParamError), never dropped."""
-        final: Reply | None = None
+        one the engine cannot honour is refused (InvalidParamError), never dropped. `parent_id`:
+        continue from this earlier answer of the conversation instead of its newest (a branch;
+        see `regenerate` and `edit`)."""
+        req = _request(text=text, user=user, app=app, conversation_id=conversation_id, parent_id=parent_id,
+                       engine=engine, images=images, files=files, inputs=inputs, tools=tools,
+                       tool_choice=tool_choice, tool_results=tool_results, params=params, stream=False)
+        return await self._reply(req)
+
+    async def _reply(self, req: TurnRequest) -> Reply:
         svc = self.service
-        req = _request(text, user, app, conversation_id, engine, images, files, inputs, tools, tool_choice,
-                       tool_results, params, stream=False)
-        async for ev in svc.turn(svc.scope(app, user, any_app=conversation_id is not None), req):
+        final: Reply | None = None
+        async for ev in svc.turn(svc.scope(req.app, req.user, any_app=req.conversation_id is not None), req):
             if isinstance(ev, TurnFailed):
                 raise ev.error
             if isinstance(ev, TurnCompleted):
@@ -220,20 +228,50 @@ class AsyncThreadline:
         assert final is not None
         return final
 
+    async def regenerate(
+        self, message_id: str, *, user: str, app: str | None = None, engine: str | None = None,
+        params: GenerationParams | None = None,
+    ) -> Reply:
+        """A new answer to a question (`message_id`: the question or its answer), on a new branch
+        from where the question was asked; the old answer stays on its branch."""
+        svc = self.service
+        question, parent = await svc.branch_point(svc.scope(app, user, any_app=True), message_id)
+        images = [i for i in items_from_json(question.get("parts")) if isinstance(i, ImagePart)]
+        return await self._reply(_request(
+            text=question["content"], user=user, app=app, conversation_id=question["conversation_id"],
+            parent_id=parent, engine=engine, images=images, files=None, inputs=question.get("inputs"), tools=None,
+            tool_choice=None, tool_results=None, params=params, stream=False))
+
+    async def edit(
+        self, message_id: str, text: str, *, user: str, app: str | None = None, engine: str | None = None,
+        params: GenerationParams | None = None,
+    ) -> Reply:
+        """Ask a question again with new text (`message_id`: the question or its answer): a new
+        branch from where it was asked, as chat apps' edit-and-resend does; its images are kept."""
+        svc = self.service
+        question, parent = await svc.branch_point(svc.scope(app, user, any_app=True), message_id)
+        images = [i for i in items_from_json(question.get("parts")) if isinstance(i, ImagePart)]
+        return await self._reply(_request(
+            text=text, user=user, app=app, conversation_id=question["conversation_id"], parent_id=parent,
+            engine=engine, images=images, files=None, inputs=question.get("inputs"), tools=None, tool_choice=None,
+            tool_results=None, params=params, stream=False))
+
     async def stream(
         self, text: str = "", *, user: str, app: str | None = None, conversation_id: str | None = None,
         engine: str | None = None, images: Iterable[str | ImagePart] | None = None,
         files: Iterable[str] | None = None, inputs: dict[str, Any] | None = None,
         tools: Sequence[ToolSpec | dict[str, Any]] | None = None, tool_choice: str | ToolChoice | None = None,
         tool_results: Sequence[FunctionResult] | None = None, params: GenerationParams | None = None,
+        parent_id: str | None = None,
     ) -> AsyncIterator[TurnEvent]:
         """Yield TurnStarted, TextDelta/ReasoningDelta/ToolCallDelta…, then TurnCompleted (its `.reply`).
 
         A failure raises after the partial answer was stored with status `failed`.
         """
         svc = self.service
-        req = _request(text, user, app, conversation_id, engine, images, files, inputs, tools, tool_choice,
-                       tool_results, params, stream=True)
+        req = _request(text=text, user=user, app=app, conversation_id=conversation_id, parent_id=parent_id,
+                       engine=engine, images=images, files=files, inputs=inputs, tools=tools,
+                       tool_choice=tool_choice, tool_results=tool_results, params=params, stream=True)
         async for ev in svc.turn(svc.scope(app, user, any_app=conversation_id is not None), req):
             if isinstance(ev, TurnFailed):
                 raise ev.error
@@ -257,13 +295,14 @@ class AsyncThreadline:
 
     async def messages(
         self, conversation_id: str, *, user: str, app: str | None = None, limit: int = 1000,
-        before_seq: int | None = None,
+        before_seq: int | None = None, tip_id: str | None = None,
     ) -> list[Message]:
         """Oldest first; the newest `limit` messages (older pages via `before_seq`), each with its
-        typed `items` (images, function calls, function results)."""
+        typed `items` (images, function calls, function results). A conversation with branches
+        lists its current branch (the newest), or the branch ending at message `tip_id`."""
         svc = self.service
         rows, _ = await svc.messages(svc.scope(app, user, any_app=True), conversation_id, before_seq=before_seq,
-                                     limit=limit)
+                                     limit=limit, tip_id=tip_id)
         return [_msg(r) for r in rows]
 
     async def rename_conversation(self, conversation_id: str, name: str, *, user: str,
@@ -480,6 +519,8 @@ class Threadline:
         return cls(settings=Settings.from_file(path))
 
     chat = _sync(AsyncThreadline.chat)
+    regenerate = _sync(AsyncThreadline.regenerate)
+    edit = _sync(AsyncThreadline.edit)
     stream = _sync_iter(AsyncThreadline.stream)
     stop = _sync(AsyncThreadline.stop)
     conversations = _sync(AsyncThreadline.conversations)
