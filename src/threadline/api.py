@@ -230,21 +230,23 @@ class AsyncThreadline:
 
     async def regenerate(
         self, message_id: str, *, user: str, app: str | None = None, engine: str | None = None,
-        params: GenerationParams | None = None,
+        tools: Sequence[ToolSpec | dict[str, Any]] | None = None, params: GenerationParams | None = None,
     ) -> Reply:
         """A new answer to a question (`message_id`: the question or its answer), on a new branch
-        from where the question was asked; the old answer stays on its branch."""
+        from where the question was asked; the old answer stays on its branch. The question's
+        images and function results go again; `tools` as the first time, if it had them."""
         svc = self.service
         question, parent = await svc.branch_point(svc.scope(app, user, any_app=True), message_id)
-        images = [i for i in items_from_json(question.get("parts")) if isinstance(i, ImagePart)]
+        items = items_from_json(question.get("parts"))
         return await self._reply(_request(
             text=question["content"], user=user, app=app, conversation_id=question["conversation_id"],
-            parent_id=parent, engine=engine, images=images, files=None, inputs=question.get("inputs"), tools=None,
-            tool_choice=None, tool_results=None, params=params, stream=False))
+            parent_id=parent, engine=engine, images=[i for i in items if isinstance(i, ImagePart)], files=None,
+            inputs=question.get("inputs"), tools=tools, tool_choice=None,
+            tool_results=[i for i in items if isinstance(i, FunctionResult)], params=params, stream=False))
 
     async def edit(
         self, message_id: str, text: str, *, user: str, app: str | None = None, engine: str | None = None,
-        params: GenerationParams | None = None,
+        tools: Sequence[ToolSpec | dict[str, Any]] | None = None, params: GenerationParams | None = None,
     ) -> Reply:
         """Ask a question again with new text (`message_id`: the question or its answer): a new
         branch from where it was asked, as chat apps' edit-and-resend does; its images are kept."""
@@ -253,7 +255,7 @@ class AsyncThreadline:
         images = [i for i in items_from_json(question.get("parts")) if isinstance(i, ImagePart)]
         return await self._reply(_request(
             text=text, user=user, app=app, conversation_id=question["conversation_id"], parent_id=parent,
-            engine=engine, images=images, files=None, inputs=question.get("inputs"), tools=None, tool_choice=None,
+            engine=engine, images=images, files=None, inputs=question.get("inputs"), tools=tools, tool_choice=None,
             tool_results=None, params=params, stream=False))
 
     async def stream(
