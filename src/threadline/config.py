@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import AppNotFoundError, ConfigError, EngineNotFoundError
 from .limits import Limits, parse_limits
 
 ENGINE_KINDS = ("openai", "gemini", "dify", "local")
@@ -365,10 +365,10 @@ class Settings:
         try:
             return self.engines[name]
         except KeyError:
-            raise ConfigError(f"engine {name!r} is not configured", code="engine_not_found", status=404) from None
+            raise EngineNotFoundError(f"engine {name!r} is not configured") from None
 
     def app(self, name: str) -> AppConfig:
         try:
             return self.apps[name]
         except KeyError:
-            raise ConfigError(f"app {name!r} is not configured", code="app_not_found", status=404) from None
+            raise AppNotFoundError(f"app {name!r} is not configured") from None

@@ -73,6 +73,24 @@ class UnsupportedParameterError(InvalidParamError):
         self.param = param
 
 
+class InvalidParentError(InvalidParamError):
+    """parent_message_id is not an answer of the conversation (or comes without a conversation)."""
+
+    code = "invalid_parent"
+
+
+class InvalidToolResultError(InvalidParamError):
+    """A function result answers no function call of the conversation's last answer."""
+
+    code = "invalid_tool_result"
+
+
+class EngineNotAllowedError(InvalidParamError):
+    """The engine asked for is not one the app may use."""
+
+    code = "engine_not_available"
+
+
 class ConversationBusyError(ThreadlineError):
     code = "conversation_busy"
     status = 409
@@ -106,10 +124,85 @@ class ConfigError(ThreadlineError):
     status = 500
 
 
+class AppNotFoundError(ConfigError):
+    code = "app_not_found"
+    status = 404
+
+
+class EngineNotFoundError(ConfigError):
+    code = "engine_not_found"
+    status = 404
+
+
+class NoEngineError(ConfigError):
+    """No engine is configured or usable at all."""
+
+    code = "no_engine"
+    status = 503
+
+
+class EngineUnavailableError(ConfigError):
+    """The engine is configured but cannot run (its key or model file is missing)."""
+
+    code = "engine_unavailable"
+    status = 503
+
+
 class UpstreamError(ThreadlineError):
     """A provider failed or refused; `upstream_status` keeps what it said for logs and mapping."""
 
     code = "completion_request_error"
+    status = 400
+
+
+class UpstreamUnavailableError(UpstreamError):
+    """The engine could not be reached or answered 5xx/408: worth retrying."""
+
+    code = "upstream_unavailable"
+    status = 502
+    retryable = True
+
+
+class UpstreamInternalError(UpstreamError):
+    """The engine's adapter failed in a way nobody planned for (logged by type only)."""
+
+    code = "upstream_error"
+    status = 502
+
+
+class ProviderAuthError(UpstreamError):
+    """The engine refused Threadline's own credentials (its 401/403): the operator's problem, a 502."""
+
+    code = "provider_auth_error"
+    status = 502
+
+
+class UpstreamRateLimitError(UpstreamError):
+    """The engine's own 429, with its Retry-After (1 s when it named none)."""
+
+    code = "rate_limit_error"
+    status = 429
+    retryable = True
+
+
+class UpstreamNotFoundError(UpstreamError):
+    """The engine answered 404 for something it was asked about (a Dify workflow, a remote id)."""
+
+    code = "not_found"
+    status = 404
+
+
+class WorkflowFailedError(UpstreamError):
+    """A Dify app's workflow run failed mid-answer; Dify's own code for it (fixture 075)."""
+
+    code = "invalid_param"
+    status = 400
+
+
+class ContentBlockedError(UpstreamError):
+    """The engine's safety filter blocked the prompt or stopped the answer."""
+
+    code = "content_blocked"
     status = 400
 
 
@@ -174,26 +267,15 @@ DEFAULT_RETRY_AFTER = 1.0  # seconds, for an upstream 429 that gave no hint
 def upstream_error_from_status(status: int, message: str, *, retry_after: float | None = None) -> UpstreamError:
     """One mapping from an upstream HTTP status to a Threadline error, shared by every engine."""
     if status in (401, 403):
-        return UpstreamError(
-            f"The engine rejected Threadline's credentials ({status}): {message}",
-            code="provider_auth_error", status=502, retryable=False, upstream_status=status,
-        )
+        return ProviderAuthError(f"The engine rejected Threadline's credentials ({status}): {message}",
+                                 upstream_status=status)
     if status == 429:  # always with a hint: clients back off by Retry-After, and 1 s is the least a limit asks
-        return UpstreamError(
-            f"The engine is rate limiting requests: {message}",
-            code="rate_limit_error", status=429, retryable=True, retry_after=retry_after or DEFAULT_RETRY_AFTER,
-            upstream_status=status,
-        )
+        return UpstreamRateLimitError(f"The engine is rate limiting requests: {message}",
+                                      retry_after=retry_after or DEFAULT_RETRY_AFTER, upstream_status=status)
     if status == 408 or status >= 500:
-        return UpstreamError(
-            f"The engine is unavailable ({status}): {message}",
-            code="upstream_unavailable", status=502, retryable=True, retry_after=retry_after,
-            upstream_status=status,
-        )
-    return UpstreamError(
-        f"The engine rejected the request ({status}): {message}",
-        code="completion_request_error", status=400, retryable=False, upstream_status=status,
-    )
+        return UpstreamUnavailableError(f"The engine is unavailable ({status}): {message}", retry_after=retry_after,
+                                        upstream_status=status)
+    return UpstreamError(f"The engine rejected the request ({status}): {message}", upstream_status=status)
 
 
 _KEYLIKE = re.compile(

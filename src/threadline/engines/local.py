@@ -39,7 +39,7 @@ from typing import Any
 import httpx
 import orjson
 
-from ..errors import ConfigError, UpstreamError
+from ..errors import ConfigError, EngineUnavailableError, UpstreamUnavailableError
 from ..messages import EngineEvent
 from .base import EngineRequest
 from .http import Poster
@@ -150,7 +150,7 @@ def register(user: object, model_path: str, n_ctx: int, n_parallel: int, threads
     """The helper for this model file and context size, started if none is alive, with `user` counted
     among its users until `release`. Callers then await `started` (shared by everyone)."""
     if not os.path.isfile(model_path):
-        raise ConfigError(f"model file not found: {model_path}", code="engine_unavailable", status=503)
+        raise EngineUnavailableError(f"model file not found: {model_path}")
     key = (os.path.realpath(model_path), n_ctx)
     with _LOCK:
         srv = _SERVERS.get(key)
@@ -224,9 +224,9 @@ class LocalEngine(OpenAICompatEngine):
             except Exception:
                 pass  # the reason is in the server log; the caller gets the error below
         if not srv.alive:
-            raise UpstreamError(
+            raise UpstreamUnavailableError(
                 f"Engine {self.name!r} could not load its model {os.path.basename(self.model_path)}; "
-                "the server log has llama.cpp's reason.", code="upstream_unavailable", status=502, retryable=True)
+                "the server log has llama.cpp's reason.")
         self.url = f"{srv.url}/v1/chat/completions"
         self.headers["Authorization"] = f"Bearer {srv.secret}"
 

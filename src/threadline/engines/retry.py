@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import orjson
 
-from ..errors import UpstreamError, UpstreamTimeout, redact, upstream_error_from_status
+from ..errors import UpstreamError, UpstreamTimeout, UpstreamUnavailableError, redact, upstream_error_from_status
 from .http import UpstreamResponse
 
 log = logging.getLogger("threadline.engines")
@@ -118,8 +118,7 @@ def transport_error(engine: str, exc: Exception) -> UpstreamError:
     """A failed connection or read, as the error a client sees: a timeout is 504, anything else 502."""
     if isinstance(exc, httpx.TimeoutException):
         return UpstreamTimeout(f"Engine {engine!r} did not answer in time ({type(exc).__name__}).")
-    return UpstreamError(f"Could not reach engine {engine!r}: {type(exc).__name__}",
-                         code="upstream_unavailable", status=502, retryable=True)
+    return UpstreamUnavailableError(f"Could not reach engine {engine!r}: {type(exc).__name__}")
 
 
 async def _sleep(attempt: int, delay: float | None) -> None:

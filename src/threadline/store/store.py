@@ -855,7 +855,7 @@ class Store:
         async with self.engine.connect() as conn:
             r = (await conn.execute(select(files).where(*conds))).mappings().first()
         if r is None:
-            raise NotFoundError("File Not Exists.", code="invalid_param", status=400)
+            raise NotFoundError("File Not Exists.")
         return dict(r)
 
     # ---- api keys ------------------------------------------------------------------------------
