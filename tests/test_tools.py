@@ -342,3 +342,33 @@ async def test_a_stale_history_hash_is_recomputed_by_the_next_turn(atl, oai):
                PastMessage("assistant", r2.answer)]
     assert await svc.find_conversation(svc.scope("demo", "u"), history) == r1.conversation_id
     assert await svc.find_conversation(svc.scope("demo", "u"), history[:3]) is None
+
+
+@pytest.mark.parametrize(("message", "param", "code"), [
+    ({"role": "user", "content": "hi", "name": "alice"}, "messages[0].name", "unsupported_parameter"),
+    ({"role": "user", "content": "hi", "colour": "red"}, "messages[0].colour", "unrecognized_argument"),
+    ({"role": "user", "content": "hi", "function_call": {"name": "f", "arguments": "{}"}}, "messages[0].function_call",
+     "invalid_value"),
+])
+def test_openai_route_message_fields_are_read_or_refused(server, message, param, code):
+    base, key, d = server
+    sent = len(d.requests)
+    r = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                   json={"model": "demo", "messages": [message]})
+    assert r.status_code == 400, r.text
+    assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (param, code)
+    assert len(d.requests) == sent
+
+
+def test_openai_route_takes_what_clients_echo_of_an_earlier_answer(server):
+    """SDKs dump the assistant message they got (refusal, annotations, reasoning_content, null audio):
+    accepted, and the stored answer is what goes on."""
+    base, key, d = server
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+    r = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "one"}], user="echo")
+    echoed = {**r.choices[0].message.model_dump(), "annotations": [], "reasoning_content": "thoughts"}
+    r2 = client.chat.completions.create(model="demo", user="echo",
+                                        messages=[{"role": "user", "content": "one"}, echoed,
+                                                  {"role": "user", "content": "two"}])
+    assert r2.choices[0].message.content == "Answer to: two"
+    assert [m["content"] for m in d.requests[-1]["messages"]] == ["one", "Answer to: one", "two"]

@@ -282,12 +282,22 @@ class ToolCallModel(_Open):
     function: FunctionCallModel
 
 
-class ChatCompletionMessage(_Open):
+class ChatCompletionMessage(_Closed):
+    """A message of the client's list. Besides the fields Threadline reads, it takes what clients echo
+    back of an earlier answer (`refusal`, `annotations`, `reasoning_content`, null `audio` and
+    `function_call`): that answer is stored already, and reasoning is never replayed. `name` is read
+    on tool messages only (the call names the function); elsewhere it is refused, not dropped."""
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
     tool_calls: list[ToolCallModel] | None = None
     tool_call_id: str | None = None
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    reasoning_content: str | None = None
+    audio: None = Field(None, description="Only null: audio is not relayed.")
+    function_call: None = Field(None, description="Only null: the legacy function_call is not supported; use tool_calls.")
 
 
 class FunctionDefinition(_Closed):

@@ -190,6 +190,9 @@ class _Split:
         msgs = body.messages
         for i, m in enumerate(msgs):
             where = f"messages[{i}]"
+            if m.name is not None and m.role != "tool":
+                raise OpenAIError(400, f"'{where}.name' is not supported: Threadline does not keep participant names; "
+                                       "leave it out.", param=f"{where}.name", code="unsupported_parameter")
             if m.role == "tool":
                 if m.tool_call_id is None:
                     raise OpenAIError(400, f"Missing required parameter: '{where}.tool_call_id'.",
