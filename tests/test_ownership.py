@@ -37,7 +37,7 @@ from tests.doubles.live import LiveServer
 from threadline import AsyncThreadline, NotFoundError, Threadline
 from threadline.api import AsyncMemory, Memory
 from threadline.config import Settings
-from threadline.errors import InvalidParamError
+from threadline.errors import InvalidParamError, InvalidParentError
 from threadline.server import dify_api, openai_api
 from threadline.server.app import create_app
 from threadline.server.keys import create_key
@@ -52,6 +52,8 @@ SLOW_CHUNK = 0.05
 # Parameters that name something, but nothing a caller owns in Threadline.
 EXEMPT_HTTP = {
     ("POST", "/v1/chat-messages", "workflow_id"): "a Dify workflow id, passed through to a Dify engine",
+    ("GET", "/v1/models/{model_id}", "model_id"): "an app or engine name the key may use, not an owned id "
+                                                   "(tests/test_real_clients.py checks another app's is 404)",
 }
 EXEMPT_PY = {
     ("import_dify_conversation", "remote_conversation_id"):
@@ -328,6 +330,11 @@ def py(method: str, param: str, target: str, expect: Callable[[Outcome], None],
               control)
 
 
+def _own(w: World, who: Who) -> str:
+    """The caller's own conversation: the owner's is the target's own."""
+    return w.conv if who == w.owner else w.own_conversation(who)
+
+
 def own_conv_first_id(w: World, who: Who, ident: str) -> dict[str, Any]:
     """Paging one's own conversation from another's message; the owner pages the message's own."""
     conv = w.conv if who == w.owner else w.own_conversation(who)
@@ -344,6 +351,10 @@ OPS: list[Op] = [
     dify("POST", "/v1/chat-messages", "files", "file", dify_error(400, "invalid_param"),
          request=chat_body(False, files=lambda i: [{"type": "image", "transfer_method": "local_file",
                                                      "upload_file_id": i}])),
+    # Continuing one's own conversation from another's answer: the answer to an id that is no answer of
+    # the caller's conversation (400 invalid_parent), whoever owns it.
+    dify("POST", "/v1/chat-messages", "parent_message_id", "message", dify_error(400, "invalid_parent"),
+         request=lambda w, who, i: chat_body(False, conversation_id=_own(w, who), parent_message_id=i)(w, who, i)),
     dify("POST", "/v1/chat-messages/{task_id}/stop", "task_id", "task", dify_stop_answer, running=True, control=False,
          request=lambda w, who, i: {"json": {"user": who.user}}),
     dify("GET", "/v1/files/{file_id}/preview", "file_id", "file",
@@ -393,6 +404,17 @@ OPS: list[Op] = [
        fn=lambda tl, w, who, i: tl.stop(i, user=who.user, app=who.app)),
     py("memory.delete", "memory_id", "memory", py_raises(NotFoundError),
        lambda tl, w, who, i: tl.memory.delete(i, user=who.user, app=who.app)),
+    py("regenerate", "message_id", "message", py_raises(NotFoundError),
+       lambda tl, w, who, i: tl.regenerate(i, user=who.user, app=who.app)),
+    py("edit", "message_id", "message", py_raises(NotFoundError),
+       lambda tl, w, who, i: tl.edit(i, "changed", user=who.user, app=who.app)),
+    py("chat", "parent_id", "message", py_raises(InvalidParentError),
+       lambda tl, w, who, i: tl.chat("x", user=who.user, app=who.app, conversation_id=_own(w, who), parent_id=i)),
+    py("stream", "parent_id", "message", py_raises(InvalidParentError),
+       lambda tl, w, who, i: tl.stream("x", user=who.user, app=who.app, conversation_id=_own(w, who),
+                                       parent_id=i)),
+    py("messages", "tip_id", "message", py_raises(NotFoundError),
+       lambda tl, w, who, i: tl.messages(_own(w, who), user=who.user, app=who.app, tip_id=i)),
 ]
 
 HTTP_INTRUDERS = {"other user, same app": lambda o: Who(o.app, "mallory-" + o.user),

@@ -146,7 +146,10 @@ class ConversationService:
         msg = await self.store.get_message(message_id)
         if msg is None:
             raise NotFoundError("Message Not Exists.")
-        await self.conversation(scope, msg["conversation_id"])
+        try:  # another's message answers exactly as a missing one
+            await self.conversation(scope, msg["conversation_id"])
+        except NotFoundError:
+            raise NotFoundError("Message Not Exists.") from None
         if msg["role"] == "assistant":  # an answer: its question
             msg = await self.store.get_message(msg.get("parent_id") or "")
             if msg is None:
