@@ -34,6 +34,7 @@ from .errors import InvalidParamError
 from .gateway import Gateway
 from .media import guess_extension, sniff_image_type
 from .messages import (
+    NO_PARAMS,
     FunctionResult,
     GenerationParams,
     ImagePart,
@@ -142,7 +143,7 @@ def _request(
     return TurnRequest(user=user, text=text, app=app, conversation_id=conversation_id, parent_id=parent_id,
                        engine=engine, images=tuple(images or ()), files=tuple(files or ()), inputs=inputs or {},
                        tools=tuple(tool_spec(t) for t in tools or ()), tool_choice=tool_choice_of(tool_choice),
-                       results=tuple(tool_results or ()), params=params or GenerationParams(), stream=stream)
+                       results=tuple(tool_results or ()), params=params or NO_PARAMS, stream=stream)
 
 
 def _memory(r: dict[str, Any]) -> MemoryEntry:

@@ -652,16 +652,22 @@ class Gateway:
         if error is not None:
             err = (error.to_dict() if isinstance(error, ThreadlineError)
                    else {"code": "internal_error", "message": "Internal error", "status": 500})
-        # A call cut short (stopped, failed) was never made: only a completed answer keeps its calls.
-        calls = turn.tool_calls(eng.kind) if status == "completed" else []
-        calls = [c if not self._secrets else replace(c, arguments=redact(c.arguments, *self._secrets)) for c in calls]
-        # The engine's own agent steps happened whatever the outcome: a stopped answer keeps them too.
-        steps = turn.steps
-        items: list[Item] = [*calls, *turn.states, *steps]
+        answer_tokens = estimate_message(text)
+        calls: list[FunctionCall] = []
+        steps: list[AgentStep] = []
+        items: list[Item] = []
+        if turn.calls or turn.states or turn.has_steps:  # a plain text answer has none of these
+            # A call cut short (stopped, failed) was never made: only a completed answer keeps its calls.
+            if status == "completed":
+                calls = [c if not self._secrets else replace(c, arguments=redact(c.arguments, *self._secrets))
+                         for c in turn.tool_calls(eng.kind)]
+            # The engine's own agent steps happened whatever the outcome: a stopped answer keeps them too.
+            steps = turn.steps
+            items = [*calls, *turn.states, *steps]
+            answer_tokens += sum(estimate_text(c.arguments) for c in calls)
+            if steps:
+                answer_tokens += estimate_text(steps_text(steps))
         finish_reason = _finish_reason(status, turn.finish_reason, bool(calls))
-        answer_tokens = estimate_message(text) + sum(estimate_text(c.arguments) for c in calls)
-        if steps:
-            answer_tokens += estimate_text(steps_text(steps))
         conv_values: dict[str, Any] = {"engine": eng.name}
         query = plan.request.text
         if not conv.get("name") and plan.request.auto_generate_name and query.strip():
@@ -721,6 +727,8 @@ class Gateway:
         count, _, digest = (conv.get("history_hash") or "").partition(":")
         if plan.branch is not None:
             before, digest = len(plan.branch), rows_hash(plan.branch)
+        elif before == 0:
+            digest = ""  # the conversation's first turn
         elif count != str(before):
             digest = rows_hash(await self.store.history_range(plan.conversation_id, after_seq=0,
                                                               before_seq=before + 1))

@@ -15,6 +15,7 @@ httpx has one `Client` and one transport interface for the same reason: one plac
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -62,16 +63,24 @@ class ConversationService:
 
     # ---- turns -----------------------------------------------------------------------------------
 
-    async def turn(self, scope: Scope, req: TurnRequest) -> AsyncGenerator[TurnEvent, None]:
+    def turn(self, scope: Scope, req: TurnRequest) -> AsyncGenerator[TurnEvent, None]:
         """Run one turn in `scope` (the request's own app and user are replaced by the scope's). In
-        an any-app scope, a turn continuing a conversation runs in that conversation's app."""
-        app = scope.app
-        if app is None and req.conversation_id is not None:
-            app = (await self.conversation(scope, req.conversation_id))["app"]
-        if req.app != app or req.user != scope.user:
-            req = replace(req, app=app, user=scope.user)
-        async for ev in self.gateway.turn(req):
-            yield ev
+        an any-app scope, a turn continuing a conversation runs in that conversation's app. The
+        gateway's own generator is handed back when nothing is to be looked up first (no extra
+        generator layer on the turn path of the HTTP routes)."""
+        if scope.app is None and req.conversation_id is not None:
+            return self._turn_in_its_app(scope, req)
+        if req.app != scope.app or req.user != scope.user:
+            req = replace(req, app=scope.app, user=scope.user)
+        return self.gateway.turn(req)
+
+    async def _turn_in_its_app(self, scope: Scope, req: TurnRequest) -> AsyncGenerator[TurnEvent, None]:
+        app = (await self.conversation(scope, req.conversation_id or ""))["app"]
+        # Closed with this generator, not by a finalizer later: a caller leaving early has its partial
+        # answer stored before the next turn of the conversation can begin.
+        async with contextlib.aclosing(self.gateway.turn(replace(req, app=app, user=scope.user))) as turn:
+            async for ev in turn:
+                yield ev
 
     async def stop(self, scope: Scope, task_id: str) -> bool:
         return await self.gateway.stop(task_id, user=scope.user, app=scope.app)

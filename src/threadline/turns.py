@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .messages import (
+    NO_PARAMS,
     AgentStep,
     FunctionCall,
     FunctionResult,
@@ -65,7 +66,7 @@ class TurnRequest:
     results: tuple[FunctionResult, ...] = ()
     tools: tuple[ToolSpec, ...] = ()
     tool_choice: ToolChoice | None = None
-    params: GenerationParams = field(default_factory=GenerationParams)
+    params: GenerationParams = NO_PARAMS
     stream: bool = True
     instructions: tuple[str, ...] = ()  # system text for this turn only (an OpenAI client's system messages)
     inputs: dict[str, Any] = field(default_factory=dict)
@@ -115,6 +116,10 @@ class Turn:
         self._steps[step.id] = step
 
     @property
+    def has_steps(self) -> bool:
+        return bool(self._steps)
+
+    @property
     def steps(self) -> list[AgentStep]:
         """The agent steps in the order they began."""
         return list(self._steps.values())
@@ -140,11 +145,8 @@ def history_hash(prev: str, role: str, text: str, items: Sequence[Item]) -> str:
     resent history is matched with, through an index (conversations.history_hash) instead of a
     scan of the newest conversations. A message counts by its role, its text (stripped, as clients
     resend it) and its function call/result ids; images and reasoning do not (clients drop them)."""
-    ids = ",".join(i.call_id for i in items if isinstance(i, FunctionCall | FunctionResult))
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{prev}\x00{role}\x00{ids}\x00".encode())
-    h.update(text.strip().encode())
-    return h.hexdigest()
+    ids = ",".join(i.call_id for i in items if isinstance(i, FunctionCall | FunctionResult)) if items else ""
+    return hashlib.blake2b(f"{prev}\x00{role}\x00{ids}\x00{text.strip()}".encode(), digest_size=16).hexdigest()
 
 
 def counted_hash(count: int, digest: str) -> str:

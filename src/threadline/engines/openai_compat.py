@@ -15,6 +15,7 @@ import orjson
 from ..errors import UnsupportedInputError, UpstreamBadResponse, UpstreamStreamError, UpstreamTruncated, redact
 from ..media import b64
 from ..messages import (
+    NO_PARAMS,
     AnswerReplaced,
     ChatMessage,
     EngineEvent,
@@ -174,7 +175,8 @@ class OpenAICompatEngine(Engine):
             body["stream_options"] = {"include_usage": True}
         if self.profile.temperature is not None:
             body["temperature"] = self.profile.temperature
-        self._params(body, req.params)
+        if req.params != NO_PARAMS:
+            self._params(body, req.params)
         if req.tools:
             body["tools"] = self.tools_wire(req.tools)
         if req.tool_choice is not None:
