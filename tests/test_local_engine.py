@@ -376,3 +376,23 @@ def test_tools_on_the_local_engine_are_refused_on_the_openai_route(serve):
         err = r.json()["error"]
         assert err["code"] == "unsupported_parameter" and err["param"] == "tools"
     assert _helpers() == []  # refused before llama.cpp was started for it
+
+
+def test_structured_output_parses_through_serve_on_the_local_model(serve):
+    """The same through `threadline serve`'s OpenAI route (open mode: no key): the answer llama.cpp's
+    grammar shaped parses into the caller's own pydantic model, as the SDK's `parse` would do."""
+    from pydantic import BaseModel, Field
+
+    class Capital(BaseModel):
+        city: str = Field(max_length=24)
+        country: str = Field(max_length=24)
+
+    url = serve({"local": {"kind": "local", "max_output_tokens": 64}})
+    fmt = {"type": "json_schema", "json_schema": {"name": "capital", "schema": CAPITAL_SCHEMA, "strict": True}}
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+        "model": "local", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "response_format": fmt, "user": "u"})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    parsed = Capital.model_validate_json(choice["message"]["content"])
+    assert parsed.city and parsed.country and choice["finish_reason"] == "stop"
