@@ -204,6 +204,7 @@ class Gateway:
         self._started = False
         self._closing = False
         self._released = False
+        self._upkeep_stop = asyncio.Event()
 
     async def start(self) -> None:
         if self._started:
@@ -218,9 +219,15 @@ class Gateway:
     async def close(self) -> None:
         self._closing = True
         if self._upkeep is not None:
-            self._upkeep.cancel()
+            # Stopped between passes, not cancelled in one: a renewal or sweep cut off mid-statement
+            # leaves its database connection to the garbage collector (SQLAlchemy warns at exit).
+            self._upkeep_stop.set()
             with contextlib.suppress(BaseException):
-                await self._upkeep
+                await asyncio.wait_for(asyncio.shield(self._upkeep), 5.0)
+            if not self._upkeep.done():
+                self._upkeep.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._upkeep
         await self._release()
 
     async def _release(self) -> None:
@@ -228,9 +235,10 @@ class Gateway:
         if self._released:
             return
         self._released = True
-        for t in list(self.running.values()):
-            if t.producer:
-                t.producer.cancel()
+        producers = [t.producer for t in self.running.values() if t.producer and not t.producer.done()]
+        for p in producers:
+            p.cancel()
+        await asyncio.gather(*producers, return_exceptions=True)
         for e in self._engines.values():
             await e.aclose()
         await self.poster.aclose()
@@ -309,8 +317,12 @@ class Gateway:
 
     async def _upkeep_loop(self) -> None:
         next_sweep = time.monotonic() + SWEEP_EVERY
+        stop = self._upkeep_stop
         while True:
-            await asyncio.sleep(RENEW_EVERY)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RENEW_EVERY)
+            if stop.is_set():
+                return
             try:
                 if self._leases:
                     await self._renew()

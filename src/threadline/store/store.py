@@ -292,8 +292,12 @@ class Store:
             self.hot = SqliteHotPath(self._sqlite_path, self._write_lock)  # type: ignore[arg-type]
 
     async def close(self) -> None:
-        for read in self._memory_reads.values():
+        reads = list(self._memory_reads.values())
+        for read in reads:
             read.cancel()
+        # Awaited, so a read cut off mid-query has handed its connection back before the pool is
+        # disposed (a connection left to the garbage collector warns at interpreter exit).
+        await asyncio.gather(*reads, return_exceptions=True)
         if self.hot is not None:
             self.hot.close()
             self.hot = None
