@@ -86,6 +86,10 @@ async def test_a_result_answering_no_call_is_refused_before_anything_is_stored(a
                        tool_results=[FunctionResult("call_nope", "x")])
     assert exc.value.code == "invalid_tool_result"
     assert len(d.requests) == sent  # the engine never saw it
+    assert len(await atl.messages(r.conversation_id, user="u", app="demo")) == 2  # and nothing was written
+    with pytest.raises(InvalidParamError):  # results with no conversation to follow
+        await atl.chat(user="u", app="demo", tool_results=[FunctionResult("call_nope", "x")])
+    assert len(d.requests) == sent
 
 
 async def test_moving_on_with_text_leaves_an_unanswered_call_out(atl, oai):

@@ -81,6 +81,7 @@ from .messages import (
     UpstreamAccepted,
     Usage,
     UsageReport,
+    items_from_json,
     items_to_json,
 )
 from .store import Store, new_id, settle
@@ -467,6 +468,26 @@ class Gateway:
             req = replace(req, text=text)
         return _Plan(req, app_cfg, eng, imgs, req.conversation_id or new_id(), req.conversation_id is not None)
 
+    async def _results_answer_calls(self, plan: _Plan) -> None:
+        """Function results must answer the calls of the answer they follow (the newest one, or the
+        one `parent_id` names): checked before anything is written, owner first, so a bad turn
+        stores nothing and another's ids tell nothing. Costs two reads, on tool-result turns only."""
+        req = plan.request
+        prev: dict[str, Any] | None = None
+        if plan.existing:
+            conv = await self.store.get_conversation(plan.conversation_id, app=plan.app.name, user=req.user)
+            if req.parent_id is not None and req.parent_id != ROOT_PARENT:
+                prev = await self.store.get_message(req.parent_id)
+                if prev is not None and prev["conversation_id"] != plan.conversation_id:
+                    prev = None
+            elif req.parent_id is None and conv["last_seq"]:
+                rows = await self.store.history_newest(plan.conversation_id, before_seq=conv["last_seq"] + 1, limit=1)
+                prev = rows[0] if rows else None
+        made = ({i.call_id for i in items_from_json(prev.get("parts")) if isinstance(i, FunctionCall)}
+                if prev is not None and prev["role"] == "assistant" and prev.get("status", "completed") == "completed"
+                else set())
+        self._check_results(req.results, made)
+
     async def _fork_point(self, plan: _Plan) -> bool:
         """Check the answer a turn continues from (owner first, so another's ids tell nothing) and
         say whether the turn starts a branch: it does unless that answer is the newest message. The
@@ -505,6 +526,8 @@ class Gateway:
         user_row = {"id": user_mid, "content": query, "parts": items_to_json(user_items),
                     "engine": eng.name, "model": eng.model, "token_estimate": q_tokens, "inputs": req.inputs or None}
         asst_row = {"id": asst_mid, "parent_id": user_mid, "engine": eng.name, "model": eng.model, "task_id": task_id}
+        if req.results:
+            await self._results_answer_calls(plan)
         if req.parent_id is not None:
             plan.fork = await self._fork_point(plan)
             if plan.fork:
@@ -830,8 +853,9 @@ class Gateway:
         source: HistorySource = self.history if branch is None else BranchSource(branch)
         packed = await pack(source, conv["id"], before_seq=user_seq, system_modules=app_cfg.system,
                             memories=memories, new_message=new_msg, new_message_tokens=new_tokens, budget=budget)
-        if req.results:
-            self._check_results(req.results, packed.messages)
+        if req.results:  # checked before the turn was written; the budget may still have cut the call off
+            prev = packed.messages[-2] if len(packed.messages) >= 2 else None
+            self._check_results(req.results, {c.call_id for c in prev.calls} if prev is not None else set())
         if packed.file_ids:
             await self._hydrate([i for m in packed.messages for i in m.images if i.file_id], app_cfg.name, req.user)
         return (EngineRequest(messages=packed.messages, system=packed.system, stream=req.stream,
@@ -839,11 +863,9 @@ class Gateway:
                               params=req.params), packed.estimated_tokens)
 
     @staticmethod
-    def _check_results(results: Sequence[FunctionResult], messages: Sequence[ChatMessage]) -> None:
+    def _check_results(results: Sequence[FunctionResult], made: set[str]) -> None:
         """Function results answer the calls of the answer just before them, or the turn is refused
         (every provider refuses an orphan result; OpenAI with this same 400)."""
-        prev = messages[-2] if len(messages) >= 2 else None
-        made = {c.call_id for c in prev.calls} if prev is not None and prev.role == "assistant" else set()
         for r in results:
             if r.call_id not in made:
                 raise InvalidToolResultError(f"Function result for call {r.call_id!r} answers no function call of the "
