@@ -2,7 +2,8 @@
 
 Dify's created_at has whole seconds, /messages returns an equal-second run in no guaranteed order
 (recording 047: q2 before q1) and the service API gives nil parent ids, so the order Threadline can
-know is: created_at, then Dify's pages (first_id pages hold older messages), then Dify's in-page order.
+know is: created_at, then Dify's pages (first_id pages hold older messages), then the reverse of Dify's
+in-page order for an equal-second run (Dify lists it newest first: 047, and the live `hello, third, again`).
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ async def test_recorded_pages_keep_order_across_pages_and_dify_order_within():
         msgs = await eng.list_messages("01c04ae3-dbfd-41cd-91d2-b332e984534c", "carol")
     finally:
         await eng.http.aclose()
-    # q3 (the newer page, a later second) last; the equal-second q2/q1 as Dify returned them.
-    assert [m["query"] for m in msgs] == ["q2", "q1", "q3"]
+    # q3 (the newer page, a later second) last; the equal-second run Dify listed q2, q1 is put back in
+    # the order it was asked (the recording's queries are numbered in order).
+    assert [m["query"] for m in msgs] == ["q1", "q2", "q3"]
     assert len(asked) == 2 and asked[1]["first_id"] == newest["data"][0]["id"]
 
 
@@ -69,5 +71,6 @@ async def test_import_many_same_second_messages_over_several_pages(dtl):  # noqa
     conv = await tl.import_dify_conversation(remote, user="bob", app="d", remote_user="bob-remote")
     got = [m.content for m in await tl.messages(conv.id, user="bob") if m.role == "user"]
     assert d.message_pages == 3
-    # Every message, seconds ascending, pages in order; within a second Dify's (newest first) order.
-    assert got == ["m2", "m1", "m6", "m5", "m4", "m3", "m9", "m8", "m7", "m10"]
+    # Every message, in the order it was asked: seconds ascending, pages in order, and within a second
+    # the reverse of Dify's newest-first order.
+    assert got == queries

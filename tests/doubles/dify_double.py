@@ -77,12 +77,13 @@ class DifyDouble:
     replace_with: str | None = None  # output moderation's replacement answer
     agent: bool = False  # play an agent-chat app (see the module doc)
     agent_observation: str | None = None  # what the agent's tool returns
-    # How /messages pages: "send" (default) pages by send order. "dify" plays the real server
+    # How /messages pages: "dify" (default) plays the real server
     # (message_service.pagination_by_first_id): rows by created_at (whole seconds) descending,
     # first_id returns messages created strictly before it, each page reversed to ascending; and
     # messages of the same second come in an order Dify does not guarantee -- here each
     # equal-second run within a page comes newest first, as recording 047 saw (q2 before q1).
-    paging: str = "send"
+    # "send" pages by send order (a server that kept order within a second).
+    paging: str = "dify"
     clock: int | None = None  # when set, the created_at (unix seconds) of new messages
 
     def reset(self, **kw: Any) -> DifyDouble:

@@ -342,7 +342,10 @@ class DifyEngine(Engine):
         Dify gives no sequence: its created_at has whole seconds, messages of one second come in
         no guaranteed order within a page, and parent ids are nil for the service API. So the order
         is created_at, then the pages (the newest comes first and each first_id page holds messages
-        created before the page after it), then the order Dify returned within a page."""
+        created before the page after it), then, within one second on one page, the reverse of the
+        order Dify returned: Dify sorts newest first and flips the page, so an equal-second run comes
+        newest first (recording 047 lists q2 before q1; a live import showed `hello, third, again`
+        for `hello, again, third`). A heuristic: Dify guarantees no order within a second."""
         pages: list[list[dict[str, Any]]] = []  # newest page first
         first_id: str | None = None
         while True:
@@ -360,7 +363,7 @@ class DifyEngine(Engine):
             # The page's oldest message (the API pages by the id of "the oldest message shown").
             first_id = min(enumerate(data), key=lambda im: (_created(im[1]), im[0]))[1]["id"]
         n = len(pages)
-        ranked = [((_created(m), n - p, i), m) for p, data in enumerate(pages) for i, m in enumerate(data)]
+        ranked = [((_created(m), n - p, -i), m) for p, data in enumerate(pages) for i, m in enumerate(data)]
         return [m for _, m in sorted(ranked, key=lambda km: km[0])]
 
 
