@@ -226,7 +226,9 @@ async def test_stop_calls_dify_stop_with_same_user_and_keeps_partial(dtl):
 async def test_import_existing_dify_conversation(dtl):
     tl, d = dtl
     d.page_cap = 2
-    remote = d.seed_conversation("bob-remote", ["q1", "q2", "q3"])
+    # Seconds apart: a page edge inside one second loses messages on the real server (its first_id
+    # page holds strictly older ones), which no client can get back; tests/test_dify_import_order.py.
+    remote = d.seed_conversation("bob-remote", ["q1", "q2", "q3"], created_at=[100, 101, 102])
     conv = await tl.import_dify_conversation(remote, user="bob", app="d", remote_user="bob-remote")
     msgs = await tl.messages(conv.id, user="bob")
     assert [m.content for m in msgs if m.role == "user"] == ["q1", "q2", "q3"]

@@ -77,6 +77,14 @@ class DifyDouble:
     replace_with: str | None = None  # output moderation's replacement answer
     agent: bool = False  # play an agent-chat app (see the module doc)
     agent_observation: str | None = None  # what the agent's tool returns
+    # How /messages pages: "dify" (default) plays the real server
+    # (message_service.pagination_by_first_id): rows by created_at (whole seconds) descending,
+    # first_id returns messages created strictly before it, each page reversed to ascending; and
+    # messages of the same second come in an order Dify does not guarantee -- here each
+    # equal-second run within a page comes newest first, as recording 047 saw (q2 before q1).
+    # "send" pages by send order (a server that kept order within a second).
+    paging: str = "dify"
+    clock: int | None = None  # when set, the created_at (unix seconds) of new messages
 
     def reset(self, **kw: Any) -> DifyDouble:
         fresh = DifyDouble()
@@ -92,11 +100,13 @@ class DifyDouble:
                 return cid
         return None
 
-    def seed_conversation(self, user: str, queries: list[str]) -> str:
+    def seed_conversation(self, user: str, queries: list[str], created_at: list[int] | None = None) -> str:
         cid = str(uuid.uuid4())
         self.conversations[cid] = {"user": user, "turns": 0, "last_query": "", "messages": []}
-        for q in queries:
+        for i, q in enumerate(queries):
             self._answer(cid, q, {})
+            if created_at is not None:
+                self.conversations[cid]["messages"][-1]["created_at"] = created_at[i]
         return cid
 
     def _answer(self, cid: str, query: str, inputs: dict[str, Any]) -> tuple[str, str]:
@@ -105,7 +115,7 @@ class DifyDouble:
                   f"nickname: {inputs.get('nickname') or ''}\n")
         mid = str(uuid.uuid4())
         c["messages"].append({"id": mid, "query": query, "answer": answer, "inputs": inputs,
-                              "created_at": int(time.time())})
+                              "created_at": self.clock if self.clock is not None else int(time.time())})
         c["turns"] += 1
         c["last_query"] = query
         return mid, answer
@@ -296,10 +306,15 @@ class DifyDouble:
             return err(404, "not_found", "Conversation Not Exists.")
         limit = min(int(q.get("limit") or 20), self.page_cap)
         msgs = c["messages"]
-        if q.get("first_id"):
-            idx = next(i for i, m in enumerate(msgs) if m["id"] == q["first_id"])
-            msgs = msgs[:idx]
-        page = msgs[-limit:]
+        if self.paging == "dify":
+            page, more = self._dify_page(msgs, q.get("first_id"), limit)
+            if page is None:
+                return err(404, "not_found", "First Message Not Exists.")
+        else:
+            if q.get("first_id"):
+                idx = next(i for i, m in enumerate(msgs) if m["id"] == q["first_id"])
+                msgs = msgs[:idx]
+            page, more = msgs[-limit:], len(msgs) > limit
         data = [{"id": m["id"], "conversation_id": q["conversation_id"], "parent_message_id": None,
                  "inputs": m["inputs"], "query": m["query"], "answer": m["answer"], "feedback": None,
                  "retriever_resources": [], "created_at": m["created_at"],
@@ -308,7 +323,21 @@ class DifyDouble:
                                      "tool_input": t["tool_input"], "created_at": t["created_at"],
                                      "observation": t["observation"], "files": []} for t in m.get("thoughts", ())],
                  "message_files": [], "status": "normal", "error": None} for m in page]
-        return JSONResponse({"limit": limit, "has_more": len(msgs) > limit, "data": data})
+        return JSONResponse({"limit": limit, "has_more": more, "data": data})
+
+    @staticmethod
+    def _dify_page(msgs: list[dict[str, Any]], first_id: str | None,
+                   limit: int) -> tuple[list[dict[str, Any]] | None, bool]:
+        """One page as Dify's pagination_by_first_id builds it (see `paging`)."""
+        if first_id:
+            first = next((m for m in msgs if m["id"] == first_id), None)
+            if first is None:
+                return None, False
+            msgs = [m for m in msgs if m["created_at"] < first["created_at"] and m["id"] != first_id]
+        # ORDER BY created_at DESC LIMIT n+1; ties come in send order (as Postgres gave them), so the
+        # reversal to ascending leaves each equal-second run newest first.
+        rows = sorted(msgs, key=lambda m: -m["created_at"])[:limit + 1]
+        return list(reversed(rows[:limit])), len(rows) > limit
 
     def app(self) -> Starlette:
         return Starlette(routes=[

@@ -337,8 +337,16 @@ class DifyEngine(Engine):
                              json={"user": remote_user}, timeout=10.0)
 
     async def list_messages(self, conversation_id: str, user: str) -> list[dict[str, Any]]:
-        """All of a remote conversation's messages, oldest first, following first_id / has_more."""
-        out: list[dict[str, Any]] = []
+        """All of a remote conversation's messages, oldest first, following first_id / has_more.
+
+        Dify gives no sequence: its created_at has whole seconds, messages of one second come in
+        no guaranteed order within a page, and parent ids are nil for the service API. So the order
+        is created_at, then the pages (the newest comes first and each first_id page holds messages
+        created before the page after it), then, within one second on one page, the reverse of the
+        order Dify returned: Dify sorts newest first and flips the page, so an equal-second run comes
+        newest first (recording 047 lists q2 before q1; a live import showed `hello, third, again`
+        for `hello, again, third`). A heuristic: Dify guarantees no order within a second."""
+        pages: list[list[dict[str, Any]]] = []  # newest page first
         first_id: str | None = None
         while True:
             params: dict[str, Any] = {"conversation_id": conversation_id, "user": user, "limit": 100}
@@ -348,7 +356,17 @@ class DifyEngine(Engine):
             if r.status_code >= 400:
                 raise self._error_for(r)
             page = r.json()
-            out = list(page.get("data") or []) + out
-            if not page.get("has_more") or not page.get("data"):
-                return out
-            first_id = page["data"][0]["id"]
+            data = [m for m in page.get("data") or [] if isinstance(m, dict)]
+            pages.append(data)
+            if not page.get("has_more") or not data:
+                break
+            # The page's oldest message (the API pages by the id of "the oldest message shown").
+            first_id = min(enumerate(data), key=lambda im: (_created(im[1]), im[0]))[1]["id"]
+        n = len(pages)
+        ranked = [((_created(m), n - p, -i), m) for p, data in enumerate(pages) for i, m in enumerate(data)]
+        return [m for _, m in sorted(ranked, key=lambda km: km[0])]
+
+
+def _created(message: dict[str, Any]) -> float:
+    v = message.get("created_at")
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.0
