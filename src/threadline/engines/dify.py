@@ -35,6 +35,7 @@ from ..errors import (
     redact,
     upstream_error_from_status,
 )
+from ..media import split_data_uri
 from ..messages import (
     AgentStep,
     AnswerReplaced,
@@ -48,7 +49,6 @@ from ..messages import (
     Usage,
     UsageReport,
 )
-from ..media import split_data_uri
 from . import retry
 from .base import Engine, EngineRequest
 from .http import Poster, UpstreamResponse
@@ -226,13 +226,14 @@ class DifyEngine(Engine):
             elif img.url and img.url.startswith("data:"):
                 mime, payload = split_data_uri(img.url)
                 key = "sha256:" + hashlib.sha256(img.url.encode()).hexdigest()
-                fid = self._uploads.get((key, req.remote_user))
-                if fid is None:
+                cached = self._uploads.get((key, req.remote_user))
+                if cached is None:  # decoded only to upload: a replay sends the id it got
                     try:
                         raw = base64.b64decode(payload, validate=True)
                     except (binascii.Error, ValueError):
                         raise InvalidParamError("image data URI is not valid base64") from None
-                    fid = await self._uploaded(key, req.remote_user, raw, _file_name(mime), mime)
+                    cached = await self._uploaded(key, req.remote_user, raw, _file_name(mime), mime)
+                fid = cached
             elif img.url:
                 out.append({"type": "image", "transfer_method": "remote_url", "url": img.url})
                 continue
