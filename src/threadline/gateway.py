@@ -706,7 +706,7 @@ class Gateway:
         conv_values: dict[str, Any] = {"engine": eng.name}
         query = plan.request.text
         if not conv.get("name") and plan.request.auto_generate_name and query.strip():
-            conv_values["name"] = conv["name"] = query.strip().splitlines()[0][:60]
+            conv_values["name"] = conv["name"] = self._name_from(query)
         if eng.stateful and turn.remote.conversation_id:
             rem = dict(conv.get("remote") or {})
             rem[eng.name] = {"id": turn.remote.conversation_id, "seq": running.seq}
@@ -825,7 +825,7 @@ class Gateway:
             if rem and branch is not None and (plan.fork or all(r["seq"] != seen for r in branch)):
                 rem, seen = None, 0  # the remote conversation holds another branch: start afresh, seeded
             merged_inputs = {**app_cfg.inputs, **(conv.get("inputs") or {}), **req.inputs}
-            q = query
+            q, auto_name, name = query, req.auto_generate_name, None
             if user_seq - 1 > seen:
                 rows = ([r for r in branch if r["seq"] > seen] if branch is not None else
                         await self.store.history_range(conv["id"], after_seq=seen, before_seq=user_seq))
@@ -836,11 +836,14 @@ class Gateway:
                         merged_inputs[var] = missed
                     else:
                         q = seeded_query(missed, query)
+                        if not rem:  # a new remote conversation: named as Threadline's, not from the transcript
+                            auto_name = False
+                            name = conv.get("name") or (self._name_from(query) if req.auto_generate_name else None)
             ereq = EngineRequest(messages=[], query=q, images=imgs, stream=req.stream,
                                  remote_conversation_id=rem["id"] if rem else None,
                                  remote_user=self.remote_user(app_cfg.name, req.user), inputs=merged_inputs,
                                  workflow_id=req.workflow_id or app_cfg.workflow_id,
-                                 auto_generate_name=req.auto_generate_name, params=req.params)
+                                 auto_generate_name=auto_name, conversation_name=name or None, params=req.params)
             return ereq, estimate_text(q)
         ratio = self.calibration.ratio(eng.name)
         budget = int((cfg.context_window - cfg.max_output_tokens) / ratio)
@@ -861,6 +864,11 @@ class Gateway:
         return (EngineRequest(messages=packed.messages, system=packed.system, stream=req.stream,
                               openai_history=packed.openai_history, tools=req.tools, tool_choice=req.tool_choice,
                               params=req.params), packed.estimated_tokens)
+
+    @staticmethod
+    def _name_from(query: str) -> str:
+        """The name a conversation gets from its first question (auto_generate_name)."""
+        return query.strip().splitlines()[0][:60] if query.strip() else ""
 
     @staticmethod
     def _check_results(results: Sequence[FunctionResult], made: set[str]) -> None:

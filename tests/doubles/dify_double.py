@@ -17,6 +17,13 @@ Faults (`fault`, one of FAULTS; the shared ones behave as in the OpenAI double):
 moderation: a streamed answer is followed by `message_replace` with that text (reason
 `output_moderation`), a blocking one is that text.
 
+Like real Dify 1.13 (seen live): a `remote_url` file whose URL is a `data:` URL is refused with 400
+`invalid_param` "Reached maximum retries (3) for URL data:..." (Dify fetches every remote URL, and
+cannot fetch that one). A new conversation is named from its first query when `auto_generate_name`
+is true (the recorded names are the query; live, a long seeded query became its first 47 characters
+and "..."), "New conversation" otherwise; `POST /conversations/{id}/name` renames it as recorded in
+054-056 and `renames` keeps each rename's body.
+
 `agent=True` plays an agent-chat app instead (no recording exists; built from Dify 1.13's own
 agent runner, fc_agent_runner.py, and task_entities.py): blocking mode is refused with 400
 `invalid_param` "Agent Chat App does not support blocking mode" before anything is created; a
@@ -67,6 +74,7 @@ class DifyDouble:
     requests: list[dict[str, Any]] = field(default_factory=list)
     uploads: dict[str, dict[str, Any]] = field(default_factory=dict)
     stops: list[dict[str, Any]] = field(default_factory=list)
+    renames: list[dict[str, Any]] = field(default_factory=list)
     stopped_tasks: set[str] = field(default_factory=set)
     message_pages: int = 0
     fault: str | None = None  # one of FAULTS
@@ -144,6 +152,8 @@ class DifyDouble:
         if self.fault == "500":
             return err(500, "internal_server_error", WERKZEUG_500)
         for f in body.get("files") or []:
+            if f["transfer_method"] == "remote_url" and str(f.get("url") or "").startswith("data:"):
+                return err(400, "invalid_param", f"Reached maximum retries (3) for URL {f['url']}")
             if f["transfer_method"] == "local_file":
                 up = self.uploads.get(f.get("upload_file_id") or "")
                 if up is None or up["user"] != user:
@@ -163,7 +173,10 @@ class DifyDouble:
                 return err(404, "not_found", "Conversation Not Exists.")
         else:
             cid = str(uuid.uuid4())
-            self.conversations[cid] = {"user": user, "turns": 0, "last_query": "", "messages": []}
+            query = str(body["query"])
+            name = (query if len(query) <= 50 else query[:47] + "...") if body.get("auto_generate_name", True) \
+                else "New conversation"
+            self.conversations[cid] = {"user": user, "turns": 0, "last_query": "", "messages": [], "name": name}
         if self.agent:
             return StreamingResponse(self._agent_stream(cid, body["query"], body.get("inputs") or {}),
                                      media_type="text/event-stream; charset=utf-8")
@@ -281,6 +294,26 @@ class DifyDouble:
         self.stopped_tasks.add(request.path_params["task_id"])
         return JSONResponse({"result": "success"})
 
+    async def rename(self, request: Request) -> Response:
+        if (bad := self._auth(request)) is not None:
+            return bad
+        body = orjson.loads(await request.body())
+        self.renames.append(body)
+        c = self.conversations.get(request.path_params["cid"])
+        if c is None or c["user"] != body.get("user"):
+            return err(404, "not_found", "Conversation Not Exists.")
+        if body.get("auto_generate"):
+            first = c["messages"][0]["query"] if c["messages"] else ""
+            if first:
+                c["name"] = first if len(first) <= 50 else first[:47] + "..."
+        elif not str(body.get("name") or "").strip():
+            return err(400, "invalid_param", "name is required when auto_generate is false")
+        else:
+            c["name"] = body["name"]
+        return JSONResponse({"id": request.path_params["cid"], "name": c.get("name", ""), "inputs": {},
+                             "status": "normal", "introduction": "", "created_at": int(time.time()),
+                             "updated_at": int(time.time())})
+
     async def upload(self, request: Request) -> Response:
         if (bad := self._auth(request)) is not None:
             return bad
@@ -290,7 +323,8 @@ class DifyDouble:
             return err(400, "no_file_uploaded", "Please upload your file.")
         data = await f.read()
         fid = str(uuid.uuid4())
-        self.uploads[fid] = {"user": form.get("user"), "name": f.filename, "size": len(data)}
+        self.uploads[fid] = {"user": form.get("user"), "name": f.filename, "size": len(data),
+                             "mime_type": f.content_type, "data": data}
         return JSONResponse({"id": fid, "name": f.filename, "size": len(data), "extension": "png",
                              "mime_type": f.content_type, "created_by": "x", "created_at": int(time.time()),
                              "preview_url": None, "source_url": "", "original_url": None, "user_id": None,
@@ -344,5 +378,6 @@ class DifyDouble:
             Route("/v1/chat-messages", self.chat, methods=["POST"]),
             Route("/v1/chat-messages/{task_id}/stop", self.stop, methods=["POST"]),
             Route("/v1/files/upload", self.upload, methods=["POST"]),
+            Route("/v1/conversations/{cid}/name", self.rename, methods=["POST"]),
             Route("/v1/messages", self.messages, methods=["GET"]),
         ])

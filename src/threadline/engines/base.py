@@ -41,6 +41,9 @@ class EngineRequest:
     inputs: dict[str, Any] = field(default_factory=dict)
     workflow_id: str | None = None
     auto_generate_name: bool = True
+    # The name a new remote conversation gets once it exists (a seeded Dify conversation, which
+    # must not be auto-named from its transcript); None leaves the naming to the remote side.
+    conversation_name: str | None = None
 
 
 class Engine:

@@ -10,7 +10,11 @@ and a failing workflow that ends with `workflow_finished: failed` and no `error`
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import hashlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +23,7 @@ import orjson
 
 from ..errors import (
     FileTooLargeError,
+    InvalidParamError,
     ProviderAuthError,
     RemoteConversationLost,
     UnsupportedFileTypeError,
@@ -30,6 +35,7 @@ from ..errors import (
     redact,
     upstream_error_from_status,
 )
+from ..media import split_data_uri
 from ..messages import (
     AgentStep,
     AnswerReplaced,
@@ -56,6 +62,10 @@ DIFY_FIELDS = frozenset({"inputs", "query", "response_mode", "conversation_id", 
 NO_BLOCKING = "does not support blocking mode"
 # Dify sends nothing for an unknown conversation in streaming mode (fixture 082: ping, then 300 s of silence).
 FIRST_EVENT_TIMEOUT = 20.0
+# Dify ids of files uploaded to the app, per (file, remote user): a replayed image is not uploaded again.
+MAX_CACHED_UPLOADS = 4096
+
+log = logging.getLogger("threadline.engines")
 
 
 def _json_text(v: Any) -> str:
@@ -137,6 +147,12 @@ def usage_and_price(u: dict[str, Any]) -> tuple[Usage, dict[str, Any]]:
     return usage, price
 
 
+def _file_name(mime: str) -> str:
+    """A name for an upload: Dify takes the file's extension from it (and refuses some)."""
+    ext = mime.split("/", 1)[-1].split("+", 1)[0].lower()
+    return f"image.{ext if ext.isalnum() and len(ext) <= 5 else 'png'}"
+
+
 class DifyEngine(Engine):
     kind = "dify"
     supported_params: frozenset[str] = frozenset()  # a Dify app's model settings live in the app
@@ -188,19 +204,42 @@ class DifyEngine(Engine):
             raise self._error_for(r)
         return str(r.json()["id"])
 
+    async def _uploaded(self, key: str, user: str, data: bytes, name: str, mime: str) -> str:
+        fid = self._uploads.get((key, user))
+        if fid is None:
+            fid = await self._upload(data, name, mime, user)
+            if len(self._uploads) >= MAX_CACHED_UPLOADS:
+                self._uploads.pop(next(iter(self._uploads)))
+            self._uploads[(key, user)] = fid
+        return fid
+
     async def _files(self, req: EngineRequest) -> list[dict[str, Any]]:
+        """Images as Dify files. Dify fetches every `remote_url` itself and cannot fetch a `data:` URL
+        (400 "Reached maximum retries (3) for URL data:..."), so uploaded images and `data:` URLs go
+        to the app's /files/upload as the turn's remote user and are sent as `local_file`."""
         out: list[dict[str, Any]] = []
         for img in req.images:
             if img.data is not None:
-                key = (img.file_id or str(hash(img.data)), req.remote_user)
-                fid = self._uploads.get(key)
-                if fid is None:
-                    fid = await self._upload(img.data, img.name or "image.png", img.mime_type or "image/png",
-                                             req.remote_user)
-                    self._uploads[key] = fid
-                out.append({"type": "image", "transfer_method": "local_file", "upload_file_id": fid})
+                key = f"file:{img.file_id}" if img.file_id else "sha256:" + hashlib.sha256(img.data).hexdigest()
+                mime = img.mime_type or "image/png"
+                fid = await self._uploaded(key, req.remote_user, img.data, img.name or _file_name(mime), mime)
+            elif img.url and img.url.startswith("data:"):
+                mime, payload = split_data_uri(img.url)
+                key = "sha256:" + hashlib.sha256(img.url.encode()).hexdigest()
+                cached = self._uploads.get((key, req.remote_user))
+                if cached is None:  # decoded only to upload: a replay sends the id it got
+                    try:
+                        raw = base64.b64decode(payload, validate=True)
+                    except (binascii.Error, ValueError):
+                        raise InvalidParamError("image data URI is not valid base64") from None
+                    cached = await self._uploaded(key, req.remote_user, raw, _file_name(mime), mime)
+                fid = cached
             elif img.url:
                 out.append({"type": "image", "transfer_method": "remote_url", "url": img.url})
+                continue
+            else:
+                continue
+            out.append({"type": "image", "transfer_method": "local_file", "upload_file_id": fid})
         return out
 
     def build_body(self, req: EngineRequest, files: list[dict[str, Any]], *, stream: bool | None = None) -> dict[str, Any]:
@@ -230,6 +269,7 @@ class DifyEngine(Engine):
                 raise
             self._stream_only = stream = True
             resp = await self._send(req, files, stream, sent_remote)
+        naming: asyncio.Task[None] | None = None
         try:
             yield UpstreamAccepted()
             if not stream:
@@ -241,18 +281,45 @@ class DifyEngine(Engine):
                     raise UpstreamBadResponse("Dify sent a response that is not a JSON object.")
                 yield RemoteState(data.get("conversation_id"), data.get("message_id") or data.get("id"),
                                   data.get("task_id"))
+                naming = self._start_naming(req, data.get("conversation_id"))
                 if data.get("answer"):
                     yield TextDelta(data["answer"])
                 usage = (data.get("metadata") or {}).get("usage")
                 if usage:
                     u, p = usage_and_price(usage)
                     yield UsageReport(u, p)
-                yield Finished("stop")
-                return
-            async for ev in self._stream(resp, req, sent_remote):
-                yield ev
+            else:
+                async for ev in self._stream(resp, req, sent_remote):
+                    if isinstance(ev, RemoteState) and naming is None:
+                        naming = self._start_naming(req, ev.conversation_id)
+                    yield ev
+            if naming is not None:
+                await naming
+            yield Finished("stop")
         finally:
+            if naming is not None and not naming.done():
+                naming.cancel()
             await resp.aclose()
+
+    def _start_naming(self, req: EngineRequest, conversation_id: Any) -> asyncio.Task[None] | None:
+        """A new remote conversation Threadline names (a seeded one) is renamed alongside the answer,
+        so the first words are not held back by the extra call."""
+        if req.remote_conversation_id or not req.conversation_name or not isinstance(conversation_id, str) \
+                or not conversation_id:
+            return None
+        return asyncio.ensure_future(self.rename(conversation_id, req.conversation_name, req.remote_user))
+
+    async def rename(self, conversation_id: str, name: str, remote_user: str) -> None:
+        """POST /conversations/{id}/name (recording 054). A failure is logged, never the turn's: the
+        answer is Dify's and stands whatever the conversation is called."""
+        try:
+            r = await self.http.post(f"{self.base}/conversations/{conversation_id}/name", headers=self.headers,
+                                     json={"name": name, "auto_generate": False, "user": remote_user}, timeout=10.0)
+        except httpx.HTTPError as exc:
+            log.warning("engine %s: naming Dify's conversation failed (%s)", self.name, type(exc).__name__)
+            return
+        if r.status_code >= 400:
+            log.warning("engine %s: naming Dify's conversation failed (HTTP %s)", self.name, r.status_code)
 
     async def _send(self, req: EngineRequest, files: list[dict[str, Any]], stream: bool,
                     sent_remote: bool) -> UpstreamResponse:
@@ -324,7 +391,6 @@ class DifyEngine(Engine):
             # workflow/node/iteration/loop/message_file/tts events and future ones: ignored safely
         if not ended:
             raise UpstreamTruncated("Dify's stream ended before the answer did (no message_end).")
-        yield Finished("stop")
 
     async def _remote_missing(self, req: EngineRequest) -> bool:
         r = await self.http.get(f"{self.base}/messages", headers=self.headers,
