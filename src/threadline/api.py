@@ -21,6 +21,7 @@ core, never the instance, so the instance stays collectable; closing twice is a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import threading
 import weakref
@@ -275,10 +276,12 @@ class AsyncThreadline:
         req = _request(text=text, user=user, app=app, conversation_id=conversation_id, parent_id=parent_id,
                        engine=engine, images=images, files=files, inputs=inputs, tools=tools,
                        tool_choice=tool_choice, tool_results=tool_results, params=params, stream=True)
-        async for ev in svc.turn(svc.scope(app, user, any_app=conversation_id is not None), req):
-            if isinstance(ev, TurnFailed):
-                raise ev.error
-            yield ev
+        # Closed with this generator: a caller that stops iterating (and closes it) ends the turn now.
+        async with contextlib.aclosing(svc.turn(svc.scope(app, user, any_app=conversation_id is not None), req)) as turn:
+            async for ev in turn:
+                if isinstance(ev, TurnFailed):
+                    raise ev.error
+                yield ev
 
     async def stop(self, task_id: str, *, user: str, app: str | None = None) -> bool:
         svc = self.service

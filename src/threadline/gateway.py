@@ -99,6 +99,10 @@ LOCK_TTL = 3.0  # seconds a turn's lease lasts unless renewed (see the module do
 RENEW_EVERY = 1.0  # how often this process renews every lease it holds, in one statement
 SWEEP_EVERY = 3.0  # how often it closes answers left streaming under expired leases
 DEFAULT_APP = "default"
+# A stopped turn whose engine runs a remote task (Dify) asks the remote to stop and reads its stream
+# to the remote's own end (Dify: `workflow_finished`, status stopped), so both sides keep the same
+# partial answer; a remote that has not ended its stream this long after the stop is cut off.
+STOP_GRACE = 5.0
 
 
 @dataclass
@@ -113,6 +117,8 @@ class RunningTurn:
     producer: asyncio.Task[None] | None = None
     remote_task_id: str | None = None
     stop_requested: bool = False
+    remote_stop: asyncio.Task[None] | None = None  # the remote's stop call, sent once and awaited by the turn
+    grace: asyncio.TimerHandle | None = None  # cuts the engine's stream if the remote does not end it
     first_token_at: float = 0.0
     history_row: dict[str, Any] | None = None  # the user message as packing reads it, for the history cache
     ticket: Ticket | None = None  # what the turn counted against its limits, settled when it ends
@@ -554,6 +560,7 @@ class Gateway:
         turn_started: TurnStarted | None = TurnStarted(cid, asst_mid, user_mid, task_id, eng.name, started)
         redactor = StreamRedactor(eng.config.api_key)
         answer, reasoning = turn.answer, turn.reasoning
+        queue: asyncio.Queue[Any] | None = None
         try:
             for attempt in range(2):
                 try:
@@ -561,7 +568,7 @@ class Gateway:
                 except ThreadlineError as exc:
                     status, error = "failed", exc
                     break
-                queue: asyncio.Queue[Any] = asyncio.Queue()
+                queue = asyncio.Queue()
                 running.producer = asyncio.create_task(self._produce(eng, ereq, queue))
                 last_flush = time.monotonic()
                 flushed_len = 0
@@ -617,7 +624,7 @@ class Gateway:
                         if ev.task_id:
                             remote.task_id = running.remote_task_id = ev.task_id
                             if running.stop_requested:
-                                await self._remote_stop(running)
+                                self.request_stop_local(running)
                     elif isinstance(ev, Finished):
                         turn.finish_reason = ev.finish_reason or turn.finish_reason
                     elif isinstance(ev, UpstreamAccepted):
@@ -632,6 +639,8 @@ class Gateway:
                             status, error = "failed", ev.error
                         break
                     elif ev is _END:
+                        if running.stop_requested:  # the remote ended its stream after our stop
+                            status = "stopped"
                         break
                     now = time.monotonic()
                     if now - last_flush >= FLUSH_INTERVAL and len(answer) != flushed_len:
@@ -651,7 +660,9 @@ class Gateway:
                 reasoning.append(rtail)
                 yield ReasoningDelta(rtail)
         except BaseException:
-            # The caller went away (closed the stream / cancelled): keep what came, as stopped.
+            # The caller went away (closed the stream / cancelled): stop the remote task too, and keep
+            # what came (up to the remote's own end of it), as stopped.
+            await settle(self._stop_after_caller_left(running, queue, turn, redactor))
             tail, rtail = redactor.flush()
             answer.append(tail)
             reasoning.append(rtail)
@@ -661,6 +672,10 @@ class Gateway:
             raise
         finally:
             self.running.pop(task_id, None)
+            if running.grace is not None:
+                running.grace.cancel()
+        if running.remote_stop is not None:
+            await settle(running.remote_stop)
         reply = await self._finish(plan, conv, running, turn, Outcome(status, error))
         if error is not None:
             yield TurnFailed(reply, error)
@@ -939,11 +954,69 @@ class Gateway:
     # ---- stop ------------------------------------------------------------------------------------
 
     def request_stop_local(self, running: RunningTurn) -> None:
+        """Stop a turn running here. With a remote task (Dify) the remote is asked to stop and the
+        engine's stream read to the remote's own end of it (see STOP_GRACE); otherwise the stream is cut."""
         running.stop_requested = True
-        if running.producer and not running.producer.done():
-            running.producer.cancel()
+        producer = running.producer
         if running.remote_task_id:
-            asyncio.get_running_loop().create_task(self._remote_stop(running))
+            self._send_remote_stop(running)
+            if producer is not None and not producer.done() and running.grace is None:
+                running.grace = asyncio.get_running_loop().call_later(STOP_GRACE, producer.cancel)
+        elif producer is not None and not producer.done():
+            producer.cancel()
+
+    def _send_remote_stop(self, running: RunningTurn) -> None:
+        if running.remote_stop is None:
+            running.remote_stop = asyncio.get_running_loop().create_task(self._remote_stop(running))
+
+    async def _stop_after_caller_left(self, running: RunningTurn, queue: asyncio.Queue[Any] | None, turn: Turn,
+                                      redactor: StreamRedactor) -> None:
+        """The caller left mid-turn: ask the remote task (if any) to stop and take in what the engine
+        still sends until the remote ends its stream, so the remote keeps the text stored here."""
+        running.stop_requested = True
+        producer = running.producer
+        if queue is None or producer is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_GRACE
+        while True:
+            if running.remote_task_id:
+                self._send_remote_stop(running)
+            elif queue.empty():
+                break  # no remote task known (not a remote engine, or it has not answered yet): cut it
+            try:
+                ev = queue.get_nowait() if not queue.empty() else await asyncio.wait_for(
+                    queue.get(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                break
+            if not self._take_late(ev, running, turn, redactor):
+                break
+        if not producer.done():
+            producer.cancel()
+        if running.remote_stop is not None:
+            await running.remote_stop
+
+    def _take_late(self, ev: Any, running: RunningTurn, turn: Turn, redactor: StreamRedactor) -> bool:
+        """Keep an event that arrived after the caller left; False once the engine's stream has ended."""
+        if isinstance(ev, TextDelta):
+            turn.answer.append(redactor.text(ev.text))
+        elif isinstance(ev, ReasoningDelta):
+            turn.reasoning.append(redactor.reasoning(ev.text))
+        elif isinstance(ev, AgentStep):
+            turn.add_step(self._clean_step(ev))
+        elif isinstance(ev, AnswerReplaced) and ev.reason != "no_think_tags":
+            turn.answer[:] = [redactor.replaced(ev.text)]
+        elif isinstance(ev, UsageReport):
+            turn.usage, turn.price = ev.usage, ev.price or turn.price
+        elif isinstance(ev, RemoteState):
+            remote = turn.remote
+            remote.conversation_id = ev.conversation_id or remote.conversation_id
+            remote.message_id = ev.message_id or remote.message_id
+            if ev.task_id:
+                remote.task_id = running.remote_task_id = ev.task_id
+        elif ev is _END or isinstance(ev, _Stopped | _Failed):
+            return False
+        return True
 
     async def _remote_stop(self, running: RunningTurn) -> None:
         with contextlib.suppress(Exception):

@@ -24,6 +24,12 @@ is true (the recorded names are the query; live, a long seeded query became its 
 and "..."), "New conversation" otherwise; `POST /conversations/{id}/name` renames it as recorded in
 054-056 and `renames` keeps each rename's body.
 
+Streams run as Dify runs them: the workflow goes on in the background when the client hangs up,
+and the message in `/messages` grows as the answer is produced: the whole answer in the end,
+unless `/chat-messages/{task_id}/stop` was called, which ends the run (`workflow_finished` with
+status `stopped`, no `message_end`, as recorded in 070) and keeps what was produced (074).
+`wait_idle()` blocks until no stream is running (a test's way to know Dify has finished).
+
 `agent=True` plays an agent-chat app instead (no recording exists; built from Dify 1.13's own
 agent runner, fc_agent_runner.py, and task_entities.py): blocking mode is refused with 400
 `invalid_param` "Agent Chat App does not support blocking mode" before anything is created; a
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -93,14 +100,61 @@ class DifyDouble:
     # "send" pages by send order (a server that kept order within a second).
     paging: str = "dify"
     clock: int | None = None  # when set, the created_at (unix seconds) of new messages
+    active: int = 0  # streams still running (on the double's own loop, even after their client left)
+    idle: threading.Condition = field(default_factory=threading.Condition)
+    pumps: set[asyncio.Task[None]] = field(default_factory=set)
 
     def reset(self, **kw: Any) -> DifyDouble:
         fresh = DifyDouble()
         for k in fresh.__dataclass_fields__:
+            if k in ("idle", "pumps"):
+                continue
             setattr(self, k, getattr(fresh, k))
         for k, v in kw.items():
             setattr(self, k, v)
         return self
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Block (in the test's thread) until every stream's run has ended; False if one still runs."""
+        with self.idle:
+            return self.idle.wait_for(lambda: self.active == 0, timeout)
+
+    def _run_ended(self) -> None:
+        with self.idle:
+            self.active -= 1
+            self.idle.notify_all()
+
+    def _detached(self, gen: Any) -> Any:
+        """Run `gen` to its end on the double's loop whatever the client does; the response reads its frames."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        done = object()
+        with self.idle:
+            self.active += 1
+
+        async def pump() -> None:
+            try:
+                async for chunk in gen:
+                    queue.put_nowait(chunk)
+                queue.put_nowait(done)
+            except BaseException as exc:  # a fault (reset): the client sees the connection break
+                queue.put_nowait(exc)
+            finally:
+                self._run_ended()
+
+        task = asyncio.get_running_loop().create_task(pump())
+        self.pumps.add(task)
+        task.add_done_callback(self.pumps.discard)
+
+        async def relay():  # type: ignore[no-untyped-def]
+            while True:
+                item = await queue.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+
+        return relay()
 
     def conversations_by_query(self, query: str) -> str | None:
         for cid, c in self.conversations.items():
@@ -181,6 +235,9 @@ class DifyDouble:
             return StreamingResponse(self._agent_stream(cid, body["query"], body.get("inputs") or {}),
                                      media_type="text/event-stream; charset=utf-8")
         mid, answer = self._answer(cid, body["query"], body.get("inputs") or {})
+        record = self.conversations[cid]["messages"][-1]
+        if streaming:
+            record["answer"] = ""  # grows as the run produces it (see the module doc)
         final = answer if self.replace_with is None else self.replace_with
         task_id = str(uuid.uuid4())
         created = int(time.time())
@@ -231,13 +288,20 @@ class DifyDouble:
                                               "created_at": created, "finished_at": created,
                                               "exceptions_count": 1, "files": []}})
                         return
-                if task_id in self.stopped_tasks:
+                if task_id in self.stopped_tasks:  # fixture 070: no message_end; 074: the partial is kept
                     yield frame({"event": "workflow_finished", **env, "task_id": task_id, "workflow_run_id": run,
-                                 "data": {"id": run, "status": "stopped", "error": "Stopped by user."}})
+                                 "data": {"id": run, "workflow_id": "w", "status": "stopped",
+                                          "outputs": {"answer": record["answer"], "files": []},
+                                          "error": "Stopped by user.", "elapsed_time": 0.01, "total_tokens": 0,
+                                          "total_steps": 3, "created_by": {"id": "eu", "user": user},
+                                          "created_at": created, "finished_at": created, "exceptions_count": 0,
+                                          "files": []}})
                     return
+                record["answer"] += p
                 yield frame({"event": "message", **env, "task_id": task_id, "id": mid, "answer": p,
                              "from_variable_selector": ["answer", "answer"]})
             if self.replace_with is not None:
+                record["answer"] = self.replace_with
                 yield frame({"event": "message_replace", **env, "task_id": task_id, "answer": self.replace_with,
                              "reason": "output_moderation"})
             yield frame({"event": "message_end", **env, "task_id": task_id, "id": mid,
@@ -246,7 +310,7 @@ class DifyDouble:
             yield frame({"event": "workflow_finished", **env, "task_id": task_id, "workflow_run_id": run,
                          "data": {"id": run, "status": "succeeded", "outputs": {"answer": final}, "error": None}})
 
-        return StreamingResponse(gen(), media_type="text/event-stream; charset=utf-8")
+        return StreamingResponse(self._detached(gen()), media_type="text/event-stream; charset=utf-8")
 
     async def _agent_stream(self, cid: str, query: str, inputs: dict[str, Any]):  # type: ignore[no-untyped-def]
         c = self.conversations[cid]

@@ -23,6 +23,7 @@ from ..messages import (
     AnswerReplaced,
     ImagePart,
     ReasoningDelta,
+    Reply,
     TextDelta,
     TurnCompleted,
     TurnFailed,
@@ -153,7 +154,7 @@ async def chat_messages(request: Request) -> Response | EventStream:
     if mode == "blocking":
         async with contextlib.aclosing(agen):  # closed here, not by a finalizer task later
             return await _blocking(agen, first)
-    return EventStream(_stream(request, agen, first, p.include_reasoning),
+    return EventStream(_stream(request, agen, first, p.include_reasoning, user),
                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -189,8 +190,20 @@ def _frame(data: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
+def _stopped_end(env: dict[str, Any], started: TurnStarted, r: Reply, user: str, run_id: str) -> bytes:
+    """How Dify 1.13 ends a stopped advanced-chat stream (fixture 070-stream-stopped.sse): a
+    `workflow_finished` with status `stopped` and the answer kept, and no `message_end`."""
+    finished = _ts(started.created_at + r.latency)
+    return _frame({"event": "workflow_finished", **env, "task_id": started.task_id, "workflow_run_id": run_id,
+                   "data": {"id": run_id, "workflow_id": "", "status": "stopped",
+                            "outputs": {"answer": r.answer, "files": []}, "error": "Stopped by user.",
+                            "elapsed_time": r.latency, "total_tokens": r.usage.total_tokens, "total_steps": 0,
+                            "created_by": {"id": user, "user": user}, "created_at": env["created_at"],
+                            "finished_at": finished, "exceptions_count": 0, "files": []}})
+
+
 async def _stream(request: Request, agen: AsyncGenerator[Any, None], started: TurnStarted,
-                  include_reasoning: bool) -> AsyncIterator[bytes]:
+                  include_reasoning: bool, user: str) -> AsyncIterator[bytes]:
     env = {"conversation_id": started.conversation_id, "message_id": started.message_id,
            "created_at": _ts(started.created_at)}
     yield b"event: ping\n\n"
@@ -239,6 +252,8 @@ async def _stream(request: Request, agen: AsyncGenerator[Any, None], started: Tu
             elif isinstance(ev, AnswerReplaced):
                 yield _frame({"event": "message_replace", **env, "task_id": started.task_id, "answer": ev.text,
                               "reason": ev.reason or ""})
+            elif isinstance(ev, TurnCompleted) and ev.reply.status == "stopped":
+                yield _stopped_end(env, started, ev.reply, user, str(uuid.uuid4()))
             elif isinstance(ev, TurnCompleted):
                 r = ev.reply
                 yield _frame({"event": "message_end", **env, "task_id": started.task_id, "id": started.message_id,
