@@ -190,11 +190,14 @@ def _frame(data: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
-def _stopped_end(env: dict[str, Any], started: TurnStarted, r: Reply, user: str, run_id: str) -> bytes:
+def _stopped_end(env: dict[str, Any], started: TurnStarted, r: Reply, user: str, metadata: dict[str, Any]) -> bytes:
     """How Dify 1.13 ends a stopped advanced-chat stream (fixture 070-stream-stopped.sse): a
-    `workflow_finished` with status `stopped` and the answer kept, and no `message_end`."""
+    `workflow_finished` with status `stopped` and the answer kept, and no `message_end`. Threadline
+    adds `metadata` as its `message_end` carries it (usage, status, engine; Dify's clients ignore it)."""
     finished = _ts(started.created_at + r.latency)
+    run_id = str(uuid.uuid4())
     return _frame({"event": "workflow_finished", **env, "task_id": started.task_id, "workflow_run_id": run_id,
+                   "metadata": metadata,
                    "data": {"id": run_id, "workflow_id": "", "status": "stopped",
                             "outputs": {"answer": r.answer, "files": []}, "error": "Stopped by user.",
                             "elapsed_time": r.latency, "total_tokens": r.usage.total_tokens, "total_steps": 0,
@@ -252,15 +255,16 @@ async def _stream(request: Request, agen: AsyncGenerator[Any, None], started: Tu
             elif isinstance(ev, AnswerReplaced):
                 yield _frame({"event": "message_replace", **env, "task_id": started.task_id, "answer": ev.text,
                               "reason": ev.reason or ""})
-            elif isinstance(ev, TurnCompleted) and ev.reply.status == "stopped":
-                yield _stopped_end(env, started, ev.reply, user, str(uuid.uuid4()))
             elif isinstance(ev, TurnCompleted):
                 r = ev.reply
-                yield _frame({"event": "message_end", **env, "task_id": started.task_id, "id": started.message_id,
-                              "metadata": {"annotation_reply": None, "retriever_resources": [],
-                                           "usage": dify_usage(r.usage.to_json(), r.price, r.latency, r.time_to_first_token),
-                                           "status": r.status, "engine": r.engine},
-                              "files": []})
+                metadata: dict[str, Any] = {"annotation_reply": None, "retriever_resources": [],
+                            "usage": dify_usage(r.usage.to_json(), r.price, r.latency, r.time_to_first_token),
+                            "status": r.status, "engine": r.engine}
+                if r.status == "stopped":
+                    yield _stopped_end(env, started, r, user, metadata)
+                else:
+                    yield _frame({"event": "message_end", **env, "task_id": started.task_id,
+                                  "id": started.message_id, "metadata": metadata, "files": []})
             elif isinstance(ev, TurnFailed):
                 err = ev.error
                 if isinstance(err, ThreadlineError):

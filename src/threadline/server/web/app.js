@@ -470,6 +470,9 @@ function onEvent(e, a) {
     case "message": a.append(e.answer || ""); break;
     case "reasoning": a.appendReasoning(e.reasoning || ""); break;
     case "message_replace": a.setAnswer(e.answer || ""); break;
+    case "workflow_finished": // a stopped turn ends as Dify ends it; Threadline adds the same metadata
+      if (!e.metadata) break;
+      // falls through
     case "message_end": {
       const u = e.metadata?.usage || {};
       const engine = e.metadata?.engine || $("engine").value || S.appEngine;
