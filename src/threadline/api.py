@@ -237,14 +237,7 @@ class AsyncThreadline:
         """A new answer to a question (`message_id`: the question or its answer), on a new branch
         from where the question was asked; the old answer stays on its branch. The question's
         images and function results go again; `tools` as the first time, if it had them."""
-        svc = self.service
-        question, parent = await svc.branch_point(svc.scope(app, user, any_app=True), message_id)
-        items = items_from_json(question.get("parts"))
-        return await self._reply(_request(
-            text=question["content"], user=user, app=app, conversation_id=question["conversation_id"],
-            parent_id=parent, engine=engine, images=[i for i in items if isinstance(i, ImagePart)], files=None,
-            inputs=question.get("inputs"), tools=tools, tool_choice=None,
-            tool_results=[i for i in items if isinstance(i, FunctionResult)], params=params, stream=False))
+        return await self._ask_again(message_id, None, user=user, app=app, engine=engine, tools=tools, params=params)
 
     async def edit(
         self, message_id: str, text: str, *, user: str, app: str | None = None, engine: str | None = None,
@@ -252,13 +245,24 @@ class AsyncThreadline:
     ) -> Reply:
         """Ask a question again with new text (`message_id`: the question or its answer): a new
         branch from where it was asked, as chat apps' edit-and-resend does; its images are kept."""
+        return await self._ask_again(message_id, text, user=user, app=app, engine=engine, tools=tools, params=params)
+
+    async def _ask_again(
+        self, message_id: str, text: str | None, *, user: str, app: str | None, engine: str | None,
+        tools: Sequence[ToolSpec | dict[str, Any]] | None, params: GenerationParams | None,
+    ) -> Reply:
+        """regenerate (`text` None: the question as it was, function results included) and edit
+        (new text; images kept): a new turn on a branch from where the question was asked."""
         svc = self.service
         question, parent = await svc.branch_point(svc.scope(app, user, any_app=True), message_id)
-        images = [i for i in items_from_json(question.get("parts")) if isinstance(i, ImagePart)]
+        items = items_from_json(question.get("parts"))
         return await self._reply(_request(
-            text=text, user=user, app=app, conversation_id=question["conversation_id"], parent_id=parent,
-            engine=engine, images=images, files=None, inputs=question.get("inputs"), tools=tools, tool_choice=None,
-            tool_results=None, params=params, stream=False))
+            text=question["content"] if text is None else text, user=user, app=app,
+            conversation_id=question["conversation_id"], parent_id=parent, engine=engine,
+            images=[i for i in items if isinstance(i, ImagePart)], files=None, inputs=question.get("inputs"),
+            tools=tools, tool_choice=None,
+            tool_results=[i for i in items if isinstance(i, FunctionResult)] if text is None else None,
+            params=params, stream=False))
 
     async def stream(
         self, text: str = "", *, user: str, app: str | None = None, conversation_id: str | None = None,

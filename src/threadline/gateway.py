@@ -618,11 +618,8 @@ class Gateway:
                     elif isinstance(ev, UsageReport):
                         turn.usage, turn.price = ev.usage, ev.price or turn.price
                     elif isinstance(ev, RemoteState):
-                        remote = turn.remote
-                        remote.conversation_id = ev.conversation_id or remote.conversation_id
-                        remote.message_id = ev.message_id or remote.message_id
-                        if ev.task_id:
-                            remote.task_id = running.remote_task_id = ev.task_id
+                        if turn.note_remote(ev):
+                            running.remote_task_id = ev.task_id
                             if running.stop_requested:
                                 self.request_stop_local(running)
                     elif isinstance(ev, Finished):
@@ -1009,11 +1006,8 @@ class Gateway:
         elif isinstance(ev, UsageReport):
             turn.usage, turn.price = ev.usage, ev.price or turn.price
         elif isinstance(ev, RemoteState):
-            remote = turn.remote
-            remote.conversation_id = ev.conversation_id or remote.conversation_id
-            remote.message_id = ev.message_id or remote.message_id
-            if ev.task_id:
-                remote.task_id = running.remote_task_id = ev.task_id
+            if turn.note_remote(ev):
+                running.remote_task_id = ev.task_id
         elif ev is _END or isinstance(ev, _Stopped | _Failed):
             return False
         return True

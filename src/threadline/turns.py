@@ -101,6 +101,15 @@ class Turn:
     def reasoning_text(self) -> str | None:
         return "".join(self.reasoning) or None
 
+    def note_remote(self, ev: RemoteState) -> str | None:
+        """Keep the remote ids an engine reported; returns its task id when this event names one."""
+        remote = self.remote
+        remote.conversation_id = ev.conversation_id or remote.conversation_id
+        remote.message_id = ev.message_id or remote.message_id
+        if ev.task_id:
+            remote.task_id = ev.task_id
+        return ev.task_id
+
     def add_call(self, d: ToolCallDelta) -> None:
         c = self.calls.get(d.index)
         if c is None:
