@@ -84,7 +84,7 @@ async def test_gemini_tool_loop_blocking(atl, gem):
 
     msgs = await atl.messages(r.conversation_id, user="u", app="gdemo")
     assert msgs[1].items == [call] and msgs[1].finish_reason == "tool_calls"
-    assert msgs[2].items == [FunctionResult(call.call_id, "sunny, 21C")]
+    assert msgs[2].items == [FunctionResult(call.call_id, "sunny, 21C", "get_weather")]
 
 
 async def test_gemini_tool_loop_streaming_with_a_json_result(atl, gem):

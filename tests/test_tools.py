@@ -60,7 +60,7 @@ async def test_python_api_tool_loop_blocking(atl, oai):
     msgs = await atl.messages(r.conversation_id, user="u", app="demo")
     assert [type(i) for i in msgs[1].items] == [FunctionCall]
     assert msgs[1].finish_reason == "tool_calls"
-    assert msgs[2].items == [FunctionResult(call.call_id, "sunny, 21C")]
+    assert msgs[2].items == [FunctionResult(call.call_id, "sunny, 21C", "get_weather")]  # the name filled from the call
     assert msgs[3].content == "Tool said: sunny, 21C"
 
 

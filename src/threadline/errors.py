@@ -85,6 +85,24 @@ class InvalidToolResultError(InvalidParamError):
     code = "invalid_tool_result"
 
 
+class ContextTooLongError(InvalidParamError):
+    """The conversation does not fit the engine's context and the caller asked for no truncation
+    (the Responses API's `truncation: "disabled"`)."""
+
+    code = "context_length_exceeded"
+
+
+class PreviousResponseNotFoundError(InvalidParamError):
+    """`previous_response_id` names no stored response of the caller's (unknown, another app's,
+    deleted, or made with `store: false`): OpenAI's own 400 and code, which the SDKs branch on."""
+
+    code = "previous_response_not_found"
+
+    def __init__(self, response_id: str) -> None:
+        super().__init__(f"Previous response with id '{response_id}' not found.")
+        self.param = "previous_response_id"
+
+
 class EngineNotAllowedError(InvalidParamError):
     """The engine asked for is not one the app may use."""
 

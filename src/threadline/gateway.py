@@ -40,6 +40,7 @@ from .engines.base import Engine, EngineRequest, build_engine
 from .engines.http import AiohttpPoster
 from .engines.retry import transport_error
 from .errors import (
+    ContextTooLongError,
     ConversationBusyError,
     EngineNotAllowedError,
     EngineUnavailableError,
@@ -474,10 +475,12 @@ class Gateway:
             req = replace(req, text=text)
         return _Plan(req, app_cfg, eng, imgs, req.conversation_id or new_id(), req.conversation_id is not None)
 
-    async def _results_answer_calls(self, plan: _Plan) -> None:
+    async def _results_answer_calls(self, plan: _Plan) -> tuple[FunctionResult, ...]:
         """Function results must answer the calls of the answer they follow (the newest one, or the
         one `parent_id` names): checked before anything is written, owner first, so a bad turn
-        stores nothing and another's ids tell nothing. Costs two reads, on tool-result turns only."""
+        stores nothing and another's ids tell nothing. Costs two reads, on tool-result turns only.
+        Returns the results with each call's function name (a Responses client sends only the call
+        id; Gemini pairs a result with its call by name)."""
         req = plan.request
         prev: dict[str, Any] | None = None
         if plan.existing:
@@ -489,10 +492,11 @@ class Gateway:
             elif req.parent_id is None and conv["last_seq"]:
                 rows = await self.store.history_newest(plan.conversation_id, before_seq=conv["last_seq"] + 1, limit=1)
                 prev = rows[0] if rows else None
-        made = ({i.call_id for i in items_from_json(prev.get("parts")) if isinstance(i, FunctionCall)}
+        made = ({i.call_id: i.name for i in items_from_json(prev.get("parts")) if isinstance(i, FunctionCall)}
                 if prev is not None and prev["role"] == "assistant" and prev.get("status", "completed") == "completed"
-                else set())
-        self._check_results(req.results, made)
+                else {})
+        self._check_results(req.results, set(made))
+        return tuple(r if r.name else replace(r, name=made[r.call_id]) for r in req.results)
 
     async def _fork_point(self, plan: _Plan) -> bool:
         """Check the answer a turn continues from (owner first, so another's ids tell nothing) and
@@ -526,14 +530,16 @@ class Gateway:
         await self._hydrate(plan.images, app_cfg.name, req.user)
         user_mid, asst_mid, task_id = new_id(), new_id(), new_id()
         plan.user_message_id = user_mid
+        if req.results:
+            req = plan.request = replace(req, results=await self._results_answer_calls(plan))
         query = req.text
         user_items: list[Item] = [*plan.images, *req.results]
         q_tokens = estimate_message(query, len(plan.images)) + sum(estimate_text(r.output) for r in req.results)
         user_row = {"id": user_mid, "content": query, "parts": items_to_json(user_items),
                     "engine": eng.name, "model": eng.model, "token_estimate": q_tokens, "inputs": req.inputs or None}
-        asst_row = {"id": asst_mid, "parent_id": user_mid, "engine": eng.name, "model": eng.model, "task_id": task_id}
-        if req.results:
-            await self._results_answer_calls(plan)
+        asst_row: dict[str, Any] = {"id": asst_mid, "parent_id": user_mid, "engine": eng.name, "model": eng.model, "task_id": task_id}
+        if req.response is not None:
+            asst_row["response"] = req.response
         if req.parent_id is not None:
             plan.fork = await self._fork_point(plan)
             if plan.fork:
@@ -868,6 +874,10 @@ class Gateway:
         source: HistorySource = self.history if branch is None else BranchSource(branch)
         packed = await pack(source, conv["id"], before_seq=user_seq, system_modules=app_cfg.system,
                             memories=memories, new_message=new_msg, new_message_tokens=new_tokens, budget=budget)
+        if req.truncation == "disabled" and packed.history_dropped:
+            raise ContextTooLongError(
+                f"The conversation does not fit engine {eng.name!r}'s context window ({cfg.context_window} tokens "
+                "with its output reserve) and truncation is disabled: compact it, or allow truncation.")
         if req.results:  # checked before the turn was written; the budget may still have cut the call off
             prev = packed.messages[-2] if len(packed.messages) >= 2 else None
             self._check_results(req.results, {c.call_id for c in prev.calls} if prev is not None else set())

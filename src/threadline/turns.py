@@ -74,6 +74,11 @@ class TurnRequest:
     auto_generate_name: bool = True
     key_id: str | None = None
     history: tuple[PastMessage, ...] = ()
+    # "disabled": refuse a conversation that does not fit the engine's context instead of packing
+    # the newest history that fits (the Responses API's `truncation`).
+    truncation: Literal["auto", "disabled"] = "auto"
+    # Stored with the answer: what a Responses API request asked (the fields its Response echoes).
+    response: dict[str, Any] | None = None
 
 
 class Turn:

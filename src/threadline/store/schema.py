@@ -46,6 +46,7 @@ conversations = Table(
     Column("history_hash", String(48), nullable=True),
     Column("lock_owner", String(64), nullable=True),
     Column("lock_until", Float, nullable=True),
+    Column("meta", JSON, nullable=True),  # the Conversations API's string pairs; see migration 0005
 )
 Index("ix_conv_owner_updated", conversations.c.app, conversations.c.user, conversations.c.updated_at)
 Index("ix_conv_owner_created", conversations.c.app, conversations.c.user, conversations.c.created_at)
@@ -79,6 +80,8 @@ messages = Table(
     Column("latency", Float, nullable=True),
     Column("finish_reason", String(32), nullable=True),  # what the engine reported; see migration 0004
     Column("stop_requested", Boolean, nullable=False, default=False),
+    # An answer made by POST /v1/responses: the request fields its Response echoes; see migration 0005.
+    Column("response", JSON, nullable=True),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
 )

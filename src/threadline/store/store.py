@@ -51,10 +51,12 @@ _MSG_DEFAULTS: dict[str, Any] = {
     "content": "", "parts": None, "reasoning": None, "error": None, "usage": None, "price": None, "engine": None,
     "model": None, "token_estimate": 0, "parent_id": None, "task_id": None, "remote_id": None, "inputs": None,
     "feedback": None, "latency": None, "stop_requested": False, "finish_reason": None,
+    "response": None,
 }
 
 _CONV_DEFAULTS: dict[str, Any] = {"name": "", "inputs": {}, "remote": {}, "last_seq": 0, "deleted": False, "forked": False,
-                                  "lock_owner": None, "lock_until": None, "history_hash": None}
+                                  "lock_owner": None, "lock_until": None, "history_hash": None,
+                                  "meta": None}
 
 ROOT_PARENT = "00000000-0000-0000-0000-000000000000"  # a question that starts a branch at the root (Dify's UUID_NIL)
 CONV_SORTS = {"created_at", "-created_at", "updated_at", "-updated_at"}
