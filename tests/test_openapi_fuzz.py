@@ -54,7 +54,9 @@ def test_every_route_is_in_the_published_schema(live):
         ("GET", "/v1/messages/{message_id}/suggested"), ("GET", "/v1/conversations"),
         ("POST", "/v1/conversations/{conversation_id}/name"), ("DELETE", "/v1/conversations/{conversation_id}"),
         ("GET", "/v1/parameters"), ("GET", "/v1/info"), ("GET", "/v1/meta"), ("POST", "/v1/chat/completions"),
-        ("GET", "/v1/models"),
+        ("GET", "/v1/models"), ("POST", "/v1/responses"), ("GET", "/v1/responses/{response_id}"),
+        ("DELETE", "/v1/responses/{response_id}"), ("POST", "/v1/responses/{response_id}/cancel"),
+        ("GET", "/v1/responses/{response_id}/input_items"), ("POST", "/v1/responses/input_tokens"),
     }
     body = schema["paths"]["/v1/chat-messages"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/ChatRequestPayload"}
@@ -74,10 +76,14 @@ def _fuzz(operation: schemathesis.APIOperation, mode: schemathesis.GenerationMod
         # A random `model` is (rightly) a 404; name the key's app in most examples so the turn runs.
         if mode is schemathesis.GenerationMode.POSITIVE and isinstance(body, dict) and isinstance(body.get("model"), str) \
                 and len(body["model"]) % 4:
-            if len(body["model"]) % 2 and not isinstance(body["messages"][-1].get("content"), str):
-                body["messages"][-1]["content"] = "hi"
+            odd = len(body["model"]) % 2
             body["model"] = "demo"
-            body["messages"][-1]["role"] = "user"
+            if "messages" in body:
+                if odd and not isinstance(body["messages"][-1].get("content"), str):
+                    body["messages"][-1]["content"] = "hi"
+                body["messages"][-1]["role"] = "user"
+            elif "input" in body and odd:  # the Responses API: often a plain question
+                body["input"] = "hi"
         response = case.call_and_validate(base_url=base, headers={"Authorization": f"Bearer {key}"},
                                           checks=CHECKS, timeout=30)
         statuses[(name, response.status_code)] += 1
@@ -95,4 +101,5 @@ def test_fuzzing_finds_no_server_error_and_no_schema_violation(live):
             _fuzz(operation, mode, base, key, statuses)
     # The run reached past validation: turns were answered on both chat routes.
     assert statuses[("POST /v1/chat-messages", 200)] and statuses[("POST /v1/chat/completions", 200)], statuses
+    assert statuses[("POST /v1/responses", 200)], statuses
     assert len(operations) >= 15

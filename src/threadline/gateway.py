@@ -537,7 +537,8 @@ class Gateway:
         q_tokens = estimate_message(query, len(plan.images)) + sum(estimate_text(r.output) for r in req.results)
         user_row = {"id": user_mid, "content": query, "parts": items_to_json(user_items),
                     "engine": eng.name, "model": eng.model, "token_estimate": q_tokens, "inputs": req.inputs or None}
-        asst_row: dict[str, Any] = {"id": asst_mid, "parent_id": user_mid, "engine": eng.name, "model": eng.model, "task_id": task_id}
+        asst_row: dict[str, Any] = {"id": asst_mid, "parent_id": user_mid, "engine": eng.name, "model": eng.model,
+                                    "task_id": task_id}
         if req.response is not None:
             asst_row["response"] = req.response
         if req.parent_id is not None:
@@ -959,6 +960,11 @@ class Gateway:
         return cid
 
     # ---- stop ------------------------------------------------------------------------------------
+
+    async def purge(self, conversation_id: str) -> None:
+        """Remove a conversation for good, from the store and the history cache."""
+        self.history.forget(conversation_id)
+        await self.store.purge_conversation(conversation_id)
 
     def request_stop_local(self, running: RunningTurn) -> None:
         """Stop a turn running here. With a remote task (Dify) the remote is asked to stop and the

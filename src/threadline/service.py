@@ -198,6 +198,54 @@ class ConversationService:
         return await self.store.find_by_history(app=scope.own_app, user=scope.user,
                                                 history_hash=counted_hash(len(history), digest))
 
+    # ---- the key-owned surfaces: OpenAI Responses and Conversations -----------------------------
+    # There a key owns what its app made, as an OpenAI key owns its project's responses: `user` is a
+    # label the caller sets (OpenAI's safety identifier), and a retrieve or delete carries none. So
+    # ownership is the app; a conversation started on another surface keeps its own user.
+
+    async def owned(self, app: str, conversation_id: str) -> tuple[Scope, dict[str, Any]]:
+        """A conversation of `app` and the scope it lives in (its own user)."""
+        await self.start()
+        conv = await self.store.conversation_in_app(conversation_id, app=app)
+        return Scope(app, conv["user"]), conv
+
+    async def answer_in_app(self, app: str, message_id: str) -> tuple[Scope, dict[str, Any]]:
+        """An answer of `app`'s conversations, and its conversation's scope."""
+        await self.start()
+        msg = await self.store.get_message(message_id)
+        if msg is None or msg["role"] != "assistant":
+            raise NotFoundError("Message Not Exists.")
+        try:
+            scope, _ = await self.owned(app, msg["conversation_id"])
+        except NotFoundError:
+            raise NotFoundError("Message Not Exists.") from None
+        return scope, msg
+
+    async def question_of(self, scope: Scope, answer: dict[str, Any]) -> dict[str, Any] | None:
+        """The question an answer (already checked for `scope`) answers."""
+        q = await self.store.get_message(answer.get("parent_id") or "")
+        return q if q is not None and q["conversation_id"] == answer["conversation_id"] else None
+
+    async def branch_rows(self, scope: Scope, conversation_id: str, tip_id: str | None = None) -> list[dict[str, Any]]:
+        """Every message of the branch ending at `tip_id` (default: the newest), oldest first."""
+        await self.conversation(scope, conversation_id)
+        return await self._branch(conversation_id, tip_id)
+
+    async def set_response(self, scope: Scope, message_id: str, response: dict[str, Any]) -> None:
+        """Replace what a Responses answer records about its request (e.g. deleted)."""
+        await self.store.update_message(message_id, response=response)
+
+    async def set_metadata(self, scope: Scope, conversation_id: str, meta: dict[str, str] | None) -> dict[str, Any]:
+        conv = await self.conversation(scope, conversation_id)
+        await self.store.set_conversation_fields(conversation_id, meta=meta)
+        conv["meta"] = meta
+        return conv
+
+    async def purge(self, scope: Scope, conversation_id: str) -> None:
+        """Remove a conversation for good (what a `store: false` response ran in)."""
+        await self.conversation(scope, conversation_id)
+        await self.gateway.purge(conversation_id)
+
     # ---- files -----------------------------------------------------------------------------------
 
     async def upload(self, scope: Scope, *, name: str, data: bytes, mime_type: str,

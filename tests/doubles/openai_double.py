@@ -104,6 +104,7 @@ class OpenAIDouble:
     stall: float = 5.0  # how long `timeout` stays silent
     error_message: str | None = None  # the provider's text for `error_event`
     parallel_calls: int = 1  # how many of the offered tools a tool-calling answer calls
+    finish: str = "stop"  # the finish reason of a text answer ("length": cut at max_tokens)
     api_key: str | None = "sk-test-double-key"
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
@@ -325,7 +326,7 @@ class OpenAIDouble:
                 await asyncio.sleep(self.slow)
             whole = orjson.dumps({"id": cid, "object": "chat.completion", "created": created, "model": model,
                                   "choices": [{"index": 0, "message": msg, "logprobs": None,
-                                               "finish_reason": "tool_calls" if calls else "stop"}],
+                                               "finish_reason": "tool_calls" if calls else self.finish}],
                                   "usage": self.usage(body, answer), "system_fingerprint": "fp_double"})
             return await blocking_fault(self.fault, self.stall, whole) or Response(whole, media_type="application/json")
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -377,7 +378,7 @@ class OpenAIDouble:
                 args = c["function"]["arguments"]
                 for k in range(0, len(args), 7):
                     yield frame({"tool_calls": [{"index": n, "function": {"arguments": args[k:k + 7]}}]})
-            finish = "tool_calls" if calls else "stop"
+            finish = "tool_calls" if calls else self.finish
             if self.provider == "deepseek":
                 yield frame({"content": "", "reasoning_content": None}, finish,
                             self.usage(body, answer) if include_usage else None)

@@ -25,7 +25,7 @@ from .. import __version__
 from ..config import Settings
 from ..errors import ThreadlineError
 from ..gateway import Gateway, upstream_time
-from . import dify_api, openai_api
+from . import dify_api, openai_api, responses_api
 from .common import EventStream, HTTPError, ServerState, dify_error
 from .guard import RequestGuard
 from .keys import KeyCache
@@ -189,7 +189,7 @@ def create_app(settings: Settings, *, open_access: bool = False, gateway: Gatewa
                         description="Dify-compatible and OpenAI-compatible conversation API over any engine.")
     app.state.tl = ServerState(gateway=gw, keys=KeyCache(gw.store, on_read=gw.limits.remember_key),
                                open_access=open_access)
-    operations = [*dify_api.operations, *openai_api.operations]
+    operations = [*dify_api.operations, *openai_api.operations, *responses_api.operations]
     app.router.routes.extend(routes(operations))
     schema = openapi(operations, title=app.title, description=app.description)
     app.openapi = lambda: schema  # type: ignore[method-assign]
@@ -198,8 +198,8 @@ def create_app(settings: Settings, *, open_access: bool = False, gateway: Gatewa
         return RequestGuard(inner, server=settings.server, open_access=open_access, listen_host=listen_host,
                             render=error_response)
 
-    app.fast_lane({"/v1/chat-messages": dify_api.chat_messages, "/v1/chat/completions": openai_api.chat_completions},
-                  guard)
+    app.fast_lane({"/v1/chat-messages": dify_api.chat_messages, "/v1/chat/completions": openai_api.chat_completions,
+                   "/v1/responses": responses_api.create}, guard)
 
     async def _handler(request: Request, exc: Exception) -> Response:
         return error_response(request, exc)

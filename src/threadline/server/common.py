@@ -27,6 +27,8 @@ class ServerState:
     keys: KeyCache
     open_access: bool = False
     service: ConversationService = field(init=False)
+    # Background responses (POST /v1/responses with background: true) running on after their answer.
+    background: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.service = ConversationService(self.gateway)

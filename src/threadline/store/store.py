@@ -378,6 +378,24 @@ class Store:
         async with self._tx() as conn:
             await conn.execute(update(conversations).where(conversations.c.id == conversation_id).values(deleted=True))
 
+    async def conversation_in_app(self, conversation_id: str, *, app: str) -> dict[str, Any]:
+        """A conversation of `app`, whoever its user: the OpenAI-style surfaces, where the key (its
+        app) owns what it made. Another app's conversation and a missing one raise the same not-found."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(conversations).where(
+                conversations.c.id == conversation_id, conversations.c.app == app,
+                conversations.c.deleted.is_(False)))).mappings().first()
+        if row is None:
+            raise NotFoundError("Conversation Not Exists.")
+        return dict(row)
+
+    @_durable
+    async def purge_conversation(self, conversation_id: str) -> None:
+        """Remove a conversation and its messages for good (a `store: false` response leaves nothing)."""
+        async with self._tx() as conn:
+            await conn.execute(delete(messages).where(messages.c.conversation_id == conversation_id))
+            await conn.execute(delete(conversations).where(conversations.c.id == conversation_id))
+
     @_durable
     async def set_remote(self, conversation_id: str, engine: str, remote_id: str | None, seen_seq: int) -> None:
         async with self._tx() as conn:
