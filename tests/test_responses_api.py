@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import asyncpg
 import httpx
 import openai
 import pytest
@@ -26,16 +27,30 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "Weather fo
            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}}
 
 
-@pytest.fixture(scope="module")
-def live(openai_double, gemini_double, tmp_path_factory) -> Iterator[dict[str, Any]]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def live(request, openai_double, gemini_double, tmp_path_factory) -> Iterator[dict[str, Any]]:
+    """A live server on each store (both run every test: the chain, fork and scratch paths use
+    store queries of their own), with an app on the OpenAI, Gemini and Dify doubles each."""
     tmp = tmp_path_factory.mktemp("responses")
+    database_url = f"sqlite+aiosqlite:///{tmp}/r.db"
+    if request.param == "postgresql":
+        database_url = request.getfixturevalue("pg_database")
+
+        async def reset() -> None:
+            conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+            try:
+                await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public;")
+            finally:
+                await conn.close()
+
+        asyncio.run(reset())
     dd = DifyDouble()
     dify = LiveServer(dd.app()).start()
     engines = engines_for(openai_double[1], gemini_double[1],
                           dify={"kind": "dify", "base_url": f"{dify.url}/v1", "api_key": dd.api_key},
                           small={"kind": "openai", "base_url": f"{openai_double[1]}/v1", "api_key": "sk-test-double-key",
                                  "model": "m", "context_window": 700, "max_output_tokens": 100})
-    settings = Settings.build(database_url=f"sqlite+aiosqlite:///{tmp}/r.db", include_presets=False, engines=engines,
+    settings = Settings.build(database_url=database_url, include_presets=False, engines=engines,
                               apps={"demo": {"engine": "acc", "engines": ["acc", "gem", "small"]},
                                     "gdemo": {"engine": "gem"}, "ddemo": {"engine": "dify"},
                                     "other": {"engine": "acc"}})
