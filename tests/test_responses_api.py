@@ -376,3 +376,56 @@ def test_store_false_is_refused_for_a_stateful_engine(env):
     with pytest.raises(openai.BadRequestError) as e:
         client(env, "ddemo").responses.create(model="ddemo", input="x", store=False)
     assert e.value.param == "store"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_dify_agent_thoughts_come_out_as_done_function_call_items(env, stream):
+    dd: DifyDouble = env["dify"]
+    dd.reset(agent=True)
+    try:
+        body = {"model": "ddemo", "input": "weather in Paris?"}
+        if stream:
+            events = _raw_events(env, body, "ddemo")
+            final = events[-2][1]["response"]
+            added = [d["item"]["type"] for k, d in events if k == "response.output_item.added"]
+            assert added[:2] == ["function_call", "function_call_output"]
+        else:
+            r = httpx.post(f"{env['url']}/v1/responses", json=body,
+                           headers={"Authorization": f"Bearer {env['keys']['ddemo']}"})
+            assert r.status_code == 200, r.text
+            final = r.json()
+        call = next(o for o in final["output"] if o["type"] == "function_call")
+        out = next(o for o in final["output"] if o["type"] == "function_call_output")
+        assert call["name"] == "get_weather" and json.loads(call["arguments"]) == {"city": "Paris"}
+        assert out["call_id"] == call["call_id"] and out["output"] == "Sunny, 21°C in Paris"
+        assert call["id"].startswith("fc_") and out["id"].startswith("fco_") and call["status"] == "completed"
+        assert final["output"][-1]["type"] == "message" and final["status"] == "completed"
+        stored = client(env, "ddemo").responses.retrieve(final["id"])
+        assert [o.id for o in stored.output if o.type != "reasoning"] == [o["id"] for o in final["output"]
+                                                                         if o["type"] != "reasoning"]
+    finally:
+        dd.reset()
+
+
+def test_sdk_parse_with_a_pydantic_text_format(env):
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        city: str
+
+    r = client(env).responses.parse(model="demo", input="which city?", text_format=City)
+    assert isinstance(r.output_parsed, City)
+    sent = env["oai"].requests[-1]["response_format"]
+    assert sent["type"] == "json_schema" and sent["json_schema"]["name"] == "City"
+
+
+def test_an_engine_failing_mid_stream_ends_with_response_failed_and_keeps_the_partial(env):
+    env["oai"].reset(fault="reset", fault_after=2, chunk_size=2)
+    events = _raw_events(env, {"model": "demo", "input": "break please"})
+    kinds = [k for k, _ in events]
+    assert kinds[0] == "response.created" and kinds[-2] == "response.failed" and "error" in kinds
+    failed = events[-2][1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] and failed["error"]["message"]
+    partial = "".join(d["delta"] for k, d in events if k == "response.output_text.delta")
+    stored = client(env).responses.retrieve(failed["id"])
+    assert stored.status == "failed" and stored.output_text == partial and partial
