@@ -429,3 +429,25 @@ def test_an_engine_failing_mid_stream_ends_with_response_failed_and_keeps_the_pa
     partial = "".join(d["delta"] for k, d in events if k == "response.output_text.delta")
     stored = client(env).responses.retrieve(failed["id"])
     assert stored.status == "failed" and stored.output_text == partial and partial
+
+
+@pytest.mark.parametrize("tool,param", [
+    ({**WEATHER, "parameters": "not a schema"}, "tools[0].parameters"),
+    ({**WEATHER, "strict": "yes"}, "tools[0].strict"),
+    ({**WEATHER, "extra": 1}, "tools[0].extra"),
+    ({"type": "function"}, "tools[0].name"),
+])
+def test_malformed_function_tools_are_400_in_openai_shape(env, tool, param):
+    r = httpx.post(f"{env['url']}/v1/responses", headers={"Authorization": f"Bearer {env['keys']['demo']}"},
+                   json={"model": "demo", "input": "x", "tools": [tool]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_errors_on_responses_paths_have_openai_shape(env):
+    h = {"Authorization": f"Bearer {env['keys']['demo']}"}
+    r = httpx.post(f"{env['url']}/v1/responses", headers={**h, "Content-Type": "application/json"}, content=b"{")
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.get(f"{env['url']}/v1/responses/resp_{'a' * 32}", headers=h)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = httpx.post(f"{env['url']}/v1/responses", json={"model": "demo", "input": "x"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"

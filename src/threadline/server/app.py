@@ -87,7 +87,7 @@ OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
 
 
 def is_openai_path(path: str) -> bool:
-    return path in OPENAI_PATHS or path.startswith("/v1/models/")
+    return path in OPENAI_PATHS or path.startswith(("/v1/models/", "/v1/responses"))
 
 
 def error_response(request: Request, exc: Exception) -> Response:

@@ -89,7 +89,8 @@ def _invalid(exc: ValidationError) -> OpenAIError:
 # OpenAI request fields Threadline knows and cannot honour: refused by name, not as unrecognized.
 KNOWN_UNSUPPORTED = frozenset({"logit_bias", "top_logprobs", "service_tier", "prompt_cache_key",
                                "prompt_cache_retention", "verbosity", "modalities", "audio", "prediction",
-                               "web_search_options", "functions", "function_call"})
+                               "web_search_options", "functions", "function_call", "prompt", "context_management",
+                               "prompt_cache_options", "moderation"})
 CONVERSATION_HEADER = "x-threadline-conversation-id"
 CONVERSATION_METADATA = "threadline_conversation_id"
 

@@ -277,7 +277,16 @@ def _tools(body: ResponseCreateRequest | InputTokensRequest) -> tuple[tuple[Tool
         if extra:
             raise _bad(f"Unrecognized parameter '{where}.{sorted(extra)[0]}'.", f"{where}.{sorted(extra)[0]}",
                        "unrecognized_argument")
-        tools.append(ToolSpec(name, t.get("description"), t.get("parameters"), t.get("strict")))
+        desc, params, strict = t.get("description"), t.get("parameters"), t.get("strict")
+        if desc is not None and not isinstance(desc, str):
+            raise _bad(f"Invalid type for '{where}.description': expected a string.", f"{where}.description",
+                       "invalid_type")
+        if params is not None and not isinstance(params, dict):
+            raise _bad(f"Invalid type for '{where}.parameters': expected a JSON schema object.", f"{where}.parameters",
+                       "invalid_type")
+        if strict is not None and not isinstance(strict, bool):
+            raise _bad(f"Invalid type for '{where}.strict': expected a boolean.", f"{where}.strict", "invalid_type")
+        tools.append(ToolSpec(name, desc, params, strict))
     choice: ToolChoice | None = None
     tc = body.tool_choice
     if isinstance(tc, str):
@@ -638,6 +647,8 @@ async def create(request: Request) -> Response | EventStream:
         return await _create(request)
     except OpenAIError as exc:
         return openai_error(exc)
+    except ThreadlineError as exc:  # an engine that is unavailable, a busy conversation...
+        return openai_error(_failure_of(exc))
 
 
 async def _create(request: Request) -> Response | EventStream:
