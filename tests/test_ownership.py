@@ -38,7 +38,7 @@ from threadline import AsyncThreadline, NotFoundError, Threadline
 from threadline.api import AsyncMemory, Memory
 from threadline.config import Settings
 from threadline.errors import InvalidParamError, InvalidParentError
-from threadline.server import dify_api, openai_api
+from threadline.server import dify_api, openai_api, responses_api
 from threadline.server.app import create_app
 from threadline.server.keys import create_key
 from threadline.store.schema import memories
@@ -282,6 +282,10 @@ class Op:
     expect: Callable[[Outcome], None]
     running: bool = False             # the target is a turn of the owner's, still streaming
     control: bool = True              # the owner doing it must not get the not-found answer
+    # The intruders it is tried with (None: every one of its surface). The OpenAI Responses surface
+    # is key-owned, as OpenAI's is: `user` there is a label a request may carry, not an identity
+    # (a retrieve or delete carries none), so its intruder is another app's key.
+    intruders: tuple[str, ...] | None = None
 
     def __str__(self) -> str:
         return self.name
@@ -319,6 +323,38 @@ def openai_replay(w: World, who: Who, ident: str) -> Outcome:
         r = c.post("/v1/chat/completions", json={"model": who.app or "alpha", "user": who.user,
                                                  "messages": [*hist, {"role": "user", "content": "and then?"}]})
     return http_outcome(r)
+
+
+def openai_not_found(param: str | None = None) -> Callable[[Outcome], None]:
+    def check(o: Outcome) -> None:
+        assert o.status == 404, (o.status, o.body)
+        assert isinstance(o.body, dict) and set(o.body) == {"error"}, o.body
+        assert o.body["error"]["code"] == "not_found" and (param is None or o.body["error"]["param"] == param), o.body
+    return check
+
+
+def previous_not_found(o: Outcome) -> None:
+    assert o.status == 400, (o.status, o.body)
+    err = o.body["error"]
+    assert err["code"] == "previous_response_not_found" and err["param"] == "previous_response_id", o.body
+    assert "x-threadline-conversation-id" not in o.headers
+
+
+def resp(method: str, path: str, param: str, expect: Callable[[Outcome], None], *, name: str = "",
+         target: str = "message", control: bool = True,
+         request: Callable[[World, Who, str], dict[str, Any]] | None = None) -> Op:
+    """A Responses API route given the owner's answer as `resp_<hex>` (or conversation as `conv_<hex>`)."""
+    def call(w: World, who: Who, ident: str) -> Outcome:
+        ref = ("resp_" if target == "message" else "conv_") + ident.replace("-", "")
+        kw = request(w, who, ref) if request is not None else {}
+        with w.http(who) as c:
+            return _q(c, method, path.replace("{" + param + "}", ref), **kw)
+    return Op(name or f"{method} {path} [{param}]", "responses", (method, path, param), target, call, expect,
+              control=control, intruders=("other app, same user name",))
+
+
+def resp_body(field: str) -> Callable[[World, Who, str], dict[str, Any]]:
+    return lambda w, who, ref: {"json": {"model": who.app or "alpha", "input": "let me in", field: ref}}
 
 
 def py(method: str, param: str, target: str, expect: Callable[[Outcome], None],
@@ -379,6 +415,20 @@ OPS: list[Op] = [
     # -- OpenAI-compatible: no id in the request; the history is the key.
     Op("POST /v1/chat/completions [history]", "openai", ("POST", "/v1/chat/completions", "messages"), None,
        openai_replay, lambda o: None),
+    # -- OpenAI Responses API: key-owned (see Op.intruders)
+    resp("GET", "/v1/responses/{response_id}", "response_id", openai_not_found("response_id")),
+    resp("DELETE", "/v1/responses/{response_id}", "response_id", openai_not_found("response_id")),
+    # Cancelling the owner's finished response is refused (not running) for the owner too.
+    resp("POST", "/v1/responses/{response_id}/cancel", "response_id", openai_not_found("response_id"),
+         control=False),
+    resp("GET", "/v1/responses/{response_id}/input_items", "response_id", openai_not_found("response_id")),
+    resp("POST", "/v1/responses", "previous_response_id", previous_not_found, request=resp_body("previous_response_id")),
+    resp("POST", "/v1/responses", "conversation", openai_not_found("conversation"), target="conv",
+         request=resp_body("conversation")),
+    resp("POST", "/v1/responses/input_tokens", "previous_response_id", previous_not_found,
+         request=resp_body("previous_response_id")),
+    resp("POST", "/v1/responses/input_tokens", "conversation", openai_not_found("conversation"), target="conv",
+         request=resp_body("conversation")),
     # -- Python API (the sync facade, which runs the async one)
     py("conversation", "conversation_id", "conv", py_raises(NotFoundError),
        lambda tl, w, who, i: tl.conversation(i, user=who.user, app=who.app)),
@@ -432,6 +482,8 @@ KNOWN_BUGS: dict[tuple[str, str], str] = {}  # (operation, intruder) -> reason; 
 def cases() -> Iterator[Any]:
     for op in OPS:
         for intruder in (PY_INTRUDERS if op.surface == "python" else HTTP_INTRUDERS):
+            if op.intruders is not None and intruder not in op.intruders:
+                continue
             marks = []
             if (op.name, intruder) in KNOWN_BUGS:
                 marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[(op.name, intruder)]))
@@ -493,8 +545,9 @@ def test_another_users_or_apps_id_is_not_found_and_changes_nothing(env: Env, wor
     if op.running:  # the stop arrived while the turn was still streaming: the check is not vacuous
         assert running_status(w) == "streaming"
     if op.target:
-        unknown = op.call(w, who, str(uuid.uuid4()))
-        assert got.comparable() == unknown.comparable(), "another's id must look exactly like a missing one"
+        missing = str(uuid.uuid4())
+        unknown = op.call(w, who, missing)
+        assert _masked(got, ident) == _masked(unknown, missing), "another's id must look exactly like a missing one"
     if op.surface == "openai":
         assert got.status == 200, got.body
         assert got.headers["x-threadline-conversation-id"] not in (w.conv, w.conv_b)
@@ -532,8 +585,15 @@ def _id_params(model: type[BaseModel] | None) -> set[str]:
     return {n for n in model.model_fields if n.endswith("_id") or n == "files"}
 
 
+def _masked(o: Outcome, ident: str) -> str:
+    """An outcome with the id it was given (in any of its forms: uuid, hex, resp_/conv_) masked: an
+    error may name the id it was asked about, as OpenAI's do."""
+    text = json.dumps(o.comparable(), default=str)
+    return text.replace(ident, "<id>").replace(ident.replace("-", ""), "<id>")
+
+
 def test_table_covers_every_route_that_takes_an_id(env: Env) -> None:
-    ops = [*dify_api.operations, *openai_api.operations]
+    ops = [*dify_api.operations, *openai_api.operations, *responses_api.operations]
     declared = {(o.method, o.path) for o in ops}
     # Every route the app serves with a path parameter is one of the declared operations.
     for r in env.app.routes:
