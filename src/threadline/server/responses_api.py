@@ -575,10 +575,11 @@ def _past(rows: list[dict[str, Any]]) -> list[PastMessage]:
 
 
 async def plan_turn(request: HTTPConnection, caller: Caller, body: ResponseCreateRequest,
-                    local: str | None = None) -> _Plan:
+                    local: str | None = None, *, streamed: bool = False) -> _Plan:
     """Everything a create request asks, checked and resolved into one TurnRequest. `local` is the
     unstored response a WebSocket connection may continue (its cache): a store: false continuation
-    of it runs on in its scratch conversation, a stored one starts a conversation of its own."""
+    of it runs on in its scratch conversation, a stored one starts a conversation of its own.
+    `streamed`: the transport streams every response (a WebSocket), whatever the body says."""
     gw = state(request).gateway
     svc = state(request).service
     limits = gw.settings.server
@@ -646,7 +647,7 @@ async def plan_turn(request: HTTPConnection, caller: Caller, body: ResponseCreat
     echo = _echo(body, tools, conv_ref)
     req = TurnRequest(user=scope.user, text=inp.text, app=app_cfg.name, conversation_id=cid, parent_id=parent,
                       engine=engine, images=tuple(inp.images), results=tuple(inp.results), tools=tools,
-                      tool_choice=tool_choice, params=params, stream=bool(body.stream or body.background),
+                      tool_choice=tool_choice, params=params, stream=bool(body.stream or body.background or streamed),
                       instructions=instructions, key_id=caller.key_id,
                       history=tuple(history) if cid is None else (), truncation=body.truncation or "auto",
                       response=echo)
@@ -855,7 +856,8 @@ class _Events:
 
 
 async def _stream(agen: AsyncGenerator[TurnEvent, None], plan: _Plan, first: TurnStarted, events: _Events,
-                  svc: ConversationService, *, tail: bytes | None = None, scrap: bool = True) -> AsyncIterator[bytes]:
+                  svc: ConversationService, *, tail: bytes | None = None,
+                  scrap: bool = True) -> AsyncGenerator[bytes, None]:
     """One response's semantic events, framed for its transport by `events` (SSE or WebSocket), then
     `tail`. The turn is closed however the stream ends (a caller that left has its partial answer
     stored as stopped); `scrap` removes a store: false response's conversation then (the WebSocket
