@@ -32,7 +32,8 @@ def live(openai_double, tmp_path_factory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("responses_ws")
     settings = Settings.build(database_url=f"sqlite+aiosqlite:///{tmp}/w.db", include_presets=False,
                               engines=engines_for(openai_double[1]),
-                              apps={"demo": {"engine": "acc"}, "other": {"engine": "acc"}})
+                              apps={"demo": {"engine": "acc"}, "other": {"engine": "acc"}},
+                              server={"max_body_bytes": 200_000})
     keys = {app: asyncio.run(create_key(settings, app)) for app in ("demo", "other")}
     srv = LiveServer(create_app(settings)).start()
     try:
@@ -261,6 +262,15 @@ def test_a_refused_message_is_an_error_frame_and_the_socket_stays_open(env, mess
         assert json.loads(ws.recv(timeout=10))["status"] == 400
         assert raw_response(ws, {"model": "demo", "input": "still here"})[-1]["type"] == "response.completed"
     assert len(env["oai"].requests) == 1  # nothing refused reached the engine
+
+
+def test_a_message_over_the_body_limit_is_refused_unread(env):
+    with raw(env) as ws:
+        ws.send(json.dumps({"type": "response.create", "model": "demo", "input": "x" * 250_000}))
+        err = json.loads(ws.recv(timeout=10))
+        assert err["status"] == 413 and err["error"]["code"] == "request_too_large"
+        assert raw_response(ws, {"model": "demo", "input": "small"})[-1]["type"] == "response.completed"
+    assert len(env["oai"].requests) == 1
 
 
 def test_the_sdk_raises_on_an_error_frame(env):

@@ -110,6 +110,10 @@ class _Connection:
             text = msg.get("text")
             if text is None:
                 text = (msg.get("bytes") or b"").decode("utf-8", "replace")
+            if len(text) > self.max_bytes:  # refused before it waits in the queue
+                await self.send_error(OpenAIError(413, f"The message is larger than the limit of {self.max_bytes} "
+                                                       "bytes.", code="request_too_large"))
+                continue
             if self.pending.qsize() >= MAX_PENDING:
                 await self.send_error(OpenAIError(
                     429, f"More than {MAX_PENDING} response.create messages are waiting on this connection: wait "
@@ -137,9 +141,6 @@ class _Connection:
     # ---- one response ------------------------------------------------------------------------------
 
     def read_body(self, text: str) -> ResponseCreateRequest:
-        if len(text) > self.max_bytes:
-            raise OpenAIError(413, f"The message is larger than the limit of {self.max_bytes} bytes.",
-                              code="request_too_large")
         try:
             data = orjson.loads(text)
         except orjson.JSONDecodeError:
