@@ -721,7 +721,8 @@ async def _blocking(agen: AsyncGenerator[TurnEvent, None], plan: _Plan, headers:
 
 class _Events:
     """The semantic stream of one response: a rising sequence number, one id per item across all
-    its events, each event one write (`event:` line and `data:` line together)."""
+    its events, each event one write (on SSE its `event:` and `data:` lines together; on a
+    WebSocket one text frame of its JSON)."""
 
     def __init__(self, message_id: str, echo: dict[str, Any], created_at: float, *, ws: bool = False) -> None:
         self.ws = ws  # a WebSocket frame is the event's JSON alone
