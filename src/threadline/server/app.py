@@ -16,8 +16,9 @@ from typing import Any
 import orjson
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import FileResponse, Response
+from starlette.routing import WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,7 +26,7 @@ from .. import __version__
 from ..config import Settings
 from ..errors import ThreadlineError
 from ..gateway import Gateway, upstream_time
-from . import dify_api, openai_api, responses_api
+from . import dify_api, openai_api, responses_api, responses_ws
 from .common import EventStream, HTTPError, ServerState, dify_error
 from .guard import RequestGuard
 from .keys import KeyCache
@@ -90,7 +91,7 @@ def is_openai_path(path: str) -> bool:
     return path in OPENAI_PATHS or path.startswith(("/v1/models/", "/v1/responses"))
 
 
-def error_response(request: Request, exc: Exception) -> Response:
+def error_response(request: HTTPConnection, exc: Exception) -> Response:
     """Every error a route lets out, in its surface's shape: OpenAI's envelope on the OpenAI routes,
     Dify's `{code, message, status}` elsewhere. Unexpected ones are logged by type only (never a
     message that might carry a secret) and answered with a generic 500."""
@@ -191,6 +192,8 @@ def create_app(settings: Settings, *, open_access: bool = False, gateway: Gatewa
                                open_access=open_access)
     operations = [*dify_api.operations, *openai_api.operations, *responses_api.operations]
     app.router.routes.extend(routes(operations))
+    # The Responses API's WebSocket mode: GET /v1/responses upgraded (POST stays the HTTP route).
+    app.router.routes.append(WebSocketRoute("/v1/responses", responses_ws.responses_socket))
     schema = openapi(operations, title=app.title, description=app.description)
     app.openapi = lambda: schema  # type: ignore[method-assign]
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -118,7 +118,7 @@ def spaced_json(data: Any) -> Response:
     return Response(_SPACED.encode(data), media_type="application/json; charset=utf-8")
 
 
-def state(request: Request) -> ServerState:
+def state(request: HTTPConnection) -> ServerState:
     tl: ServerState = request.app.state.tl
     return tl
 
@@ -126,7 +126,7 @@ def state(request: Request) -> ServerState:
 _BEARER = {"WWW-Authenticate": 'Bearer realm="api"'}
 
 
-async def authenticate(request: Request) -> Caller:
+async def authenticate(request: HTTPConnection) -> Caller:
     """A Bearer app key selects the app, exactly as a Dify app key does. Open mode lets a request
     without any key act as the default app; a key that is presented must be valid even then (a wrong
     or revoked key never falls back to the default app)."""

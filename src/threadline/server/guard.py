@@ -23,7 +23,7 @@ import ctypes.util
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -68,9 +68,18 @@ def _hostname(value: str) -> str:
     return value.split(":", 1)[0]
 
 
+async def deny_upgrade(scope: Scope, receive: Receive, send: Send, response: Response) -> None:
+    """Refuse a WebSocket upgrade with an HTTP answer (its status and error body), or, on a server
+    without the denial-response extension, with a close before accept (which it sends as a 403)."""
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await response(scope, receive, send)  # Starlette sends it as websocket.http.response.*
+    else:
+        await send({"type": "websocket.close", "code": 1008})
+
+
 class RequestGuard:
     def __init__(self, app: ASGIApp, *, server: ServerSettings, open_access: bool, listen_host: str | None,
-                 render: Callable[[Request, Exception], Response]) -> None:
+                 render: Callable[[HTTPConnection, Exception], Response]) -> None:
         self.app = app
         self.server = server
         self.open_access = open_access
@@ -82,6 +91,17 @@ class RequestGuard:
         self.origins = frozenset(o.rstrip("/").lower() for o in server.allowed_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            # A browser opens a WebSocket to any site without asking (no CORS), so in open mode the
+            # upgrade passes the same Host and Origin checks; each message's size is the route's.
+            if self.open_access:
+                try:
+                    self._check_origin(scope)
+                except HTTPError as exc:
+                    await deny_upgrade(scope, receive, send, self.render(HTTPConnection(scope), exc))
+                    return
+            await self.app(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

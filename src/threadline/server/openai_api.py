@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 from pydantic import ValidationError
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
 from ..config import AppConfig
@@ -123,7 +123,7 @@ def _text_and_images(content: str | list[dict[str, Any]] | None, where: str) -> 
     return "\n".join(texts), images
 
 
-async def _auth(request: Request) -> Caller:
+async def _auth(request: HTTPConnection) -> Caller:
     try:
         return await authenticate(request)
     except HTTPError as exc:

@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 from pydantic import ValidationError
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
 from ..errors import NotFoundError, PreviousResponseNotFoundError, ThreadlineError
@@ -544,8 +544,10 @@ async def _read(request: Request, model: type[Any]) -> tuple[Caller, Any]:
     return caller, _json_body(raw, model)
 
 
-async def _previous(svc: ConversationService, app: str, rid: str) -> tuple[Scope, dict[str, Any]]:
-    """The stored response `previous_response_id` names, or OpenAI's previous_response_not_found."""
+async def _previous(svc: ConversationService, app: str, rid: str, local: str | None = None) -> tuple[Scope, dict[str, Any]]:
+    """The stored response `previous_response_id` names, or OpenAI's previous_response_not_found.
+    An unstored (store: false) response is found only by the WebSocket connection that made it
+    (`local`, its cache): its scratch conversation lives as long as that connection does."""
     mid = message_of_response(rid)
     if mid is None:
         raise PreviousResponseNotFoundError(rid)
@@ -554,9 +556,13 @@ async def _previous(svc: ConversationService, app: str, rid: str) -> tuple[Scope
     except NotFoundError:
         raise PreviousResponseNotFoundError(rid) from None
     echo = row.get("response") or {}
-    if echo.get("deleted"):
+    if echo.get("deleted") or (_unstored(row) and rid != local):
         raise PreviousResponseNotFoundError(rid)
     return scope, row
+
+
+def _unstored(row: dict[str, Any]) -> bool:
+    return (row.get("response") or {}).get("store") is False
 
 
 def _past(rows: list[dict[str, Any]]) -> list[PastMessage]:
@@ -568,8 +574,12 @@ def _past(rows: list[dict[str, Any]]) -> list[PastMessage]:
     return out
 
 
-async def plan_turn(request: Request, caller: Caller, body: ResponseCreateRequest) -> _Plan:
-    """Everything a create request asks, checked and resolved into one TurnRequest."""
+async def plan_turn(request: HTTPConnection, caller: Caller, body: ResponseCreateRequest,
+                    local: str | None = None, *, streamed: bool = False) -> _Plan:
+    """Everything a create request asks, checked and resolved into one TurnRequest. `local` is the
+    unstored response a WebSocket connection may continue (its cache): a store: false continuation
+    of it runs on in its scratch conversation, a stored one starts a conversation of its own.
+    `streamed`: the transport streams every response (a WebSocket), whatever the body says."""
     gw = state(request).gateway
     svc = state(request).service
     limits = gw.settings.server
@@ -602,11 +612,13 @@ async def plan_turn(request: Request, caller: Caller, body: ResponseCreateReques
     parent: str | None = None
     conv_ref: str | None = None
     seed: list[PastMessage] = []
+    unstored_prev = False
     try:
         if body.previous_response_id:
-            scope, prev = await _previous(svc, app_cfg.name, body.previous_response_id)
+            scope, prev = await _previous(svc, app_cfg.name, body.previous_response_id, local)
             cid, parent = prev["conversation_id"], prev["id"]
-            if not store:
+            unstored_prev = _unstored(prev)
+            if store == unstored_prev:  # moving between a stored chain and a scratch conversation
                 seed = _past(await svc.branch_rows(scope, cid, parent))
         elif body.conversation is not None:
             ref = body.conversation if isinstance(body.conversation, str) else body.conversation.id
@@ -625,7 +637,7 @@ async def plan_turn(request: Request, caller: Caller, body: ResponseCreateReques
         raise _bad("With 'previous_response_id' or 'conversation', 'input' holds only the new items (user messages "
                    "or function_call_output): the earlier ones are already stored.", "input")
     history = inp.history
-    if not store:
+    if store == unstored_prev:
         history, cid, parent = [*seed, *history], None, None
     elif cid is None and history:
         cid = await svc.find_conversation(scope, history)
@@ -635,7 +647,7 @@ async def plan_turn(request: Request, caller: Caller, body: ResponseCreateReques
     echo = _echo(body, tools, conv_ref)
     req = TurnRequest(user=scope.user, text=inp.text, app=app_cfg.name, conversation_id=cid, parent_id=parent,
                       engine=engine, images=tuple(inp.images), results=tuple(inp.results), tools=tools,
-                      tool_choice=tool_choice, params=params, stream=bool(body.stream or body.background),
+                      tool_choice=tool_choice, params=params, stream=bool(body.stream or body.background or streamed),
                       instructions=instructions, key_id=caller.key_id,
                       history=tuple(history) if cid is None else (), truncation=body.truncation or "auto",
                       response=echo)
@@ -709,9 +721,12 @@ async def _blocking(agen: AsyncGenerator[TurnEvent, None], plan: _Plan, headers:
 
 class _Events:
     """The semantic stream of one response: a rising sequence number, one id per item across all
-    its events, each event one write (`event:` line and `data:` line together)."""
+    its events, each event one write (on SSE its `event:` and `data:` lines together; on a
+    WebSocket one text frame of its JSON)."""
 
-    def __init__(self, message_id: str, echo: dict[str, Any], created_at: float) -> None:
+    def __init__(self, message_id: str, echo: dict[str, Any], created_at: float, *, ws: bool = False) -> None:
+        self.ws = ws  # a WebSocket frame is the event's JSON alone
+        self.final: dict[str, Any] | None = None  # the terminal event's response, once sent
         self.seq = 0
         self.h = _hex(message_id)
         self.message_id = message_id
@@ -726,7 +741,17 @@ class _Events:
     def ev(self, kind: str, **fields: Any) -> bytes:
         data = {"type": kind, **fields, "sequence_number": self.seq}
         self.seq += 1
+        if self.ws:
+            return orjson.dumps(data)
         return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+    def error(self, status: int, code: str, message: str) -> bytes:
+        """The error event before response.failed: flat on SSE (OpenAI's), nested with its status on
+        a WebSocket (every WebSocket error has that shape)."""
+        if self.ws:
+            return self.ev("error", status=status, error={"type": error_type(status), "code": code, "message": message,
+                                                          "param": None})
+        return self.ev("error", code=code, message=message, param=None)
 
     def snapshot(self, status: str = "streaming") -> dict[str, Any]:
         return response_object(message_id=self.message_id, created_at=self.created_at, status=status,
@@ -831,9 +856,13 @@ class _Events:
         return out
 
 
-async def _sse(agen: AsyncGenerator[TurnEvent, None], plan: _Plan, first: TurnStarted,
-               svc: ConversationService) -> AsyncIterator[bytes]:
-    events = _Events(first.message_id, plan.echo, first.created_at)
+async def _stream(agen: AsyncGenerator[TurnEvent, None], plan: _Plan, first: TurnStarted, events: _Events,
+                  svc: ConversationService, *, tail: bytes | None = None,
+                  scrap: bool = True) -> AsyncGenerator[bytes, None]:
+    """One response's semantic events, framed for its transport by `events` (SSE or WebSocket), then
+    `tail`. The turn is closed however the stream ends (a caller that left has its partial answer
+    stored as stopped); `scrap` removes a store: false response's conversation then (the WebSocket
+    route keeps it for its connection's cache instead)."""
     yield events.ev("response.created", response=events.snapshot())
     yield events.ev("response.in_progress", response=events.snapshot())
     try:
@@ -857,14 +886,24 @@ async def _sse(agen: AsyncGenerator[TurnEvent, None], plan: _Plan, first: TurnSt
                 kind = {"completed": "response.completed", "failed": "response.failed"}.get(
                     resp["status"], "response.incomplete")
                 if isinstance(ev, TurnFailed):
-                    yield events.ev("error", code=resp["error"]["code"] if resp["error"] else "server_error",
-                                    message=resp["error"]["message"] if resp["error"] else "Internal error",
-                                    param=None)
+                    err = resp["error"]
+                    yield events.error(int((ev.reply.error or {}).get("status") or 500),
+                                       err["code"] if err else "server_error",
+                                       err["message"] if err else "Internal error")
+                events.final = resp
                 yield events.ev(kind, response=resp)
     finally:
         await agen.aclose()
-        await _scrap(svc, plan, first.conversation_id)
-    yield b"data: [DONE]\n\n"
+        if scrap:
+            await _scrap(svc, plan, first.conversation_id)
+    if tail is not None:
+        yield tail
+
+
+def _sse(agen: AsyncGenerator[TurnEvent, None], plan: _Plan, first: TurnStarted,
+         svc: ConversationService) -> AsyncIterator[bytes]:
+    return _stream(agen, plan, first, _Events(first.message_id, plan.echo, first.created_at), svc,
+                   tail=b"data: [DONE]\n\n")
 
 
 def _background(request: Request, plan: _Plan, first: TurnStarted, agen: AsyncGenerator[TurnEvent, None],
@@ -894,7 +933,7 @@ async def _stored(request: Request) -> tuple[Scope, dict[str, Any]]:
         if mid is None:
             raise NotFoundError("no such response")
         scope, row = await state(request).service.answer_in_app(caller.app.name, mid)
-        if (row.get("response") or {}).get("deleted"):
+        if (row.get("response") or {}).get("deleted") or _unstored(row):
             raise NotFoundError("deleted")
     except NotFoundError:
         raise OpenAIError(404, f"Response with id '{rid}' not found.", "invalid_request_error", "not_found",
