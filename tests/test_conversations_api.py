@@ -34,7 +34,8 @@ def live(openai_double, tmp_path_factory) -> Iterator[dict[str, Any]]:
     keys = {app: asyncio.run(create_key(settings, app)) for app in ("demo", "other")}
     srv = LiveServer(create_app(settings)).start()
     try:
-        yield {"url": srv.url, "keys": keys, "oai": openai_double[0], "db": f"sqlite+aiosqlite:///{tmp}/c.db"}
+        yield {"url": srv.url, "keys": keys, "oai": openai_double[0], "db": f"sqlite+aiosqlite:///{tmp}/c.db",
+               "settings": settings}
     finally:
         srv.stop()
 
@@ -195,6 +196,25 @@ def test_a_deleted_item_is_no_longer_sent_and_the_rest_keep_their_ids(env):
     assert [(m["role"], m.get("content")) for m in msgs] == [
         ("user", "hello"), ("assistant", "Hi."), ("tool", "two"), ("user", "next")]
     assert [t["id"] for t in msgs[1]["tool_calls"]] == ["c2"]
+
+
+def test_a_deletion_reaches_another_server_process(env):
+    """Another process had the conversation's history cached from its own turn: after a deletion made
+    here, its next turn no longer sends the deleted item (it reads the conversation from the store)."""
+    other = LiveServer(create_app(env["settings"])).start()
+    try:
+        here = client(env)
+        there = openai.OpenAI(base_url=f"{other.url}/v1", api_key=env["keys"]["demo"], max_retries=0)
+        conv = here.conversations.create(items=[user("my secret is 42"), assistant("Noted.")])
+        there.responses.create(model="demo", input="one", conversation=conv.id)  # cached over there
+        assert ("user", "my secret is 42") in sent(env)
+        secret = here.conversations.items.list(conv.id, order="asc").data[0]
+        here.conversations.items.delete(secret.id, conversation_id=conv.id)
+        there.responses.create(model="demo", input="two", conversation=conv.id)
+        assert "my secret is 42" not in json.dumps(env["oai"].requests[-1])
+        assert sent(env)[-3:] == [("user", "one"), ("assistant", "Answer to: one"), ("user", "two")]
+    finally:
+        other.stop()
 
 
 def test_items_wait_for_a_running_turn(env):

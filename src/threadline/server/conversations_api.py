@@ -339,9 +339,9 @@ async def delete(request: Request) -> Response:
 
 async def create_items(request: Request) -> Response:
     async def run(request: Request) -> Response:
-        _includes(request)
         _, body = await _read(request, ItemsCreateRequest)
         svc, scope, conv = await _owned(request)
+        _includes(request)
         rows, ids = read_items(body.items, state(request).gateway.settings.server.max_text_chars)
         written = await svc.append_messages(scope, conv["id"], rows)
         return _json(_list(_pick(written, ids)))
@@ -350,13 +350,13 @@ async def create_items(request: Request) -> Response:
 
 async def list_items(request: Request) -> Response:
     async def run(request: Request) -> Response:
+        svc, scope, conv = await _owned(request)
         try:
             q = InputItemsQuery.model_validate({**request.query_params, "include": request.query_params.getlist(
                 "include") or None})
         except ValidationError as exc:
             raise _invalid(exc) from None
         _includes(request)
-        svc, scope, conv = await _owned(request)
         items = branch_items(await svc.branch_rows(scope, conv["id"]))
         return _json(_page(items, q.after, q.limit, q.order))
     return await _run(request, run)
@@ -384,8 +384,8 @@ async def _item(request: Request) -> tuple[ConversationService, Scope, dict[str,
 
 async def retrieve_item(request: Request) -> Response:
     async def run(request: Request) -> Response:
-        _includes(request)
         *_, item = await _item(request)
+        _includes(request)
         return _json(item)
     return await _run(request, run)
 

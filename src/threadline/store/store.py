@@ -574,10 +574,13 @@ class Store:
                     **{**_CONV_DEFAULTS, **new_conversation, "last_seq": n, "created_at": now, "updated_at": now}))
                 seq = 0
             else:
+                # An edited message breaks what every process's history cache relies on (a finished
+                # message never changes): the conversation is then read from the store, as a forked one.
+                changed: dict[str, Any] = {"forked": True} if edit is not None else {}
                 res = (await conn.execute(
                     update(conversations)
                     .where(_c.id == conversation_id, _c.deleted.is_(False), _lease_free(now, owner))
-                    .values(last_seq=_c.last_seq + n, updated_at=now, history_hash=None)
+                    .values(last_seq=_c.last_seq + n, updated_at=now, history_hash=None, **changed)
                     .returning(_c.last_seq))).first()
                 if res is None:
                     exists = (await conn.execute(select(_c.id).where(
