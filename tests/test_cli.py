@@ -113,3 +113,38 @@ def test_serve_workers_share_one_port_and_every_conversation(tmp_path, oai):
     assert proc.returncode == 0
     for pid in children:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_show_prints_a_conversations_api_conversation_with_its_tool_items(tmp_path, oai, monkeypatch):
+    """`threadline show conv_…` takes the Conversations API's id and prints function calls and outputs."""
+    import asyncio
+
+    import openai
+    from typer.testing import CliRunner
+
+    from threadline.cli import app as cli
+    from threadline.server.keys import create_key
+
+    _, url = oai
+    cfg = _config(tmp_path, url)
+    monkeypatch.setenv("TL_TEST_KEY", "sk-test-double-key")
+    monkeypatch.chdir(tmp_path)
+    settings = Settings.from_file(str(cfg))
+    key = asyncio.run(create_key(settings, "demo"))
+    srv = LiveServer(create_app(settings)).start()
+    try:
+        c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=key, max_retries=0)
+        conv = c.conversations.create(items=[
+            {"role": "user", "content": "weather in Oslo?"},
+            {"type": "function_call", "call_id": "call_9", "name": "get_weather", "arguments": '{"q":"Oslo"}'},
+            {"type": "function_call_output", "call_id": "call_9", "output": "cold"},
+            {"role": "assistant", "content": "It is cold [really]."}])
+    finally:
+        srv.stop()
+    out = CliRunner().invoke(cli, ["show", conv.id, "--user", "openai-user", "--config", str(cfg)])
+    assert out.exit_code == 0, out.output
+    lines = [ln.strip() for ln in out.output.splitlines() if ln.strip()]
+    assert lines[0].startswith("user") and lines[0].endswith("weather in Oslo?")
+    assert lines[1] == 'assistant calls get_weather({"q":"Oslo"}) call_9'
+    assert lines[2] == "tool call_9 → cold"
+    assert lines[3].endswith("It is cold [really].")

@@ -70,6 +70,9 @@ ADDED_FIELDS: dict[str, Any] = {
     "items": lambda new: [{"type": "image", **{k: v for k, v in i.items() if k != "data" and v is not None}}
                           for i in new["items"]] == new["images"],
     "finish_reason": lambda new: new["finish_reason"] is None,
+    # /v1/messages: an answer's function calls and its question's function outputs (none in old rows)
+    "tool_calls": lambda new: new["tool_calls"] == [],
+    "tool_results": lambda new: new["tool_results"] == [],
 }
 
 

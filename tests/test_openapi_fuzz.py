@@ -57,6 +57,11 @@ def test_every_route_is_in_the_published_schema(live):
         ("GET", "/v1/models"), ("POST", "/v1/responses"), ("GET", "/v1/responses/{response_id}"),
         ("DELETE", "/v1/responses/{response_id}"), ("POST", "/v1/responses/{response_id}/cancel"),
         ("GET", "/v1/responses/{response_id}/input_items"), ("POST", "/v1/responses/input_tokens"),
+        ("POST", "/v1/conversations"), ("GET", "/v1/conversations/{conversation_id}"),
+        ("POST", "/v1/conversations/{conversation_id}"), ("POST", "/v1/conversations/{conversation_id}/items"),
+        ("GET", "/v1/conversations/{conversation_id}/items"),
+        ("GET", "/v1/conversations/{conversation_id}/items/{item_id}"),
+        ("DELETE", "/v1/conversations/{conversation_id}/items/{item_id}"),
     }
     body = schema["paths"]["/v1/chat-messages"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/ChatRequestPayload"}
@@ -102,4 +107,5 @@ def test_fuzzing_finds_no_server_error_and_no_schema_violation(live):
     # The run reached past validation: turns were answered on both chat routes.
     assert statuses[("POST /v1/chat-messages", 200)] and statuses[("POST /v1/chat/completions", 200)], statuses
     assert statuses[("POST /v1/responses", 200)], statuses
+    assert statuses[("POST /v1/conversations", 200)], statuses
     assert len(operations) >= 15

@@ -38,7 +38,7 @@ from threadline import AsyncThreadline, NotFoundError, Threadline
 from threadline.api import AsyncMemory, Memory
 from threadline.config import Settings
 from threadline.errors import InvalidParamError, InvalidParentError
-from threadline.server import dify_api, openai_api, responses_api
+from threadline.server import conversations_api, dify_api, openai_api, responses_api
 from threadline.server.app import create_app
 from threadline.server.keys import create_key
 from threadline.store.schema import memories
@@ -353,6 +353,24 @@ def resp(method: str, path: str, param: str, expect: Callable[[Outcome], None], 
               control=control, intruders=("other app, same user name",))
 
 
+def conv_op(method: str, path: str, param: str, *, json_body: dict[str, Any] | None = None, name: str = "") -> Op:
+    """An OpenAI Conversations route (key-owned, as the Responses routes). [conversation_id]: the
+    owner's conversation as `conv_<hex>` (its answer's message as the item); [item_id]: the owner's
+    answer's `msg_<hex>` item, asked of the caller's own conversation."""
+    def call(w: World, who: Who, ident: str) -> Outcome:
+        if param == "conversation_id":
+            conv, item = ident, w.message
+        else:
+            conv, item = (w.conv if who == w.owner else w.own_conversation(who)), ident
+        url = path.replace("{conversation_id}", "conv_" + conv.replace("-", "")).replace(
+            "{item_id}", "msg_" + item.replace("-", ""))
+        with w.http(who) as c:
+            return _q(c, method, url, **({"json": json_body} if json_body is not None else {}))
+    return Op(name or f"{method} {path} [{param}]", "responses", (method, path, param),
+              "conv" if param == "conversation_id" else "message", call, openai_not_found(param),
+              intruders=("other app, same user name",))
+
+
 def resp_body(field: str) -> Callable[[World, Who, str], dict[str, Any]]:
     return lambda w, who, ref: {"json": {"model": who.app or "alpha", "input": "let me in", field: ref}}
 
@@ -429,6 +447,18 @@ OPS: list[Op] = [
          request=resp_body("previous_response_id")),
     resp("POST", "/v1/responses/input_tokens", "conversation", openai_not_found("conversation"), target="conv",
          request=resp_body("conversation")),
+    # -- OpenAI Conversations API: key-owned too
+    conv_op("GET", "/v1/conversations/{conversation_id}", "conversation_id"),
+    conv_op("POST", "/v1/conversations/{conversation_id}", "conversation_id", json_body={"metadata": {"x": "pwned"}}),
+    conv_op("DELETE", "/v1/conversations/{conversation_id}", "conversation_id",
+            name="DELETE /v1/conversations/{conversation_id} [conversation_id] conv_ (OpenAI)"),
+    conv_op("GET", "/v1/conversations/{conversation_id}/items", "conversation_id"),
+    conv_op("POST", "/v1/conversations/{conversation_id}/items", "conversation_id",
+            json_body={"items": [{"role": "user", "content": "pwned"}]}),
+    conv_op("GET", "/v1/conversations/{conversation_id}/items/{item_id}", "conversation_id"),
+    conv_op("GET", "/v1/conversations/{conversation_id}/items/{item_id}", "item_id"),
+    conv_op("DELETE", "/v1/conversations/{conversation_id}/items/{item_id}", "conversation_id"),
+    conv_op("DELETE", "/v1/conversations/{conversation_id}/items/{item_id}", "item_id"),
     # -- Python API (the sync facade, which runs the async one)
     py("conversation", "conversation_id", "conv", py_raises(NotFoundError),
        lambda tl, w, who, i: tl.conversation(i, user=who.user, app=who.app)),
@@ -593,7 +623,7 @@ def _masked(o: Outcome, ident: str) -> str:
 
 
 def test_table_covers_every_route_that_takes_an_id(env: Env) -> None:
-    ops = [*dify_api.operations, *openai_api.operations, *responses_api.operations]
+    ops = [*dify_api.operations, *openai_api.operations, *responses_api.operations, *conversations_api.operations]
     declared = {(o.method, o.path) for o in ops}
     # Every route the app serves with a path parameter is one of the declared operations.
     for r in env.app.routes:

@@ -346,3 +346,30 @@ def test_page_is_served_with_a_strict_content_security_policy(server) -> None:
     r = httpx.get(base + "/")
     assert r.status_code == 200 and "script-src 'self'" in r.headers["content-security-policy"]
     assert httpx.get(base + "/static/vendor/purify.min.js").status_code == 200
+
+
+def test_a_responses_conversation_is_listed_with_its_tool_items(page: Page, server) -> None:
+    """A conversation an OpenAI client made (Responses API, function tools) belongs to user
+    openai-user: signed in as that user, the page lists it and shows its calls and outputs."""
+    import openai
+
+    base, key, d = server
+    d.reset()
+    c = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
+    r1 = c.responses.create(model="demo", input="weather in Rome?", tools=[tool])
+    [call] = [o for o in r1.output if o.type == "function_call"]
+    c.responses.create(model="demo", previous_response_id=r1.id, tools=[tool],
+                       input=[{"type": "function_call_output", "call_id": call.call_id, "output": "warm"}])
+    page.goto(base + "/")
+    page.fill("#signin-key", key)
+    page.fill("#signin-user", "openai-user")
+    page.click("#signin-form button[type=submit]")
+    expect(page.locator("#conv-list li")).to_have_count(1)
+    page.locator("#conv-list li button").first.click()
+    expect(page.locator(".msg.user")).to_have_count(1)
+    expect(page.locator(".msg.user").first).to_have_text("weather in Rome?")
+    expect(page.locator(".tool-call")).to_have_text(f"get_weather({call.arguments})")
+    expect(page.locator(".tool-result")).to_have_text("get_weather → warm")
+    expect(page.locator(".msg.assistant .answer").last).to_have_text("Tool said: warm")
+    assert page.errors == []  # type: ignore[attr-defined]

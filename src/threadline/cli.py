@@ -24,7 +24,7 @@ from rich.table import Table
 from .api import AsyncThreadline
 from .config import Settings
 from .errors import ThreadlineError
-from .messages import ReasoningDelta, TextDelta, TurnCompleted, TurnStarted
+from .messages import FunctionCall, FunctionResult, ReasoningDelta, TextDelta, TurnCompleted, TurnStarted
 
 T = TypeVar("T")
 
@@ -273,11 +273,25 @@ def show(
     user: Annotated[str | None, typer.Option("--user")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Print a conversation's messages."""
+    """Print a conversation's messages, with the function calls and outputs they carry. Takes the
+    id any surface shows (a Conversations/Responses `conv_…` too). Conversations made by the OpenAI
+    routes belong to user `openai-user` unless the request named a user: `--user openai-user`."""
     who = user or getpass.getuser()
+    if conversation_id.startswith("conv_") and len(conversation_id) == 37:
+        h = conversation_id[5:]
+        conversation_id = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
     for m in _call(config, lambda tl: tl.messages(conversation_id, user=who)):
         extra = f" [{m.status}]" if m.status not in ("completed",) else ""
-        console.print(f"[bold]{m.role}[/bold] ({m.engine}){extra}: {m.content}", markup=True, highlight=False)
+        for i in m.items:
+            if isinstance(i, FunctionResult):
+                console.print(f"[bold]tool[/bold] {escape(i.name or i.call_id)} → {escape(i.output)}", highlight=False)
+        if m.content or not any(isinstance(i, FunctionCall | FunctionResult) for i in m.items):
+            console.print(f"[bold]{m.role}[/bold] ({m.engine}){extra}: {escape(m.content)}", markup=True,
+                          highlight=False)
+        for i in m.items:
+            if isinstance(i, FunctionCall):
+                console.print(f"[bold]{m.role}[/bold] calls {escape(i.name)}({escape(i.arguments)}) "
+                              f"[dim]{escape(i.call_id)}[/dim]", highlight=False)
 
 
 @app.command()

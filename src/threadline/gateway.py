@@ -959,6 +959,32 @@ class Gateway:
         await self.store.import_conversation(conv, rows)
         return cid
 
+    async def change_messages(self, conversation_id: str, *, new_rows: list[dict[str, Any]] | None = None,
+                              edit: tuple[str, Any] | None = None,
+                              new_conversation: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Append finished messages to a conversation, or edit one, outside a turn (the Conversations
+        API's items): under the conversation's turn lock (this process) and lease (every process),
+        waiting like a turn does while another turn runs, so they never land inside a running turn.
+        See Store.change_messages."""
+        await self.start()
+        for row in new_rows or ():
+            row["content"] = (row.get("content") or "").replace("\x00", "")
+        async with self._local_lock(conversation_id):
+            deadline = time.monotonic() + self.turn_wait
+            delay = 0.05
+            while True:
+                done = await self.store.change_messages(conversation_id, owner=self.owner, new_rows=new_rows,
+                                                        edit=edit, new_conversation=new_conversation)
+                if done is not None:
+                    break
+                if time.monotonic() > deadline:
+                    raise ConversationBusyError("Another turn of this conversation is still running; retry when it "
+                                                "ends.")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+        self.history.forget(conversation_id)  # the cache holds the rows turns wrote; these come from elsewhere
+        return done
+
     # ---- stop ------------------------------------------------------------------------------------
 
     async def purge(self, conversation_id: str) -> None:

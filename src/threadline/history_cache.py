@@ -4,7 +4,9 @@ Packing a stateless request needs the newest messages that fit the budget — of
 per turn. Stored messages never change once their turn has finished, turns on one conversation are
 serialised by the turn lock, and `seq` is contiguous per conversation, so a cached run of rows
 [lo..hi] stays valid: a turn only has to fetch rows newer than `hi` (written by another process) and
-this process appends its own finished turn. Rows holding images are left to pack's row walk, because
+this process appends its own finished turn. (The one exception, an item deleted through the
+Conversations API, blanks a stored message; its conversation is then marked forked, and forked
+conversations are read from the store, never from here.) Rows holding images are left to pack's row walk, because
 hydration attaches the image bytes to their messages.
 
 Each run also keeps prefix sums (tokens, rows that are not a plain message, role repeats), so the

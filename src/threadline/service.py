@@ -16,14 +16,14 @@ httpx has one `Client` and one transport interface for the same reason: one plac
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import InvalidParamError, NotFoundError
 from .gateway import Gateway, check_user
 from .messages import TurnEvent
-from .store.store import ROOT_PARENT
+from .store.store import ROOT_PARENT, new_id
 from .tokens import estimate_text
 from .turns import PastMessage, TurnRequest, counted_hash, history_hash
 
@@ -240,6 +240,33 @@ class ConversationService:
         await self.store.set_conversation_fields(conversation_id, meta=meta)
         conv["meta"] = meta
         return conv
+
+    async def create_conversation(self, scope: Scope, *, meta: dict[str, str] | None,
+                                  rows: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """A new conversation of `scope`, holding finished messages `rows` (the Conversations API's
+        create): one transaction. Named after its first question, as a first turn names one."""
+        await self.start()
+        app = self.gateway.app_config(scope.own_app)
+        first = next((r.get("content") or "" for r in rows if r["role"] == "user" and (r.get("content") or "").strip()), "")
+        cid = new_id()
+        conv: dict[str, Any] = {"id": cid, "app": app.name, "user": scope.user, "engine": app.engine,
+                "name": first.strip().splitlines()[0][:60] if first.strip() else "", "meta": meta}
+        written = await self.gateway.change_messages(cid, new_rows=rows, new_conversation=conv)
+        return await self.conversation(scope, cid), written
+
+    async def append_messages(self, scope: Scope, conversation_id: str,
+                              rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Finished messages after the conversation's newest one, never inside a running turn."""
+        await self.conversation(scope, conversation_id)
+        return await self.gateway.change_messages(conversation_id, new_rows=rows)
+
+    async def edit_message(self, scope: Scope, conversation_id: str, message_id: str,
+                           change: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+        """Apply `change` (row → values to set) to one message of the conversation, read and written
+        in one transaction outside any running turn (e.g. blanking a deleted item: rows stay, so
+        the tree that later messages hang from does not move)."""
+        await self.conversation(scope, conversation_id)
+        return (await self.gateway.change_messages(conversation_id, edit=(message_id, change)))[0]
 
     async def purge(self, scope: Scope, conversation_id: str) -> None:
         """Remove a conversation for good (what a `store: false` response ran in)."""

@@ -26,7 +26,7 @@ from .. import __version__
 from ..config import Settings
 from ..errors import ThreadlineError
 from ..gateway import Gateway, upstream_time
-from . import dify_api, openai_api, responses_api, responses_ws
+from . import conversations_api, dify_api, openai_api, responses_api, responses_ws
 from .common import EventStream, HTTPError, ServerState, dify_error
 from .guard import RequestGuard
 from .keys import KeyCache
@@ -87,8 +87,19 @@ class OverheadMiddleware:
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
 
 
-def is_openai_path(path: str) -> bool:
-    return path in OPENAI_PATHS or path.startswith(("/v1/models/", "/v1/responses"))
+def is_openai_path(path: str, method: str = "GET") -> bool:
+    """Whether errors on this route take OpenAI's shape. `/v1/conversations` is shared with Dify:
+    its list and rename are Dify's, DELETE of a bare UUID too (see conversations_api)."""
+    if path in OPENAI_PATHS or path.startswith(("/v1/models/", "/v1/responses")):
+        return True
+    if not path.startswith("/v1/conversations"):
+        return False
+    parts = path[len("/v1/conversations"):].strip("/").split("/")
+    if parts == [""]:
+        return method == "POST"
+    if len(parts) > 1:
+        return parts[1] == "items"
+    return parts[0].startswith("conv_") or method != "DELETE"
 
 
 def error_response(request: HTTPConnection, exc: Exception) -> Response:
@@ -111,7 +122,7 @@ def error_response(request: HTTPConnection, exc: Exception) -> Response:
         status, code, message = 500, "internal_server_error", "Internal Server Error, please contact support."
     if isinstance(exc, ThreadlineError) and exc.retry_after:
         headers = {**headers, "Retry-After": str(max(1, math.ceil(exc.retry_after)))}
-    if is_openai_path(request.url.path):
+    if is_openai_path(request.url.path, request.scope.get("method", "GET")):
         return openai_api.openai_error(openai_api.OpenAIError(status, message, openai_api.error_type(status), code,
                                                               headers=headers))
     return dify_error(status, code, message, headers)
@@ -190,7 +201,8 @@ def create_app(settings: Settings, *, open_access: bool = False, gateway: Gatewa
                         description="Dify-compatible and OpenAI-compatible conversation API over any engine.")
     app.state.tl = ServerState(gateway=gw, keys=KeyCache(gw.store, on_read=gw.limits.remember_key),
                                open_access=open_access)
-    operations = [*dify_api.operations, *openai_api.operations, *responses_api.operations]
+    operations = [*dify_api.operations, *openai_api.operations, *responses_api.operations,
+                  *conversations_api.operations]
     app.router.routes.extend(routes(operations))
     # The Responses API's WebSocket mode: GET /v1/responses upgraded (POST stays the HTTP route).
     app.router.routes.append(WebSocketRoute("/v1/responses", responses_ws.responses_socket))

@@ -21,6 +21,8 @@ from ..media import IMAGE_EXTENSIONS, guess_extension, sniff_image_type
 from ..messages import (
     AgentStep,
     AnswerReplaced,
+    FunctionCall,
+    FunctionResult,
     ImagePart,
     ReasoningDelta,
     Reply,
@@ -28,6 +30,7 @@ from ..messages import (
     TurnCompleted,
     TurnFailed,
     TurnStarted,
+    items_from_json,
 )
 from ..service import Scope
 from ..turns import TurnRequest
@@ -410,6 +413,12 @@ def render_turn(conv_id: str, user_msg: dict[str, Any] | None, a: dict[str, Any]
         "currency": (a.get("price") or {}).get("currency", "USD"),
         "reasoning": a.get("reasoning"), "engine": a.get("engine"), "model": a.get("model"),
         "threadline_status": a["status"],
+        # Caller-defined function calls (a Responses or Chat Completions client's tools): the ones the
+        # answer made, and the outputs its question carried (they answer the answer before).
+        "tool_calls": [{"call_id": i.call_id, "name": i.name, "arguments": i.arguments}
+                       for i in items_from_json(a.get("parts")) if isinstance(i, FunctionCall)],
+        "tool_results": [{"call_id": i.call_id, "name": i.name, "output": i.output}
+                         for i in items_from_json((user_msg or {}).get("parts")) if isinstance(i, FunctionResult)],
     }
 
 
@@ -565,8 +574,8 @@ operations = [
               response=ConversationList, tags=(_HISTORY,)),
     Operation("POST", "/v1/conversations/{conversation_id}/name", rename, "Rename a conversation",
               body=ConversationRenamePayload, response=ConversationItem, tags=(_HISTORY,)),
-    Operation("DELETE", "/v1/conversations/{conversation_id}", delete_conversation, "Delete a conversation",
-              body=UserPayload, ok_status=204, no_content=True, tags=(_HISTORY,)),
+    # DELETE /v1/conversations/{id} is shared with OpenAI's Conversations API: conversations_api.delete
+    # tells them apart and hands a bare UUID to delete_conversation here.
     Operation("GET", "/v1/parameters", parameters, "The app's input form, opening statement and file settings",
               response=ParametersResponse, tags=(_APP,)),
     Operation("GET", "/v1/info", info, "The app's name and mode", response=InfoResponse, tags=(_APP,)),

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -407,25 +407,53 @@ def _step_items(h: str, steps: list[AgentStep]) -> list[dict[str, Any]]:
     return out
 
 
-def output_items(message_id: str, text: str, reasoning: str | None, items: list[Item],
+@dataclass(frozen=True, slots=True)
+class Removed:
+    """The place of an item deleted through the Conversations API: a part `{"type": "removed",
+    "kind": ...}` among its message's parts. No engine is sent it (items_from_json skips unknown
+    types) and no list shows it, but it keeps its number, so the items after it keep their ids
+    (`fc_<answer>_<n>` counts the answer's calls). Kind "message": the message has no text item."""
+
+    kind: str  # function_call | function_result | image | reasoning_state | message
+
+
+REMOVED = "removed"
+
+
+def stored_items(parts: list[dict[str, Any]] | None) -> list[Item | Removed]:
+    """A message's parts as items, with the places of deleted ones (see Removed)."""
+    out: list[Item | Removed] = []
+    for p in parts or ():
+        if p.get("type") == REMOVED:
+            out.append(Removed(str(p.get("kind") or "")))
+        else:
+            out.extend(items_from_json([p]))
+    return out
+
+
+def _removed(items: Sequence[Item | Removed], kind: str) -> bool:
+    return any(isinstance(i, Removed) and i.kind == kind for i in items)
+
+
+def output_items(message_id: str, text: str, reasoning: str | None, items: Sequence[Item | Removed],
                  status: str = "completed") -> list[dict[str, Any]]:
     """An answer's output items: reasoning, the engine's own tool runs, the message, the calls."""
     h = _hex(message_id)
     out: list[dict[str, Any]] = []
-    if reasoning:
+    if reasoning is not None:
         out.append(_reasoning_item(f"rs_{h}", reasoning))
     out += _step_items(h, [i for i in items if isinstance(i, AgentStep)])
-    calls = [i for i in items if isinstance(i, FunctionCall)]
-    if text or not calls:
+    calls = [i for i in items if isinstance(i, FunctionCall) or (isinstance(i, Removed) and i.kind == "function_call")]
+    if (text or not calls) and not _removed(items, "message"):
         out.append(_message_item(f"msg_{h}", text, "completed" if status != "in_progress" else "in_progress"))
-    out += [_call_item(f"fc_{h}_{n}", c) for n, c in enumerate(calls)]
+    out += [_call_item(f"fc_{h}_{n}", c) for n, c in enumerate(calls) if isinstance(c, FunctionCall)]
     return out
 
 
 def input_items(question: dict[str, Any]) -> list[dict[str, Any]]:
     """A question's items as the caller sent them: the user message, then function outputs."""
     h = _hex(question["id"])
-    items = items_from_json(question.get("parts"))
+    items = stored_items(question.get("parts"))
     out: list[dict[str, Any]] = []
     content: list[dict[str, Any]] = []
     if question.get("content"):
@@ -435,7 +463,8 @@ def input_items(question: dict[str, Any]) -> list[dict[str, Any]]:
             content.append({"type": "input_image", "image_url": i.url, "file_id": i.file_id, "detail": "auto"})
     if content:
         out.append({"id": f"msg_{h}", "type": "message", "role": "user", "status": "completed", "content": content})
-    out += [_output_item(f"fco_{h}_{n}", r) for n, r in enumerate(i for i in items if isinstance(i, FunctionResult))]
+    results = [i for i in items if isinstance(i, FunctionResult) or (isinstance(i, Removed) and i.kind == "function_result")]
+    out += [_output_item(f"fco_{h}_{n}", r) for n, r in enumerate(results) if isinstance(r, FunctionResult)]
     return out
 
 
@@ -492,7 +521,7 @@ def _stored_echo(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def stored_response(row: dict[str, Any]) -> dict[str, Any]:
-    items = items_from_json(row.get("parts"))
+    items = stored_items(row.get("parts"))
     usage = Usage.from_json(row["usage"]) if row.get("usage") else None
     return response_object(message_id=row["id"], created_at=row["created_at"], status=row["status"],
                            finish_reason=row.get("finish_reason"),

@@ -140,3 +140,53 @@ class InputItemList(_Doc):
 class InputTokens(_Doc):
     object: Literal["response.input_tokens"]
     input_tokens: int
+
+
+# ---- the Conversations API -------------------------------------------------------------------------
+
+class ConversationCreateRequest(_Closed):
+    """POST /v1/conversations. `items`: at most 20 input items (messages of role user or assistant,
+    function_call, function_call_output, reasoning), stored as the conversation's first messages."""
+
+    items: list[dict[str, Any]] | None = Field(None, max_length=20)
+    metadata: dict[str, str] | None = Field(None, description="At most 16 pairs (keys ≤ 64, values ≤ 512 chars).")
+
+
+class ConversationUpdateRequest(_Closed):
+    """POST /v1/conversations/{id}: the metadata, replaced whole."""
+
+    metadata: dict[str, str] = Field(description="At most 16 pairs (keys ≤ 64, values ≤ 512 chars).")
+
+
+class ItemsCreateRequest(_Closed):
+    items: list[dict[str, Any]] = Field(min_length=1, max_length=20)
+
+
+class IncludeQuery(_Closed):
+    include: list[str] | None = None
+
+
+class ConversationObject(_Doc):
+    id: str
+    object: Literal["conversation"]
+    created_at: int
+    metadata: dict[str, str]
+
+
+class ConversationDeleted(_Doc):
+    id: str
+    object: Literal["conversation.deleted"]
+    deleted: bool
+
+
+class ConversationItemList(_Doc):
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class ConversationItemObject(_Doc):
+    id: str
+    type: str

@@ -21,7 +21,8 @@ from starlette.routing import Route
 from .. import __version__
 from .models import DifyErrorBody, OpenAIErrorBody
 
-Surface = Literal["dify", "openai"]
+# "both": a path and method two APIs define (DELETE /v1/conversations/{id}); errors in either shape.
+Surface = Literal["dify", "openai", "both"]
 ERROR_STATUSES = (400, 401, 403, 404, 405, 409, 413, 415, 429)
 # One server-sent event as a client parses it; `data` is the JSON text of the surface's stream frames.
 SSE_EVENT: dict[str, Any] = {"type": "object", "properties": {
@@ -37,11 +38,13 @@ class Operation:
     surface: Surface = "dify"
     body: type[BaseModel] | None = None
     body_media: str = "application/json"
+    body_required: bool = True
     query: type[BaseModel] | None = None
     ok_status: int = 200
     response: type[BaseModel] | None = None
     stream: bool = False  # the success answer may also be a text/event-stream
     no_content: bool = False
+    also_ok: tuple[int, ...] = ()  # further success statuses, answered with no content
     raw_media: str | None = None  # the success answer is a file of this (or any) type
     errors: tuple[int, ...] = ERROR_STATUSES
     tags: tuple[str, ...] = field(default_factory=tuple)
@@ -73,6 +76,8 @@ def openapi(ops: list[Operation], *, title: str, description: str) -> dict[str, 
     paths: dict[str, dict[str, Any]] = {}
     for op in ops:
         error_ref = refs[(OpenAIErrorBody if op.surface == "openai" else DifyErrorBody, "serialization")]
+        if op.surface == "both":
+            error_ref = {"anyOf": [refs[(OpenAIErrorBody, "serialization")], refs[(DifyErrorBody, "serialization")]]}
         params: list[dict[str, Any]] = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
                                         for p in _path_params(op.path)]
         if op.query is not None:
@@ -85,7 +90,7 @@ def openapi(ops: list[Operation], *, title: str, description: str) -> dict[str, 
         if params:
             doc["parameters"] = params
         if op.body is not None:
-            doc["requestBody"] = {"required": True,
+            doc["requestBody"] = {"required": op.body_required,
                                   "content": {op.body_media: {"schema": refs[(op.body, "validation")]}}}
         ok: dict[str, Any] = {"description": "Success"}
         if not op.no_content:
@@ -99,6 +104,8 @@ def openapi(ops: list[Operation], *, title: str, description: str) -> dict[str, 
             if content:
                 ok["content"] = content
         responses: dict[str, Any] = {str(op.ok_status): ok}
+        for status in op.also_ok:
+            responses[str(status)] = {"description": "Success, no content"}
         for status in op.errors:
             responses[str(status)] = {"description": "Error", "content": {"application/json": {"schema": error_ref}}}
         doc["responses"] = responses

@@ -550,6 +550,75 @@ class Store:
         return dict(row), seq + 1, seq + 2
 
     @_durable
+    async def change_messages(
+        self, conversation_id: str, *, owner: str, new_rows: list[dict[str, Any]] | None = None,
+        edit: tuple[str, Callable[[dict[str, Any]], dict[str, Any]]] | None = None,
+        new_conversation: dict[str, Any] | None = None,
+    ) -> list[dict[str, Any]] | None:
+        """Change a conversation's messages outside a turn (the Conversations API's items): append
+        finished `new_rows` after its newest message, or apply `edit` = (message id, function of the
+        row → values to set) to one of its messages, in one transaction that runs only while no turn
+        holds the conversation's lease (a running turn's rows never interleave with these). For a
+        new conversation (`new_conversation`) the row is inserted in the same transaction.
+
+        An appended assistant row that follows a user row answers it (parent_id), as a turn's pair
+        does. The history hash is cleared: the conversation no longer continues the history it named.
+        Returns the rows written (or the edited row); None while a turn holds the lease; raises
+        NotFoundError for a missing or deleted conversation or a message not in it."""
+        now = time.time()
+        new_rows = new_rows or []
+        n = len(new_rows)
+        async with self._tx() as conn:
+            if new_conversation is not None:
+                await conn.execute(insert(conversations).values(
+                    **{**_CONV_DEFAULTS, **new_conversation, "last_seq": n, "created_at": now, "updated_at": now}))
+                seq = 0
+            else:
+                # An edited message breaks what every process's history cache relies on (a finished
+                # message never changes): the conversation is then read from the store, as a forked one.
+                changed: dict[str, Any] = {"forked": True} if edit is not None else {}
+                res = (await conn.execute(
+                    update(conversations)
+                    .where(_c.id == conversation_id, _c.deleted.is_(False), _lease_free(now, owner))
+                    .values(last_seq=_c.last_seq + n, updated_at=now, history_hash=None, **changed)
+                    .returning(_c.last_seq))).first()
+                if res is None:
+                    exists = (await conn.execute(select(_c.id).where(
+                        _c.id == conversation_id, _c.deleted.is_(False)))).first()
+                    if exists is None:
+                        raise NotFoundError("Conversation Not Exists.")
+                    return None
+                seq = res[0] - n
+            if edit is not None:
+                q = select(messages).where(messages.c.id == edit[0], messages.c.conversation_id == conversation_id)
+                if not self.is_sqlite:
+                    q = q.with_for_update()
+                found = (await conn.execute(q)).mappings().first()
+                if found is None:
+                    raise NotFoundError("Message Not Exists.")
+                values = {**edit[1](dict(found)), "updated_at": now}
+                await conn.execute(update(messages).where(messages.c.id == edit[0]).values(**values))
+                return [{**dict(found), **values}]
+            if not n:
+                return []
+            prev = None
+            if seq:
+                prev = (await conn.execute(select(messages.c.id, messages.c.role).where(
+                    messages.c.conversation_id == conversation_id, messages.c.seq == seq))).first()
+            rows: list[dict[str, Any]] = []
+            prev_id, prev_role = (prev[0], prev[1]) if prev is not None else (None, None)
+            for i, r in enumerate(new_rows):
+                row = {**_MSG_DEFAULTS, "status": "completed", **r, "conversation_id": conversation_id,
+                       "seq": seq + 1 + i, "created_at": now + i * 1e-6, "updated_at": now}
+                row.setdefault("id", new_id())
+                if row["role"] == "assistant" and prev_role == "user" and row.get("parent_id") is None:
+                    row["parent_id"] = prev_id
+                prev_id, prev_role = row["id"], row["role"]
+                rows.append(row)
+            await conn.execute(insert(messages), rows)
+        return rows
+
+    @_durable
     async def update_message(self, message_id: str, **values: Any) -> None:
         values.setdefault("updated_at", time.time())
         async with self._tx() as conn:

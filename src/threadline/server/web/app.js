@@ -189,9 +189,13 @@ async function loadOlder(first) {
   let prevEngine = null;
   for (const m of page.data) {
     if (prevEngine && m.engine && m.engine !== prevEngine) frag.append(switchMarker(prevEngine, m.engine));
-    frag.append(userBubble(m.query, (m.message_files || []).map((f) => f.url)));
+    const files = (m.message_files || []).map((f) => f.url);
+    // A question that only carried function outputs (an OpenAI client's tool round) shows them alone.
+    if (m.query || files.length || !(m.tool_results || []).length) frag.append(userBubble(m.query, files));
+    for (const t of m.tool_results || []) frag.append(toolBlock("tool-result", `${t.name || t.call_id} → ${t.output}`));
     const a = answerBubble();
     a.setAnswer(m.answer || "");
+    a.setTools(m.tool_calls || []);
     if (m.reasoning) a.setReasoning(m.reasoning);
     a.setMeta({ engine: m.engine, status: m.threadline_status, prompt: m.message_tokens, completion: m.answer_tokens,
                 price: m.total_price, currency: m.currency, latency: m.provider_response_latency });
@@ -274,6 +278,14 @@ function image(url) {
   return img;
 }
 
+// Function calls and outputs of an OpenAI client's tools (Responses or Chat Completions), as text only.
+function toolBlock(cls, text) {
+  const d = document.createElement("div");
+  d.className = `tool ${cls}`;
+  d.textContent = text;
+  return d;
+}
+
 function switchMarker(from, to) {
   const d = document.createElement("div");
   d.className = "engine-switch";
@@ -294,9 +306,11 @@ function answerBubble() {
   details.append(summary, rtext);
   const answer = document.createElement("div");
   answer.className = "answer";
+  const tools = document.createElement("div");
+  tools.className = "tools";
   const meta = document.createElement("div");
   meta.className = "meta";
-  el.append(details, answer, meta);
+  el.append(details, answer, tools, meta);
   let text = "", reasoning = "", scheduled = false;
   const paint = () => { scheduled = false; renderMarkdown(answer, text); rtext.textContent = reasoning; };
   const schedule = () => { if (!scheduled) { scheduled = true; requestAnimationFrame(paint); } };
@@ -307,6 +321,9 @@ function answerBubble() {
     setAnswer(t) { text = t; paint(); },
     appendReasoning(t) { reasoning += t; details.hidden = false; schedule(); },
     setReasoning(t) { reasoning = t; details.hidden = !t; paint(); },
+    setTools(calls) {
+      tools.replaceChildren(...calls.map((c) => toolBlock("tool-call", `${c.name}(${c.arguments})`)));
+    },
     streaming(on) { answer.classList.toggle("cursor", on); },
     setMeta(m) {
       el.dataset.engine = m.engine || "";
