@@ -901,14 +901,16 @@ class Gateway:
                             summary=summary)
         if packed.history_dropped and auto:
             # Past the window: fold the older turns into the summary, then pack with the whole budget
-            # (plain truncation if the fold could not be made).
+            # (plain truncation if the fold could not be made). A caller who disabled truncation
+            # gets no silent summary either: the turn fits as it is, or it is refused below.
             async def packed_at(b: int, s: Summary | None) -> Packed:
                 return await pack(source, conv["id"], before_seq=user_seq, system_modules=app_cfg.system,
                                   memories=memories, new_message=new_msg, new_message_tokens=new_tokens, budget=b,
                                   summary=s)
 
-            summary = await self._fold(plan, conv, user_seq, summary, await packed_at(window // 2, summary),
-                                       window) or summary
+            if req.truncation != "disabled" and self._may_fold(conv["id"]):
+                summary = await self._fold(plan, conv, user_seq, summary, await packed_at(window // 2, summary),
+                                           window) or summary
             packed = await packed_at(budget, summary)
         if req.truncation == "disabled" and packed.history_dropped:
             raise ContextTooLongError(
@@ -963,19 +965,24 @@ class Gateway:
         """An engine's input budget in Threadline's token estimates (calibrated by reported usage)."""
         return int((cfg.context_window - cfg.max_output_tokens) / self.calibration.ratio(cfg.name))
 
+    def _may_fold(self, cid: str) -> bool:
+        """False for FOLD_RETRY_AFTER seconds after a fold of the conversation failed."""
+        paused = self._fold_paused.get(cid)
+        if paused is None:
+            return True
+        if paused > time.monotonic():
+            return False
+        del self._fold_paused[cid]
+        return True
+
     async def _fold(self, plan: _Plan, conv: dict[str, Any], user_seq: int, summary: Summary | None,
                     keep: Packed, window: int) -> Summary | None:
         """Fold the turns older than what `keep` holds (the newest turns fitting half the window)
         into the summary, so the next turns fit again for a while. Bounded: at most
         compaction.MAX_AUTO_REQUESTS requests and the app's summary_timeout. On failure the turn
         goes on with plain truncation, the failure is logged (its kind, never its text), and the
-        conversation's turns do not ask again for FOLD_RETRY_AFTER seconds."""
+        conversation's turns do not ask again for FOLD_RETRY_AFTER seconds (_may_fold)."""
         cid = conv["id"]
-        paused = self._fold_paused.get(cid)
-        if paused is not None:
-            if paused > time.monotonic():
-                return None
-            del self._fold_paused[cid]
         floor = summary.through_seq if summary is not None else 0
         upto = min(keep.kept_from, user_seq - 1)  # the oldest row kept, read to see whether it is a question
         rows = ([r for r in plan.branch if floor < r["seq"] <= upto] if plan.branch is not None else
