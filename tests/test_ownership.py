@@ -495,6 +495,10 @@ OPS: list[Op] = [
                                        parent_id=i)),
     py("messages", "tip_id", "message", py_raises(NotFoundError),
        lambda tl, w, who, i: tl.messages(_own(w, who), user=who.user, app=who.app, tip_id=i)),
+    py("compact", "conversation_id", "conv", py_raises(NotFoundError),
+       lambda tl, w, who, i: tl.compact(i, user=who.user, app=who.app)),
+    py("compact", "tip_id", "message", py_raises(NotFoundError),
+       lambda tl, w, who, i: tl.compact(_own(w, who), user=who.user, app=who.app, tip_id=i)),
 ]
 
 HTTP_INTRUDERS = {"other user, same app": lambda o: Who(o.app, "mallory-" + o.user),

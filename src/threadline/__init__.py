@@ -6,8 +6,10 @@ lets a conversation move between engines.
 """
 
 from .api import AsyncThreadline, Conversation, MemoryEntry, Message, Threadline
+from .compaction import Compaction
 from .config import AppConfig, EngineConfig, Settings
 from .errors import (
+    CompactionUnavailableError,
     ConfigError,
     ConversationBusyError,
     InvalidParamError,
@@ -42,6 +44,8 @@ __all__ = [
     "AnswerReplaced",
     "AppConfig",
     "AsyncThreadline",
+    "Compaction",
+    "CompactionUnavailableError",
     "ConfigError",
     "Conversation",
     "ConversationBusyError",

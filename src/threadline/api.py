@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+from .compaction import Compaction
 from .config import Settings
 from .errors import InvalidParamError
 from .gateway import Gateway
@@ -101,8 +102,10 @@ class MemoryEntry:
 
 
 def _conv(r: dict[str, Any]) -> Conversation:
+    # `remote`: the engines' own conversation ids; the store's own entries there ("#...") are not shown.
+    remote = {k: v for k, v in (r.get("remote") or {}).items() if not k.startswith("#")}
     return Conversation(r["id"], r["app"], r["user"], r["engine"], r["name"], r["created_at"], r["updated_at"],
-                        r.get("remote") or {}, r.get("inputs") or {})
+                        remote, r.get("inputs") or {})
 
 
 def _images(parts: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
@@ -298,6 +301,18 @@ class AsyncThreadline:
         svc = self.service
         rows, _ = await svc.conversations(svc.scope(app, user), limit=limit, last_id=last_id, sort_by=sort_by)
         return [_conv(r) for r in rows]
+
+    async def compact(
+        self, conversation_id: str, *, user: str, app: str | None = None, tip_id: str | None = None,
+        engine: str | None = None,
+    ) -> Compaction:
+        """Fold the conversation's turns (its current branch, or the branch ending at message
+        `tip_id`) into a summary written by an engine; its next turns send the summary, as system
+        text, in place of those turns. Returns the summary's id and text, `through_id` (the last
+        message it covers) and `usage`. `engine`: who writes it (default: the app's
+        `summary_engine`, else its own engine if stateless; a Dify app needs `summary_engine`)."""
+        svc = self.service
+        return await svc.compact(svc.scope(app, user, any_app=True), conversation_id, tip_id=tip_id, engine=engine)
 
     async def conversation(self, conversation_id: str, *, user: str, app: str | None = None) -> Conversation:
         svc = self.service
@@ -533,6 +548,7 @@ class Threadline:
     edit = _sync(AsyncThreadline.edit)
     stream = _sync_iter(AsyncThreadline.stream)
     stop = _sync(AsyncThreadline.stop)
+    compact = _sync(AsyncThreadline.compact)
     conversations = _sync(AsyncThreadline.conversations)
     conversation = _sync(AsyncThreadline.conversation)
     messages = _sync(AsyncThreadline.messages)

@@ -61,6 +61,12 @@ class AppConfig:
     engines: list[str] | None = None
     # `[apps.NAME.limits]`: rate limits, budgets and concurrent turns per user (limits.py); None = none.
     limits: Limits | None = None
+    # Conversation compaction (compaction.py): "auto" folds the older turns of a conversation that
+    # outgrows its stateless engine's window into a rolling summary; "off" truncates them.
+    compaction: str = "auto"
+    compact_at: float = 0.8  # fraction of the engine's input budget history may fill before folding
+    summary_engine: str | None = None  # the engine that writes summaries (default: the turn's engine)
+    summary_timeout: float = 30.0  # seconds an automatic fold may hold up a turn before it truncates
 
     def allows(self, engine: str) -> bool:
         return engine == self.engine or self.engines is None or engine in self.engines
@@ -89,8 +95,10 @@ _ENGINE_FIELDS = {
 }
 _APP_FIELDS = {
     "engine", "engines", "system", "memory", "inputs", "workflow_id", "history_input", "description",
-    "opening_statement", "suggested_questions", "limits",
+    "opening_statement", "suggested_questions", "limits", "compaction", "compact_at", "summary_engine",
+    "summary_timeout",
 }
+COMPACTION_MODES = ("auto", "off")
 
 
 def resolve_secret(value: str | None) -> str | None:
@@ -191,6 +199,31 @@ def _engine_from_mapping(name: str, raw: dict[str, Any]) -> EngineConfig:
     return cfg
 
 
+def _compaction(app: str, raw: dict[str, Any], engines: dict[str, EngineConfig]) -> dict[str, Any]:
+    """An app's compaction settings, checked: a mistyped mode or fraction would otherwise surface
+    as a conversation that silently forgets (or a summariser that never runs) much later."""
+    where = f"[apps.{app}]"
+    mode = raw.get("compaction", "auto")
+    if mode not in COMPACTION_MODES:
+        raise ConfigError(f"{where} compaction must be one of {', '.join(map(repr, COMPACTION_MODES))}, got {mode!r}")
+    at = raw.get("compact_at", 0.8)
+    if isinstance(at, bool) or not isinstance(at, int | float) or not 0.1 <= at <= 1.0:
+        raise ConfigError(f"{where} compact_at must be a number from 0.1 to 1.0 (a fraction of the engine's "
+                          f"input budget), got {at!r}")
+    timeout = raw.get("summary_timeout", 30.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise ConfigError(f"{where} summary_timeout must be a positive number of seconds, got {timeout!r}")
+    summariser = raw.get("summary_engine")
+    if summariser is not None:
+        if not isinstance(summariser, str) or summariser not in engines:
+            raise ConfigError(f"{where} summary_engine {summariser!r} is not configured")
+        if engines[summariser].stateful:
+            raise ConfigError(f"{where} summary_engine {summariser!r} is a {engines[summariser].kind} engine, which "
+                              "keeps its own conversations: name a stateless engine (openai, gemini or local)")
+    return {"compaction": mode, "compact_at": float(at), "summary_engine": summariser,
+            "summary_timeout": float(timeout)}
+
+
 def _is_local_url(url: str) -> bool:
     return url.startswith(("http://127.", "http://localhost", "http://[::1]"))
 
@@ -275,6 +308,8 @@ class Settings:
         for name, raw in (engines or {}).items():
             if not isinstance(raw, dict):
                 raise ConfigError(f"engine {name!r} must be a table")
+            if name.startswith("#"):  # the store keeps its own entries beside engines' remote ids (store.SUMMARY_MARK)
+                raise ConfigError(f"engine {name!r}: an engine name cannot start with '#'")
             engs[name] = _engine_from_mapping(name, dict(raw))
         app_cfgs: dict[str, AppConfig] = {}
         for name, raw in (apps or {}).items():
@@ -308,6 +343,7 @@ class Settings:
                 suggested_questions=list(raw.get("suggested_questions", [])),
                 engines=allowed,
                 limits=parse_limits(raw.get("limits"), f"[apps.{name}.limits]"),
+                **_compaction(name, raw, engs),
             )
         settings = cls(
             database_url=database_url or default_database_url(),

@@ -4,18 +4,24 @@ engine's token budget + the new message.
 Token counts were stored with each message when it was written, so packing only adds integers and
 reads history newest-first in growing pages: a 10,000-message conversation costs about as much as
 a 10-message one once the budget is full.
+
+With a summary (compaction.py), the summary goes in as system text and the walk stops at the last
+message it covers: the summary stands in for everything up to there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, overload
+from typing import TYPE_CHECKING, Any, Protocol, overload
 
 import orjson
 
 from .messages import AgentStep, ChatMessage, FunctionCall, FunctionResult, items_from_json
 from .tokens import estimate_text
+
+if TYPE_CHECKING:
+    from .compaction import Summary
 
 FIRST_PAGE = 64
 STEP_OUTPUT_CHARS = 2000  # a tool's output told in history is cut to this (a fetched web page can be huge)
@@ -48,6 +54,7 @@ class Window:
     tokens: int
     considered: int  # rows inside the budget, including a leading answer left out to start on a user turn
     dropped: bool
+    first_seq: int = 0  # the seq of the oldest row inside the budget (that leading answer included)
 
 
 def openai_wire(row: dict[str, Any]) -> orjson.Fragment | None:
@@ -105,6 +112,9 @@ class Packed:
     history_dropped: bool
     file_ids: list[str] = field(default_factory=list)
     openai_history: Sequence[Any] = ()  # the first messages' OpenAI wires, when the cache had them ready
+    # The seq of the oldest history row inside the budget (before_seq when none was): rows older than
+    # it, and newer than the summary's last, are the ones left out (what a fold summarises).
+    kept_from: int = 0
 
 
 def memory_text(entries: list[str]) -> str:
@@ -227,30 +237,41 @@ async def pack(
     new_message: ChatMessage,
     new_message_tokens: int,
     budget: int,
+    summary: Summary | None = None,
 ) -> Packed:
     system = [s for s in system_modules if s]
     used = sum(estimate_text(s) for s in system) + new_message_tokens
     if memories:
         system.append(memory_text([t for t, _ in memories]))
         used += sum(n for _, n in memories) + 12
-    if conversation_id is not None and before_seq > 1:
+    floor = 0  # the newest seq the summary covers: history is read down to just above it
+    if summary is not None:
+        from .compaction import system_text
+
+        system.append(system_text(summary.text))
+        used += summary.tokens
+        floor = summary.through_seq
+    if conversation_id is not None and before_seq - 1 > floor:
         fitting = getattr(source, "newest_fitting", None)
         win: Window | None = None
         if fitting is not None:
-            win = await fitting(conversation_id, before_seq=before_seq, budget=budget - used)
+            win = await fitting(conversation_id, before_seq=before_seq, budget=budget - used, after_seq=floor)
         if win is not None and (not win.rows or win.rows[-1]["role"] != new_message.role):
             file_ids = [img.file_id for img in new_message.images if img.file_id and img.data is None]
             return Packed(system, History(win.rows, [new_message]), used + win.tokens, win.considered, win.dropped,
-                          file_ids, win.wires)
+                          file_ids, win.wires, win.first_seq or before_seq)
     picked: list[dict[str, Any]] = []
     dropped = False
-    if conversation_id is not None and before_seq > 1:
+    if conversation_id is not None and before_seq - 1 > floor:
         cursor = before_seq
         page = FIRST_PAGE
         full = False
         while not full:
             rows = await source.history_newest(conversation_id, before_seq=cursor, limit=page)
             for r in rows:
+                if r["seq"] <= floor:
+                    full = True  # the summary stands in for this row and every older one
+                    break
                 cost = int(r.get("token_estimate") or 0)
                 if used + cost > budget:
                     full = dropped = True
@@ -261,11 +282,12 @@ async def pack(
                 break
             cursor = rows[-1]["seq"]
             page = min(page * 4, MAX_PAGE)
+    kept_from = picked[-1]["seq"] if picked else before_seq
     picked.reverse()
     history = [m for m in map(row_to_message, picked) if m is not None]
     msgs = merge_roles([*history, new_message])
     file_ids = [img.file_id for m in msgs for img in m.images if img.file_id and img.data is None]
-    return Packed(system, msgs, used, len(picked), dropped, file_ids)
+    return Packed(system, msgs, used, len(picked), dropped, file_ids, kept_from=kept_from)
 
 
 def transcript(rows: list[dict[str, Any]], *, limit_chars: int = 12000) -> str:

@@ -109,6 +109,14 @@ class EngineNotAllowedError(InvalidParamError):
     code = "engine_not_available"
 
 
+class CompactionUnavailableError(InvalidParamError):
+    """A conversation cannot be compacted the way it was asked: its app's engine keeps its own
+    conversations (Dify) and the app names no `summary_engine`, or the engine asked for is a
+    stateful one. Nothing was stored."""
+
+    code = "compaction_unavailable"
+
+
 class ConversationBusyError(ThreadlineError):
     code = "conversation_busy"
     status = 409

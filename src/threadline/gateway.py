@@ -8,6 +8,9 @@
 5. stream neutral events from the engine, flushing the partial answer as it grows
 6. store the answer with its status (completed / stopped / failed), usage, and remote ids
 
+A stateless turn whose history outgrows its window folds the older turns into a rolling summary
+first (compaction.py), when its app says `compaction = "auto"`; `compact()` does it on request.
+
 Turn leases are short and renewed. A lease of 900 s meant that after `kill -9` of a server mid-answer,
 the conversation answered 409 `conversation_busy` for ~890 s and the answer stayed `streaming`.
 Now a lease lasts LOCK_TTL (3 s) and one task per process renews every lease the process holds,
@@ -27,6 +30,7 @@ import functools
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -34,12 +38,15 @@ from typing import Any
 
 import httpx
 
+from . import compaction
+from .compaction import Compaction, Summary
 from .config import AppConfig, EngineConfig, Settings
-from .context import BranchSource, HistorySource, pack, seeded_query, steps_text, transcript
+from .context import BranchSource, HistorySource, Packed, pack, seeded_query, steps_text, transcript
 from .engines.base import Engine, EngineRequest, build_engine
 from .engines.http import AiohttpPoster
 from .engines.retry import transport_error
 from .errors import (
+    CompactionUnavailableError,
     ContextTooLongError,
     ConversationBusyError,
     EngineNotAllowedError,
@@ -54,6 +61,7 @@ from .errors import (
     ThreadlineError,
     UnsupportedInputError,
     UnsupportedParameterError,
+    UpstreamBadResponse,
     UpstreamInternalError,
     UpstreamUnavailableError,
     redact,
@@ -61,6 +69,7 @@ from .errors import (
 from .history_cache import HistoryCache
 from .limits import Limiter, Ticket
 from .messages import (
+    NO_PARAMS,
     AgentStep,
     AnswerReplaced,
     ChatMessage,
@@ -86,7 +95,7 @@ from .messages import (
     items_to_json,
 )
 from .store import Store, new_id, settle
-from .store.store import ROOT_PARENT
+from .store.store import ROOT_PARENT, SUMMARY_MARK
 from .tokens import Calibration, estimate_message, estimate_text
 from .turns import PastMessage, Turn, TurnRequest, counted_hash, history_hash, rows_hash
 
@@ -104,6 +113,13 @@ DEFAULT_APP = "default"
 # to the remote's own end (Dify: `workflow_finished`, status stopped), so both sides keep the same
 # partial answer; a remote that has not ended its stream this long after the stop is cut off.
 STOP_GRACE = 5.0
+# After an automatic fold fails (the summary engine is down or too slow), a conversation's turns
+# truncate without asking again for this long, instead of each waiting for the same failure.
+FOLD_RETRY_AFTER = 300.0
+# Rows one automatic fold reads at most: a conversation imported with 10,000 messages is folded over
+# a few turns (compaction.MAX_AUTO_REQUESTS requests each), oldest first, not read whole every turn.
+FOLD_READ = 2048
+SUMMARY_CACHE = 10_000  # conversations whose summaries this process keeps (compaction.Summary lists)
 
 
 @dataclass
@@ -213,6 +229,10 @@ class Gateway:
         self._closing = False
         self._released = False
         self._upkeep_stop = asyncio.Event()
+        # conversation id -> (its SUMMARY_MARK when read, its summaries): a summarised conversation's
+        # turns read its summaries once per new summary, not once per turn.
+        self._summaries: OrderedDict[str, tuple[int, list[Summary]]] = OrderedDict()
+        self._fold_paused: dict[str, float] = {}  # conversation id -> monotonic time folds may resume
 
     async def start(self) -> None:
         if self._started:
@@ -864,8 +884,7 @@ class Gateway:
                                  workflow_id=req.workflow_id or app_cfg.workflow_id,
                                  auto_generate_name=auto_name, conversation_name=name or None, params=req.params)
             return ereq, estimate_text(q)
-        ratio = self.calibration.ratio(eng.name)
-        budget = int((cfg.context_window - cfg.max_output_tokens) / ratio)
+        budget = self._budget(cfg)
         memories: list[tuple[str, int]] = []
         if app_cfg.memory:
             memories = [(m["text"], m["token_estimate"]) for m in
@@ -873,8 +892,26 @@ class Gateway:
         new_msg = ChatMessage("user", query, list(imgs), results=req.results)
         new_tokens = estimate_message(query, len(imgs)) + sum(estimate_text(r.output) for r in req.results)
         source: HistorySource = self.history if branch is None else BranchSource(branch)
+        summary = (await self._summary_for(conv, user_seq, branch)
+                   if SUMMARY_MARK in (conv.get("remote") or {}) else None)
+        auto = app_cfg.compaction == "auto"
+        window = int(budget * app_cfg.compact_at) if auto else budget
         packed = await pack(source, conv["id"], before_seq=user_seq, system_modules=app_cfg.system,
-                            memories=memories, new_message=new_msg, new_message_tokens=new_tokens, budget=budget)
+                            memories=memories, new_message=new_msg, new_message_tokens=new_tokens, budget=window,
+                            summary=summary)
+        if packed.history_dropped and auto:
+            # Past the window: fold the older turns into the summary, then pack with the whole budget
+            # (plain truncation if the fold could not be made). A caller who disabled truncation
+            # gets no silent summary either: the turn fits as it is, or it is refused below.
+            async def packed_at(b: int, s: Summary | None) -> Packed:
+                return await pack(source, conv["id"], before_seq=user_seq, system_modules=app_cfg.system,
+                                  memories=memories, new_message=new_msg, new_message_tokens=new_tokens, budget=b,
+                                  summary=s)
+
+            if req.truncation != "disabled" and self._may_fold(conv["id"]):
+                summary = await self._fold(plan, conv, user_seq, summary, await packed_at(window // 2, summary),
+                                           window) or summary
+            packed = await packed_at(budget, summary)
         if req.truncation == "disabled" and packed.history_dropped:
             raise ContextTooLongError(
                 f"The conversation does not fit engine {eng.name!r}'s context window ({cfg.context_window} tokens "
@@ -887,6 +924,227 @@ class Gateway:
         return (EngineRequest(messages=packed.messages, system=packed.system, stream=req.stream,
                               openai_history=packed.openai_history, tools=req.tools, tool_choice=req.tool_choice,
                               params=req.params), packed.estimated_tokens)
+
+    # ---- compaction (compaction.py) ----------------------------------------------------------------
+
+    async def _summary_for(self, conv: dict[str, Any], before_seq: int,
+                           branch: list[dict[str, Any]] | None) -> Summary | None:
+        """The summary a turn continuing `branch` (None: a linear conversation) before `before_seq`
+        packs with: read once per new summary (the conversation row's SUMMARY_MARK says which)."""
+        cid = conv["id"]
+        mark = int((conv.get("remote") or {}).get(SUMMARY_MARK) or 0)
+        hit = self._summaries.get(cid)
+        if hit is None or hit[0] != mark:
+            found = [s for s in map(compaction.summary_from_row, await self.store.summaries(cid)) if s is not None]
+            hit = (mark, found)
+            self._summaries[cid] = hit
+            if len(self._summaries) > SUMMARY_CACHE:
+                self._summaries.popitem(last=False)
+        self._summaries.move_to_end(cid)
+        return compaction.for_branch(hit[1], before_seq=before_seq, branch=branch)
+
+    def _summary_engine(self, app_cfg: AppConfig, engine: str | None, turn_engine: Engine | None = None) -> Engine:
+        """Who writes a conversation's summary: the engine asked for, else the app's `summary_engine`,
+        else the turn's (or the app's) engine, which must be stateless: a Dify app's engine keeps
+        its own conversation and answers as the app, not as a summariser."""
+        if engine is not None:
+            if engine not in self.settings.engines or not (app_cfg.allows(engine) or engine == app_cfg.summary_engine):
+                raise EngineNotAllowedError(f"Engine {engine!r} is not available to app {app_cfg.name!r}.")
+            name = engine
+        else:
+            name = app_cfg.summary_engine or (turn_engine.name if turn_engine is not None else app_cfg.engine)
+        cfg = self.settings.engine(name)
+        if cfg.stateful:
+            raise CompactionUnavailableError(
+                f"Engine {name!r} ({cfg.kind}) keeps its own conversations and cannot write Threadline's summary: "
+                f"set summary_engine = \"<a stateless engine>\" under [apps.{app_cfg.name}] in threadline.toml, "
+                "or pass a stateless engine to compact.")
+        return self.engine(name)
+
+    def _budget(self, cfg: EngineConfig) -> int:
+        """An engine's input budget in Threadline's token estimates (calibrated by reported usage)."""
+        return int((cfg.context_window - cfg.max_output_tokens) / self.calibration.ratio(cfg.name))
+
+    def _may_fold(self, cid: str) -> bool:
+        """False for FOLD_RETRY_AFTER seconds after a fold of the conversation failed."""
+        paused = self._fold_paused.get(cid)
+        if paused is None:
+            return True
+        if paused > time.monotonic():
+            return False
+        del self._fold_paused[cid]
+        return True
+
+    async def _fold(self, plan: _Plan, conv: dict[str, Any], user_seq: int, summary: Summary | None,
+                    keep: Packed, window: int) -> Summary | None:
+        """Fold the turns older than what `keep` holds (the newest turns fitting half the window)
+        into the summary, so the next turns fit again for a while. Bounded: at most
+        compaction.MAX_AUTO_REQUESTS requests and the app's summary_timeout. On failure the turn
+        goes on with plain truncation, the failure is logged (its kind, never its text), and the
+        conversation's turns do not ask again for FOLD_RETRY_AFTER seconds (_may_fold)."""
+        cid = conv["id"]
+        floor = summary.through_seq if summary is not None else 0
+        upto = min(keep.kept_from, user_seq - 1)  # the oldest row kept, read to see whether it is a question
+        rows = ([r for r in plan.branch if floor < r["seq"] <= upto] if plan.branch is not None else
+                await self.store.history_rows(cid, after_seq=floor, before_seq=upto + 1, limit=FOLD_READ))
+        fold = rows[:FOLD_READ]
+        if fold and fold[-1]["seq"] == keep.kept_from and fold[-1]["role"] == "user":
+            fold.pop()  # what is kept starts on a question; an answer there goes with its question
+        if not fold:
+            return None
+        app_cfg = plan.app
+        try:
+            eng = self._summary_engine(app_cfg, None, plan.engine)
+            async with asyncio.timeout(app_cfg.summary_timeout):
+                folded, _ = await self._summarise(conv, eng, summary, fold, target=compaction.target_tokens(window),
+                                                  max_requests=compaction.MAX_AUTO_REQUESTS)
+            return folded
+        except Exception as exc:  # the turn goes on without it
+            if len(self._fold_paused) > SUMMARY_CACHE:
+                self._fold_paused.clear()
+            self._fold_paused[cid] = time.monotonic() + FOLD_RETRY_AFTER
+            log.warning("summarising older turns of conversation %s failed (%s); the turn truncates its history",
+                        cid, exc.code if isinstance(exc, ThreadlineError) else type(exc).__name__)
+            try:  # what a fold cut short stored before it stopped, if anything
+                return await self._summary_for(conv, user_seq, plan.branch)
+            except Exception:
+                return None
+
+    async def _summarise(self, conv: dict[str, Any], eng: Engine, previous: Summary | None,
+                         rows: list[dict[str, Any]], *, target: int,
+                         max_requests: int | None) -> tuple[Summary | None, Usage]:
+        """Extend `previous` with `rows` (oldest first), one engine request per chunk that fits the
+        summariser's window; each result is stored before the next request, so a fold cut short
+        keeps what it made. Returns the newest summary and what the requests cost together."""
+        cid = conv["id"]
+        instruction = compaction.INSTRUCTION.format(words=max(50, target * 3 // 4))
+        room = self._budget(eng.config) - estimate_text(instruction) - target - 64
+        total = Usage()
+        latest = previous
+        done = requests = 0
+        while done < len(rows) and (max_requests is None or requests < max_requests):
+            limit = max(compaction.MIN_CHUNK_TOKENS, room - (latest.tokens if latest is not None else 0))
+            n = compaction.first_chunk(rows[done:], limit)
+            chunk = rows[done:done + n]
+            text, usage = await self._complete(eng, instruction, compaction.prompt(
+                latest.text if latest is not None else None, compaction.turns_text(chunk, limit)))
+            requests += 1
+            text = compaction.bounded(redact(text.strip(), *self._secrets), 2 * target)
+            if not text.strip(" …"):
+                raise UpstreamBadResponse(f"The summary engine {eng.name!r} answered with no text.")
+            row = await self.store.add_summary(cid, compaction.summary_row(
+                text, through=chunk[-1], previous=latest, engine=eng.name, model=eng.model, usage=usage,
+                price=_price(eng.config, usage), now=time.time(), first_seq=int(chunk[0]["seq"])))
+            new = compaction.summary_from_row(row)
+            assert new is not None
+            conv["remote"] = {**(conv.get("remote") or {}), SUMMARY_MARK: new.seq}
+            hit = self._summaries.get(cid)
+            if hit is not None and hit[0] == new.seq + 1:  # nobody else stored one meanwhile: still complete
+                self._summaries[cid] = (new.seq, [new, *hit[1]])
+            else:
+                self._summaries.pop(cid, None)
+            latest = new
+            done += n
+            for f in ("prompt_tokens", "completion_tokens", "total_tokens", "reasoning_tokens", "cached_tokens"):
+                setattr(total, f, getattr(total, f) + getattr(usage, f))
+            total.estimated = total.estimated or usage.estimated
+        return latest, total
+
+    async def _complete(self, eng: Engine, instruction: str, text: str) -> tuple[str, Usage]:
+        """One blocking request to a stateless engine: its answer text and usage (estimated when the
+        engine reported none). Reasoning is left out; errors are the engine's, redacted."""
+        req = EngineRequest(messages=[ChatMessage("user", text)], system=[instruction], stream=False, params=NO_PARAMS)
+        answer: list[str] = []
+        reasoning: list[str] = []
+        usage: Usage | None = None
+        acc = upstream_time.get(None)
+        started = time.perf_counter()
+        try:
+            async for ev in eng.events(req):
+                if isinstance(ev, TextDelta):
+                    answer.append(ev.text)
+                elif isinstance(ev, ReasoningDelta):
+                    reasoning.append(ev.text)
+                elif isinstance(ev, AnswerReplaced):
+                    answer[:] = ["".join(reasoning) + "".join(answer)] if ev.reason == "no_think_tags" else [ev.text]
+                elif isinstance(ev, UsageReport):
+                    usage = ev.usage
+        except ThreadlineError as exc:
+            raise self._redacted(exc) from None
+        except httpx.TimeoutException as exc:
+            raise transport_error(eng.name, exc) from None
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailableError(
+                f"The connection to engine {eng.name!r} broke mid-answer ({type(exc).__name__}).") from None
+        finally:
+            if acc is not None:
+                acc[0] += time.perf_counter() - started
+        out = "".join(answer)
+        if usage is None:
+            p, c = estimate_text(instruction) + estimate_text(text), estimate_text(out)
+            usage = Usage(p, c, p + c, estimated=True)
+        return out, usage
+
+    @contextlib.asynccontextmanager
+    async def _held(self, cid: str, app: str, user: str, eng: Engine) -> AsyncIterator[None]:
+        """The conversation's turn lock without a turn: this process's lock and the database lease
+        (renewed with the turns' leases), so no turn runs while it is held, here or elsewhere."""
+        async with self._local_lock(cid):
+            deadline = time.monotonic() + self.turn_wait
+            delay = 0.05
+            while not await self.store.try_lock(cid, self.owner, LOCK_TTL):
+                if time.monotonic() > deadline:
+                    raise ConversationBusyError("Another turn of this conversation is still running; retry when it ends.")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+            holder = RunningTurn(new_id(), app, user, "", eng, self.remote_user(app, user))
+            self._leases[cid] = holder
+            try:
+                yield
+            finally:
+                if self._leases.get(cid) is holder:
+                    del self._leases[cid]
+                await settle(self.store.unlock(cid, self.owner))
+
+    async def compact(self, *, app: str | None, user: str, conversation_id: str, tip_id: str | None = None,
+                      engine: str | None = None) -> Compaction:
+        """Summarise a conversation's branch (the current one, or the one ending at `tip_id`) up to
+        its newest message, so the next turns on it send the summary instead of those turns.
+        Extends the branch's summary if it has one; returns it as it is if no turn came since.
+        The turn lock is held meanwhile (a turn waits, as for another turn)."""
+        check_user(user)
+        await self.start()
+        conv = await self.store.get_conversation(conversation_id, app=app, user=user)
+        app_cfg = self.app_config(conv["app"])
+        eng = self._summary_engine(app_cfg, engine)
+        async with self._held(conversation_id, app_cfg.name, user, eng):
+            conv = await self.store.get_conversation(conversation_id, app=app, user=user)
+            branch: list[dict[str, Any]] | None = None
+            before = int(conv["last_seq"]) + 1
+            if conv.get("forked") or tip_id is not None:
+                branch = await self.store.branch(conversation_id, tip_id)
+                if tip_id is not None and (not branch or branch[-1]["id"] != tip_id):
+                    raise NotFoundError("Message Not Exists.")
+                before = branch[-1]["seq"] + 1 if branch else 1
+            current = (await self._summary_for(conv, before, branch)
+                       if SUMMARY_MARK in (conv.get("remote") or {}) else None)
+            floor = current.through_seq if current is not None else 0
+            rows = ([r for r in branch if r["seq"] > floor] if branch is not None else
+                    await self.store.history_rows(conversation_id, after_seq=floor, before_seq=before))
+            if not rows:
+                if current is None:
+                    raise InvalidParamError("The conversation has no turns to compact yet.")
+                row = await self.store.get_message(current.id)
+                assert row is not None
+                return Compaction(current.id, conversation_id, current.text, current.through_id, Usage(),
+                                  row.get("engine") or "", row.get("model") or "", row["created_at"])
+            app_eng = self.settings.engine(app_cfg.engine)
+            window = self._budget(eng.config if app_eng.stateful else app_eng)
+            latest, usage = await self._summarise(conv, eng, current, rows, target=compaction.target_tokens(
+                int(window * app_cfg.compact_at)), max_requests=None)
+        assert latest is not None
+        return Compaction(latest.id, conversation_id, latest.text, latest.through_id, usage, eng.name, eng.model,
+                          time.time())
 
     @staticmethod
     def _name_from(query: str) -> str:

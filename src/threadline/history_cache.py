@@ -129,16 +129,19 @@ class HistoryCache:
                 run = None
         return run
 
-    async def newest_fitting(self, conversation_id: str, *, before_seq: int, budget: int) -> Window | None:
-        """The newest rows before `before_seq` whose token estimates fit `budget`, as `pack` would
-        pick them; None when the answer needs rows this process does not hold or rows that are not
-        plain alternating messages (pack then walks the rows itself)."""
+    async def newest_fitting(self, conversation_id: str, *, before_seq: int, budget: int,
+                             after_seq: int = 0) -> Window | None:
+        """The newest rows before `before_seq` (and after `after_seq`, the last a summary covers)
+        whose token estimates fit `budget`, as `pack` would pick them; None when the answer needs
+        rows this process does not hold or rows that are not plain alternating messages (pack then
+        walks the rows itself)."""
         run = await self._current(conversation_id, before_seq)
         if run is None or run.hi < before_seq - 1:
             return None
         end = len(run.rows) - (run.hi - (before_seq - 1))
-        start = min(end, bisect_left(run.tokens, run.tokens[end] - budget, 0, end + 1))
-        if start == 0 and run.lo > 1:
+        low = min(end, max(0, after_seq + 1 - run.lo))  # the first row the summary does not cover
+        start = min(end, bisect_left(run.tokens, run.tokens[end] - budget, low, end + 1))
+        if start == low and run.lo > after_seq + 1:
             return None  # older rows might fit too
         if run.odd[end] != run.odd[start] or (start < end and run.repeats[end] != run.repeats[start + 1]):
             return None
@@ -147,7 +150,7 @@ class HistoryCache:
             first += 1  # history sent to an engine starts on a user turn
         self._runs.move_to_end(conversation_id)
         return Window(run.rows[first:end], run.wires[first:end], run.tokens[end] - run.tokens[start], end - start,
-                      dropped=start > 0)
+                      dropped=start > low, first_seq=run.rows[start]["seq"] if start < end else before_seq)
 
     async def history_newest(self, conversation_id: str, *, before_seq: int, limit: int) -> list[dict[str, Any]]:
         run = await self._current(conversation_id, before_seq)

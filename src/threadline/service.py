@@ -20,6 +20,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .compaction import SUMMARY_ROLE, Compaction
 from .errors import InvalidParamError, NotFoundError
 from .gateway import Gateway, check_user
 from .messages import TurnEvent
@@ -84,6 +85,15 @@ class ConversationService:
 
     async def stop(self, scope: Scope, task_id: str) -> bool:
         return await self.gateway.stop(task_id, user=scope.user, app=scope.app)
+
+    async def compact(self, scope: Scope, conversation_id: str, *, tip_id: str | None = None,
+                      engine: str | None = None) -> Compaction:
+        """Fold a conversation's branch (the current one, or the one ending at `tip_id`) into a
+        summary its next turns send instead of those turns (compaction.py). Written by `engine`, else
+        the app's `summary_engine`, else the app's own engine if it is stateless; a Dify app without
+        `summary_engine` is refused (CompactionUnavailableError). Another's conversation: not-found."""
+        return await self.gateway.compact(app=scope.app, user=scope.user, conversation_id=conversation_id,
+                                          tip_id=tip_id, engine=engine)
 
     # ---- conversations ---------------------------------------------------------------------------
 
@@ -153,7 +163,7 @@ class ConversationService:
         followed (ROOT_PARENT for the first question), so a new turn can start a branch there."""
         await self.start()
         msg = await self.store.get_message(message_id)
-        if msg is None:
+        if msg is None or msg["role"] == SUMMARY_ROLE:  # a summary is no question to ask again
             raise NotFoundError("Message Not Exists.")
         try:  # another's message answers exactly as a missing one
             await self.conversation(scope, msg["conversation_id"])

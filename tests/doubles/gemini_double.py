@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,6 +164,8 @@ def _error(code: int, status: str, message: str, details: list[Any] | None = Non
 @dataclass
 class GeminiDouble:
     api_key: str = "AIza-test-double-key-0000"
+    # The model's answer to a request, when a test plays the model itself (None: the usual answer).
+    answer_hook: Callable[[dict[str, Any]], str | None] | None = None
     thoughts: list[str] = field(default_factory=lambda: ["**Considering the request**\n\nThe user wants an answer."])
     reply: str | None = None
     chunk_size: int = 8
@@ -278,6 +281,10 @@ class GeminiDouble:
         return parts
 
     def answer_for(self, body: dict[str, Any]) -> str:
+        if self.answer_hook is not None:
+            hooked = self.answer_hook(body)
+            if hooked is not None:
+                return hooked
         if self.reply is not None:
             return self.reply
         gen = body.get("generationConfig") or {}

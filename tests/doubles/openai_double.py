@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +107,8 @@ class OpenAIDouble:
     parallel_calls: int = 1  # how many of the offered tools a tool-calling answer calls
     finish: str = "stop"  # the finish reason of a text answer ("length": cut at max_tokens)
     api_key: str | None = "sk-test-double-key"
+    # The model's answer to a request, when a test plays the model itself (None: the usual answer).
+    answer_hook: Callable[[dict[str, Any]], str | None] | None = None
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
 
@@ -240,6 +243,10 @@ class OpenAIDouble:
                  "function": {"name": n, "arguments": orjson.dumps({"q": text}).decode()}} for n in names]
 
     def answer_for(self, body: dict[str, Any]) -> str:
+        if self.answer_hook is not None:
+            hooked = self.answer_hook(body)
+            if hooked is not None:
+                return hooked
         if self.reply is not None:
             return self.reply
         rf = body.get("response_format") or {}

@@ -35,7 +35,7 @@ from typing import Any, ParamSpec, TypeVar
 import orjson
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import and_, bindparam, case, delete, event, insert, or_, select, update
+from sqlalchemy import and_, bindparam, case, delete, event, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.util import await_only
@@ -58,6 +58,9 @@ _CONV_DEFAULTS: dict[str, Any] = {"name": "", "inputs": {}, "remote": {}, "last_
                                   "lock_owner": None, "lock_until": None, "history_hash": None,
                                   "meta": None}
 
+# In `conversations.remote`, beside the engines' remote ids: the newest summary's seq (compaction.py),
+# so a turn learns a summary exists from the row its claim returns. Engine names cannot start with "#".
+SUMMARY_MARK = "#summary"
 ROOT_PARENT = "00000000-0000-0000-0000-000000000000"  # a question that starts a branch at the root (Dify's UUID_NIL)
 CONV_SORTS = {"created_at", "-created_at", "updated_at", "-updated_at"}
 MEMORY_TTL = 2.0  # seconds another process's memory change may take to be seen here
@@ -757,7 +760,8 @@ class Store:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(
                 select(*self._HISTORY_COLS)
-                .where(messages.c.conversation_id == conversation_id, messages.c.seq < before_seq)
+                .where(messages.c.conversation_id == conversation_id, messages.c.seq < before_seq,
+                       messages.c.seq > 0)  # summaries (seq < 0) are no turns
                 .order_by(messages.c.seq.desc()).limit(limit)
             )).mappings().all()
         return [dict(r) for r in rows]
@@ -772,11 +776,59 @@ class Store:
             )).mappings().all()
         return [dict(r) for r in rows]
 
+    async def history_rows(self, conversation_id: str, *, after_seq: int, before_seq: int,
+                           limit: int | None = None) -> list[dict[str, Any]]:
+        """history_range with each row's id, the oldest `limit`: turns a summary is written from."""
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(
+                select(messages.c.id, *self._HISTORY_COLS)
+                .where(messages.c.conversation_id == conversation_id, messages.c.seq > max(0, after_seq),
+                       messages.c.seq < before_seq)
+                .order_by(messages.c.seq.asc()).limit(limit)
+            )).mappings().all()
+        return [dict(r) for r in rows]
+
+    # ---- summaries (compaction.py): rows outside the turn sequence, at seq -1, -2, ... ------------
+
+    async def summaries(self, conversation_id: str) -> list[dict[str, Any]]:
+        """Every summary of a conversation, newest first."""
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(
+                select(messages).where(messages.c.conversation_id == conversation_id, messages.c.seq < 0)
+                .order_by(messages.c.seq.asc())
+            )).mappings().all()
+        return [dict(r) for r in rows]
+
+    @_durable
+    async def add_summary(self, conversation_id: str, row: dict[str, Any]) -> dict[str, Any]:
+        """Store a summary at the next free negative seq and mark the conversation (SUMMARY_MARK),
+        in one transaction; returns the row with its id and seq. Two writers racing for a seq: the
+        unique index refuses one, which takes the next."""
+        from sqlalchemy.exc import IntegrityError
+
+        for attempt in range(3):
+            try:
+                async with self._tx() as conn:
+                    low = (await conn.execute(select(func.min(messages.c.seq)).where(
+                        messages.c.conversation_id == conversation_id, messages.c.seq < 0))).scalar()
+                    seq = min(int(low or 0), 0) - 1
+                    full = {**_MSG_DEFAULTS, **row, "id": row.get("id") or new_id(), "conversation_id": conversation_id,
+                            "seq": seq}
+                    await conn.execute(insert(messages).values(**full))
+                    remote = (await conn.execute(select(_c.remote).where(_c.id == conversation_id))).scalar()
+                    marked = {**(remote or {}), SUMMARY_MARK: seq}
+                    await conn.execute(update(conversations).where(_c.id == conversation_id).values(remote=marked))
+                return full
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
     async def list_messages(
         self, conversation_id: str, *, before_seq: int | None = None, limit: int = 100,
     ) -> tuple[list[dict[str, Any]], bool]:
-        """Newest `limit` messages older than `before_seq`, returned oldest first."""
-        conds = [messages.c.conversation_id == conversation_id]
+        """Newest `limit` messages older than `before_seq`, returned oldest first (turns only: no summaries)."""
+        conds = [messages.c.conversation_id == conversation_id, messages.c.seq > 0]
         if before_seq is not None:
             conds.append(messages.c.seq < before_seq)
         async with self.engine.connect() as conn:
@@ -796,7 +848,8 @@ class Store:
         async with self.engine.connect() as conn:
             if first_id:
                 seq = (await conn.execute(select(messages.c.seq).where(
-                    messages.c.id == first_id, messages.c.conversation_id == conversation_id))).scalar()
+                    messages.c.id == first_id, messages.c.conversation_id == conversation_id,
+                    messages.c.seq > 0))).scalar()
                 if seq is None:
                     raise NotFoundError("First Message Not Exists.")
                 conds.append(messages.c.seq < seq)
@@ -829,10 +882,11 @@ class Store:
         following parents: a message's parent is its `parent_id` (an answer's question; a question
         continuing an older answer), else the message just before it. UUID_NIL as a question's
         parent starts a branch at the root. Reads the whole conversation: only forked conversations
-        come here; a linear one is read by seq ranges as before."""
+        come here; a linear one is read by seq ranges as before. Summaries (seq < 0) are on no branch."""
         async with self.engine.connect() as conn:
             rows = [dict(r) for r in (await conn.execute(
-                select(messages).where(messages.c.conversation_id == conversation_id).order_by(messages.c.seq.asc())
+                select(messages).where(messages.c.conversation_id == conversation_id, messages.c.seq > 0)
+                .order_by(messages.c.seq.asc())
             )).mappings().all()]
         if not rows:
             return []
