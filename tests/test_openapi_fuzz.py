@@ -57,6 +57,7 @@ def test_every_route_is_in_the_published_schema(live):
         ("GET", "/v1/models"), ("POST", "/v1/responses"), ("GET", "/v1/responses/{response_id}"),
         ("DELETE", "/v1/responses/{response_id}"), ("POST", "/v1/responses/{response_id}/cancel"),
         ("GET", "/v1/responses/{response_id}/input_items"), ("POST", "/v1/responses/input_tokens"),
+        ("POST", "/v1/responses/compact"),
         ("POST", "/v1/conversations"), ("GET", "/v1/conversations/{conversation_id}"),
         ("POST", "/v1/conversations/{conversation_id}"), ("POST", "/v1/conversations/{conversation_id}/items"),
         ("GET", "/v1/conversations/{conversation_id}/items"),

@@ -451,3 +451,65 @@ def test_errors_on_responses_paths_have_openai_shape(env):
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = httpx.post(f"{env['url']}/v1/responses", json={"model": "demo", "input": "x"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+# ---- compaction ----------------------------------------------------------------------------------------
+
+def _summariser(body: dict[str, Any]) -> str | None:
+    system = " ".join(m["content"] for m in body.get("messages", []) if m["role"] == "system")
+    everything = system + " ".join(str(m.get("content")) for m in body.get("messages", []))
+    if "running summary of a conversation" not in everything:
+        return None
+    return "SUMMARY: the user said apples and pears."
+
+
+def test_compact_a_chain_then_continue_from_the_compaction_item(env):
+    env["oai"].reset(answer_hook=_summariser)
+    c = client(env)
+    r1 = c.responses.create(model="demo", input="I like apples")
+    r2 = c.responses.create(model="demo", input="and pears", previous_response_id=r1.id)
+    compacted = c.responses.compact(model="demo", previous_response_id=r2.id)
+    assert compacted.object == "response.compaction"
+    [item] = compacted.output
+    assert item.type == "compaction" and item.encrypted_content.startswith("tlsum_")
+    r3 = c.responses.create(model="demo", input=[item.model_dump(exclude_none=True),
+                                                  {"role": "user", "content": "what do I like?"}])
+    sent = env["oai"].requests[-1]["messages"]
+    system = " ".join(m["content"] for m in sent if m["role"] == "system")
+    assert "SUMMARY: the user said apples and pears." in system
+    assert [(m["role"], m["content"]) for m in sent if m["role"] != "system"] == [("user", "what do I like?")]
+    assert r3.output_text == "Answer to: what do I like?"
+    # the chain goes on from there by previous_response_id, summary still in place of the old turns
+    c.responses.create(model="demo", input="more", previous_response_id=r3.id)
+    sent = env["oai"].requests[-1]["messages"]
+    assert [m["content"] for m in sent if m["role"] == "user"] == ["what do I like?", "more"]
+    # a client that keeps its own window resends the items after the compaction item: same conversation
+    r5 = c.responses.create(model="demo", input=[item.model_dump(exclude_none=True),
+                                                  {"role": "user", "content": "what do I like?"},
+                                                  {"role": "assistant", "content": r3.output_text},
+                                                  {"role": "user", "content": "again"}])
+    assert r5.status == "completed"
+    assert [m["content"] for m in env["oai"].requests[-1]["messages"] if m["role"] == "user"] == [
+        "what do I like?", "again"]
+
+
+def test_compact_given_input_items_and_refusals(env):
+    env["oai"].reset(answer_hook=_summariser)
+    c = client(env)
+    window = [{"role": "user", "content": "I like apples"}, {"role": "assistant", "content": "Noted."}]
+    compacted = c.responses.compact(model="demo", input=window)
+    item = compacted.output[0]
+    r = c.responses.create(model="demo", input=[item.model_dump(exclude_none=True), {"role": "user", "content": "so?"}])
+    assert "SUMMARY" in " ".join(m["content"] for m in env["oai"].requests[-1]["messages"] if m["role"] == "system")
+    assert r.status == "completed"
+    with pytest.raises(openai.BadRequestError):  # a forged token
+        c.responses.create(model="demo", input=[{"type": "compaction", "id": "cmp_x", "encrypted_content": "forged"},
+                                                 {"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError):  # another app's summary
+        client(env, "other").responses.create(model="other", input=[item.model_dump(exclude_none=True),
+                                                                    {"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as e:
+        c.responses.compact(model="demo", previous_response_id="resp_" + "0" * 32)
+    assert e.value.code == "previous_response_not_found"
+    with pytest.raises(openai.BadRequestError):  # nothing to compact
+        c.responses.compact(model="demo")

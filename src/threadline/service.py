@@ -231,6 +231,22 @@ class ConversationService:
             raise NotFoundError("Message Not Exists.") from None
         return scope, msg
 
+    async def summary_in_app(self, app: str, summary_id: str) -> tuple[Scope, dict[str, Any]]:
+        """A compaction summary of `app`'s conversations, and its conversation's scope."""
+        await self.start()
+        row = await self.store.get_message(summary_id)
+        if row is None or row["role"] != SUMMARY_ROLE:
+            raise NotFoundError("Summary Not Exists.")
+        try:
+            scope, _ = await self.owned(app, row["conversation_id"])
+        except NotFoundError:
+            raise NotFoundError("Summary Not Exists.") from None
+        return scope, row
+
+    async def import_history(self, scope: Scope, engine: str, history: Sequence[PastMessage]) -> str:
+        """Store messages a caller already had as a new conversation of `scope` (no turn runs)."""
+        return await self.gateway.import_history(app=scope.own_app, user=scope.user, engine=engine, messages=history)
+
     async def question_of(self, scope: Scope, answer: dict[str, Any]) -> dict[str, Any] | None:
         """The question an answer (already checked for `scope`) answers."""
         q = await self.store.get_message(answer.get("parent_id") or "")

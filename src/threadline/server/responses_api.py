@@ -63,6 +63,8 @@ from ..turns import PastMessage, TurnRequest
 from .common import Caller, EventStream, HTTPError, is_json, state
 from .openai_api import CONVERSATION_HEADER, OpenAIError, _auth, _from_tl, _invalid, error_type, openai_error, resolve_model
 from .responses_models import (
+    CompactedResponse,
+    CompactRequest,
     InputItemList,
     InputItemsQuery,
     InputTokens,
@@ -165,9 +167,19 @@ class _Input:
     text: str = ""
     images: list[ImagePart] = field(default_factory=list)
     results: list[FunctionResult] = field(default_factory=list)
+    compaction: str | None = None  # the summary id a leading compaction item names
 
 
-def _read_input(raw: str | list[dict[str, Any]], max_chars: int) -> _Input:
+COMPACTION_PREFIX = "tlsum_"  # a compaction item's encrypted_content: Threadline's summary id, opaque to clients
+
+
+def compaction_token(summary_id: str) -> str:
+    return COMPACTION_PREFIX + _hex(summary_id)
+
+
+def _read_input(raw: str | list[dict[str, Any]], max_chars: int, *, window: bool = False) -> _Input:
+    """`window`: the items are a whole context to keep (compact's input), ending anywhere; else they
+    end with what the response answers."""
     out = _Input()
     if isinstance(raw, str):
         out.text = raw
@@ -245,12 +257,27 @@ def _read_input(raw: str | list[dict[str, Any]], max_chars: int) -> _Input:
             if answer is None:
                 close_question()
                 answer = ([], [])
+        elif kind == "compaction":
+            token = item.get("encrypted_content")
+            sid = _uuid(token[len(COMPACTION_PREFIX):]) if isinstance(token, str) and token.startswith(
+                COMPACTION_PREFIX) else None
+            if sid is None:
+                raise _bad(f"Invalid value for '{where}.encrypted_content': pass back a compaction item exactly as "
+                           "/v1/responses/compact returned it.", f"{where}.encrypted_content")
+            if i != 0:
+                raise _bad(f"'{where}': a compaction item goes first: it stands for everything before it.",
+                           f"{where}.type")
+            out.compaction = sid
         elif kind == "item_reference":
             raise _unsupported(f"'{where}': item_reference is not supported: continue with previous_response_id or "
                                "conversation instead.", f"{where}.type")
         else:
             raise _bad(f"Invalid value for '{where}.type': {kind!r} is not an input item Threadline takes (message, "
                        "function_call, function_call_output, reasoning).", f"{where}.type")
+    if window:
+        close_answer()
+        close_question()
+        return out
     if answer is not None or not (texts or images or results):
         raise _bad("The input must end with a user message or function_call_output items: they are what this "
                    "response answers.", "input")
@@ -642,8 +669,18 @@ async def plan_turn(request: HTTPConnection, caller: Caller, body: ResponseCreat
     conv_ref: str | None = None
     seed: list[PastMessage] = []
     unstored_prev = False
+    history = inp.history
     try:
-        if body.previous_response_id:
+        if inp.compaction is not None:
+            if body.previous_response_id or body.conversation is not None:
+                raise _bad("A compaction item starts a new chain: send it without 'previous_response_id' or "
+                           "'conversation'.", "input")
+            scope, cid, parent = await _after_compaction(svc, app_cfg.name, inp.compaction, history)
+            history = []
+            if not store:
+                seed = _past(await svc.branch_rows(scope, cid, parent))
+                unstored_prev = True  # the stored chain goes on in a scratch conversation
+        elif body.previous_response_id:
             scope, prev = await _previous(svc, app_cfg.name, body.previous_response_id, local)
             cid, parent = prev["conversation_id"], prev["id"]
             unstored_prev = _unstored(prev)
@@ -662,10 +699,9 @@ async def plan_turn(request: HTTPConnection, caller: Caller, body: ResponseCreat
         raise OpenAIError(404, exc.message, "invalid_request_error", "not_found", param="conversation") from None
     except ThreadlineError as exc:
         raise _from_tl(exc) from None
-    if cid is not None and inp.history:
+    if cid is not None and history:
         raise _bad("With 'previous_response_id' or 'conversation', 'input' holds only the new items (user messages "
                    "or function_call_output): the earlier ones are already stored.", "input")
-    history = inp.history
     if store == unstored_prev:
         history, cid, parent = [*seed, *history], None, None
     elif cid is None and history:
@@ -681,6 +717,92 @@ async def plan_turn(request: HTTPConnection, caller: Caller, body: ResponseCreat
                       history=tuple(history) if cid is None else (), truncation=body.truncation or "auto",
                       response=echo)
     return _Plan(scope, req, echo, scratch=not store)
+
+
+async def _after_compaction(svc: ConversationService, app: str, summary_id: str,
+                            history: list[PastMessage]) -> tuple[Scope, str, str]:
+    """Where a chain that starts with a compaction item goes on: the conversation the summary was
+    made in, after the last message it covers, or after the items that follow it in `input` when
+    they are that conversation's next messages (a client that keeps the window itself resends
+    them; continuing from an older point of it forks a branch). The summary then stands in for what
+    it covers when the turn is packed."""
+    try:
+        scope, row = await svc.summary_in_app(app, summary_id)
+    except NotFoundError:
+        raise _bad("The compaction item names no summary of this app's: it may have been made with another key.",
+                   "input") from None
+    cid, tip = row["conversation_id"], row["parent_id"]
+    if history:
+        rows = [r for r in await svc.branch_rows(scope, cid) if r["role"] in ("user", "assistant")]
+        at = next((i for i, r in enumerate(rows) if r["id"] == tip), None)
+        after = rows[at + 1:at + 1 + len(history)] if at is not None else []
+        said = [(r["role"], (r.get("content") or "").strip()) for r in after]
+        if said != [(m.role, m.text.strip()) for m in history] or after[-1]["role"] != "assistant":
+            raise _bad("The items after the compaction item are not the stored conversation's next messages: "
+                       "continue with previous_response_id instead.", "input")
+        tip = after[-1]["id"]
+    return scope, cid, tip
+
+
+async def compact(request: Request) -> Response:
+    """POST /v1/responses/compact: an engine writes a summary of the context (a stored chain, a
+    conversation, or the items given), stored in that conversation; the answer is the new input
+    window, one compaction item, to start the next chain with (`input = [item, ...new items]`)."""
+    try:
+        caller, body = await _read(request, CompactRequest)
+        gw = state(request).gateway
+        svc = state(request).service
+        app_cfg, engine = resolve_model(gw, caller.app, body.model)
+        if body.previous_response_id and body.conversation:
+            raise _bad("'previous_response_id' cannot be used together with 'conversation'.", "previous_response_id",
+                       "invalid_request")
+        inp = (_read_input(body.input, gw.settings.server.max_text_chars, window=True)
+               if body.input not in (None, "", []) else _Input())
+        if (body.previous_response_id or body.conversation is not None) and (inp.history or inp.text):
+            raise _bad("'input' is compacted when no stored context is named: send the new items with the next "
+                       "create instead.", "input")
+        if inp.system or body.instructions:
+            raise _unsupported("'instructions' are not compacted: they belong to each response; send them again "
+                               "with the next create.", "instructions")
+        tip: str | None = None
+        try:
+            if body.previous_response_id:
+                scope, prev = await _previous(svc, app_cfg.name, body.previous_response_id)
+                if _unstored(prev):
+                    raise PreviousResponseNotFoundError(body.previous_response_id)
+                cid, tip = prev["conversation_id"], prev["id"]
+            elif body.conversation is not None:
+                ref = body.conversation if isinstance(body.conversation, str) else body.conversation.id
+                found = conversation_of(ref)
+                if found is None:
+                    raise NotFoundError(f"Conversation with id '{ref}' not found.")
+                scope, _ = await svc.owned(app_cfg.name, found)
+                cid = found
+            elif inp.compaction is not None:  # compacting again: the chain the item starts, plus what follows
+                scope, cid, tip = await _after_compaction(svc, app_cfg.name, inp.compaction, inp.history)
+            elif inp.history:
+                scope = Scope(app_cfg.name, body.user or body.safety_identifier or DEFAULT_USER)
+                found = await svc.find_conversation(scope, inp.history)
+                cid = found or await svc.import_history(scope, engine or app_cfg.engine, inp.history)
+            else:
+                raise _bad("Nothing to compact: give 'previous_response_id', 'conversation' or 'input' items.",
+                           "input", "missing_required_parameter")
+            done = await svc.compact(scope, cid, tip_id=tip, engine=engine)
+        except PreviousResponseNotFoundError as exc:
+            raise _failure_of(exc) from None
+        except NotFoundError as exc:
+            raise OpenAIError(404, exc.message, "invalid_request_error", "not_found", param="conversation") from None
+        except ThreadlineError as exc:
+            raise _from_tl(exc) from None
+    except OpenAIError as exc:
+        return openai_error(exc)
+    item_id = "cmp_" + _hex(done.id)
+    return Response(orjson.dumps({
+        "id": item_id, "object": "response.compaction", "created_at": int(done.created_at),
+        "output": [{"type": "compaction", "id": item_id, "encrypted_content": compaction_token(done.id),
+                    "created_by": done.engine}],
+        "usage": _usage(done.usage)}), media_type="application/json",
+        headers={"X-Threadline-Conversation-Id": done.conversation_id})
 
 
 async def create(request: Request) -> Response | EventStream:
@@ -1087,6 +1209,9 @@ operations = [
     Operation("POST", "/v1/responses", create, "Create a response (OpenAI Responses API) over any engine of the app",
               surface="openai", body=ResponseCreateRequest, response=ResponseObject, stream=True,
               tags=("OpenAI Responses",)),
+    Operation("POST", "/v1/responses/compact", compact, "Compact a context: an engine's summary stands in for it "
+              "(the next chain starts with the compaction item)", surface="openai", body=CompactRequest,
+              response=CompactedResponse, tags=("OpenAI Responses",)),
     Operation("POST", "/v1/responses/input_tokens", input_tokens, "Count the input tokens a response would send",
               surface="openai", body=InputTokensRequest, response=InputTokens, tags=("OpenAI Responses",)),
     Operation("GET", "/v1/responses/{response_id}", retrieve, "A stored response", surface="openai",

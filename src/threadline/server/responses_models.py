@@ -103,6 +103,28 @@ class InputTokensRequest(_Closed):
     truncation: Literal["auto", "disabled"] | None = None
 
 
+class CompactRequest(_Closed):
+    """POST /v1/responses/compact: what to compact — a stored chain (`previous_response_id`), a
+    conversation, or the given `input` items (a client that keeps its own window)."""
+
+    model: str = Field(min_length=1)
+    input: str | list[dict[str, Any]] | None = None
+    instructions: str | None = Field(None, description="Refused: instructions belong to each response.")
+    previous_response_id: str | None = None
+    conversation: str | ConversationRef | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+
+
+class CompactedResponse(_Doc):
+    id: str
+    object: Literal["response.compaction"]
+    created_at: int
+    output: list[dict[str, Any]]
+    usage: dict[str, Any] | None
+
+
 class InputItemsQuery(_Closed):
     after: str | None = None
     limit: int = Field(20, ge=1, le=100)
