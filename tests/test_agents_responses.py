@@ -14,6 +14,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.doubles.gemini_double import GeminiDouble
@@ -136,9 +137,8 @@ def _agent(env: dict[str, Any], app: str, ran: list[str]) -> tuple[Any, Any, Wir
     from openai import AsyncOpenAI
 
     wire = Wire()
-    client = AsyncOpenAI(base_url=f"{env['url']}/v1", api_key=env["keys"][app], max_retries=0)
-    client._client.event_hooks["request"].append(wire.request)
-    client._client.event_hooks["response"].append(wire.response)
+    http = httpx.AsyncClient(event_hooks={"request": [wire.request], "response": [wire.response]})
+    client = AsyncOpenAI(base_url=f"{env['url']}/v1", api_key=env["keys"][app], max_retries=0, http_client=http)
     set_default_openai_client(client, use_for_tracing=False)
     set_default_openai_api("responses")
     set_tracing_disabled(True)
@@ -269,7 +269,6 @@ def test_agents_previous_response_id_chain_sends_only_new_items(env, agents_sdk,
 
 
 def _langchain_loop(env: dict[str, Any], app: str, **kw: Any) -> tuple[Any, Any, list[dict[str, Any]]]:
-    import httpx
     from langchain_core.messages import HumanMessage, ToolMessage
     from langchain_core.tools import tool
     from langchain_openai import ChatOpenAI
