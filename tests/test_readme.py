@@ -24,9 +24,9 @@ README_URL = "http://127.0.0.1:8080"
 
 
 def section_snippets(title: str) -> list[str]:
-    """The ```python blocks of the README's `## <title>` section, in order."""
+    """The ```python blocks of the README's `## <title>` section (up to its first subsection), in order."""
     text = README.read_text()
-    m = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    m = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^##+ |\Z)", text, re.M | re.S)
     assert m, f"README has no section {title!r}"
     return re.findall(r"^```python\n(.*?)^```", m.group(1), re.M | re.S)
 
