@@ -2,6 +2,7 @@
 time goes (inclusive share per function), the view used to decide what to optimise.
 
     .venv/bin/pip install py-spy && .venv/bin/python bench/profile_turn.py [--seconds 10] [--concurrency 1]
+        [--route chat-messages|responses] [--stream]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen
 import procs
 from report import pct
-from run import dify_arm, write_config
+from run import dify_arm, responses_arm, write_config
 
 
 async def main(opts: argparse.Namespace) -> None:
@@ -36,7 +37,7 @@ async def main(opts: argparse.Namespace) -> None:
     try:
         await procs.wait_http(up, "/v1/models")
         await procs.wait_http(tl, "/healthz")
-        arm = dify_arm("tl", port, key, tl)
+        arm = responses_arm("tl", port, key, tl) if opts.route == "responses" else dify_arm("tl", port, key, tl)
         await loadgen.run(port, arm.maker(opts.stream), concurrency=opts.concurrency, duration=1, after=arm.after,
                           stream=opts.stream)
         raw = work / "profile.txt"
@@ -82,6 +83,8 @@ if __name__ == "__main__":
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--stream", action="store_true")
+    ap.add_argument("--route", choices=["chat-messages", "responses"], default="chat-messages",
+                    help="chat-messages continuing a conversation, or /v1/responses chained by previous_response_id")
     ap.add_argument("--database", help="database_url (default: a fresh SQLite file)")
     ap.add_argument("--top", type=int, default=60)
     asyncio.run(main(ap.parse_args()))

@@ -7,6 +7,8 @@ from typing import Any
 TL = "threadline chat-messages sqlite"
 LITE = "litellm proxy"
 TL2 = "threadline chat-messages sqlite, 2 processes"
+TL_RESP = "threadline responses sqlite (previous_response_id)"
+LITE_RESP = "litellm proxy /v1/responses"
 LITE2 = "litellm proxy, 2 workers"
 
 
@@ -105,6 +107,17 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
                     f"{b16[tl]['overhead_p99_ms']:.2f} ms", b16[tl]["overhead_p99_ms"] <= 20))
         out.append((f"c=16 success 100% ({label.replace(' each', '')})", f"{b16[tl]['success'] * 100:.2f}%",
                     b16[tl]["success"] == 1.0))
+    for label in ("blocking c=1", "blocking c=16", "streaming c=1", "streaming c=16"):
+        arms = thr.get(label, {})
+        if TL_RESP not in arms:
+            continue
+        resp, chat = arms[TL_RESP]["overhead_p50_ms"], arms[TL]["overhead_p50_ms"]
+        out.append((f"/v1/responses overhead p50 ≤ 1.2× chat-messages ({label})",
+                    f"{resp:.2f} vs {chat:.2f} ms = {resp / max(1e-9, chat):.2f}×", resp <= 1.2 * chat))
+        if LITE_RESP in arms:
+            ratio = arms[TL_RESP]["rps"] / max(1e-9, arms[LITE_RESP]["rps"])
+            out.append((f"/v1/responses requests/s ≥ 10× LiteLLM's ({label})",
+                        f"{arms[TL_RESP]['rps']:.0f} vs {arms[LITE_RESP]['rps']:.0f} = {ratio:.1f}×", ratio >= 10))
     s1 = thr["streaming c=1"][TL]
     out.append(("streaming TTFT overhead p50 ≤ 2 ms", f"{s1['overhead_p50_ms']:.2f} ms", s1["overhead_p50_ms"] <= 2))
     h = r["history"]

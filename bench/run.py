@@ -35,6 +35,7 @@ import seed
 from report import pct, render
 
 CID = re.compile(rb'"conversation_id":\s*"([0-9a-f-]{36})"')
+RID = re.compile(rb'"id":"(resp_[A-Za-z0-9_=-]+)"')
 MASTER = "sk-bench-master"
 TURNS_PER_CONVERSATION = 4
 
@@ -76,6 +77,26 @@ def dify_arm(name: str, port: int, key: str, proc: procs.Proc | None, user: str 
             m = CID.search(body)
             if m:
                 convs[w] = m.group(1).decode()
+
+    return Arm(name, port, make, after, proc)
+
+
+def responses_arm(name: str, port: int, key: str, proc: procs.Proc | None, model: str = "default",
+                  chain: bool = True) -> Arm:
+    """`POST /v1/responses`, each worker continuing its own chain with `previous_response_id` (the
+    stateful path: the history is the server's); `chain=False` sends each request alone."""
+    prev: dict[int, str] = {}
+    headers = {"content-type": "application/json", "authorization": f"Bearer {key}"}
+
+    def make(w: int, stream: bool) -> bytes:
+        body: dict[str, Any] = {"model": model, "input": "Say hello to the benchmark.", "stream": stream}
+        if w in prev:
+            body["previous_response_id"] = prev[w]
+        return loadgen.build_request("POST", "/v1/responses", port, orjson.dumps(body), headers)
+
+    def after(w: int, status: int, body: bytes) -> None:
+        if chain and status == 200 and (m := RID.search(body)):  # the first id of a body or stream is the response's
+            prev[w] = m.group(1).decode()
 
     return Arm(name, port, make, after, proc)
 
@@ -164,6 +185,11 @@ def litellm_config(path: Path, fast_port: int, slow_port: int) -> None:
     litellm_params: {{model: openai/bench, api_base: "http://127.0.0.1:{fast_port}/v1", api_key: sk-upstream}}
   - model_name: slow
     litellm_params: {{model: openai/bench, api_base: "http://127.0.0.1:{slow_port}/v1", api_key: sk-upstream}}
+  # /v1/responses: an `openai/` model is sent to the upstream's own /v1/responses, which the upstream (a Chat
+  # Completions server, as most engines are) does not have; `custom_openai/` makes LiteLLM bridge it onto
+  # /v1/chat/completions, its path for every non-OpenAI engine
+  - model_name: bench-responses
+    litellm_params: {{model: custom_openai/bench, api_base: "http://127.0.0.1:{fast_port}/v1", api_key: sk-upstream}}
 litellm_settings: {{telemetry: false, drop_params: true}}
 """)
 
@@ -232,10 +258,14 @@ class Bench:
                 dify_arm("threadline chat-messages sqlite", tl_sqlite.port, key_s, tl_sqlite),
                 dify_arm("threadline chat-messages postgres", tl_pg.port, key_p, tl_pg),
                 openai_arm("threadline chat/completions sqlite", tl_sqlite.port, "/v1/chat/completions", key_s, tl_sqlite),
+                responses_arm(report.TL_RESP, tl_sqlite.port, key_s, tl_sqlite),
                 dify_arm(report.TL2, tl_sqlite2.port, key_s2, tl_sqlite2)]
         if lite:
             arms.append(openai_arm(report.LITE, lite.port, "/v1/chat/completions", MASTER, lite))
             arms.append(openai_arm(report.LITE2, lite2.port, "/v1/chat/completions", MASTER, lite2))
+            # Chained like Threadline's arm; without its spend-log database LiteLLM accepts
+            # previous_response_id but sends the engine only the new input (it does less work).
+            arms.append(responses_arm(report.LITE_RESP, lite.port, MASTER, lite, model="bench-responses"))
 
         rounds, secs = (2, 1.0) if o.quick else (3, 2.0)
         thr: dict[str, Any] = {}

@@ -11,11 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,18 +20,10 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.doubles.live import serve_process
 from tests.doubles.openai_double import OpenAIDouble
-from threadline.config import Settings
-from threadline.server.keys import create_key
 
 BIN = Path(sys.executable).parent
-EXE = str(BIN / "threadline")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +32,7 @@ def live(openai_double: tuple[OpenAIDouble, str], tmp_path_factory: pytest.TempP
     """`threadline serve` in its own process, app `demo` on the double; (base url, app key, double)."""
     d, oai_url = openai_double
     tmp = tmp_path_factory.mktemp("serve")
-    cfg = tmp / "threadline.toml"
-    cfg.write_text(f'''database_url = "sqlite+aiosqlite:///{tmp}/serve.db"
+    with serve_process(f'''database_url = "sqlite+aiosqlite:///{tmp}/serve.db"
 [engines.acc]
 kind = "openai"
 base_url = "{oai_url}/v1"
@@ -60,31 +48,8 @@ engine = "acc"
 engines = ["acc"]
 [apps.other]
 engine = "alt"
-''')
-    key = asyncio.run(create_key(Settings.from_file(cfg), "demo"))
-    port = _free_port()
-    log = tmp / "serve.log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen([EXE, "serve", "--config", str(cfg), "--port", str(port)], stdout=out, stderr=out,
-                                cwd=tmp, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.05)
-    try:
-        yield url, key, d
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+''', tmp, "demo") as (url, keys):
+        yield url, keys["demo"], d
 
 
 @pytest.fixture

@@ -1,12 +1,22 @@
-"""Run an ASGI app on 127.0.0.1 in a background thread; it stops when the test session ends."""
+"""Run an ASGI app on 127.0.0.1 in a background thread (it stops when the test session ends), or
+`threadline serve` as its own process."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 
 
@@ -38,3 +48,42 @@ class LiveServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=5)
+
+
+@contextlib.contextmanager
+def serve_process(config: str, tmp: Path, *apps: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """`threadline serve` in its own process on `config` (TOML text); (base url, a key per app)."""
+    from threadline.config import Settings
+    from threadline.server.keys import create_key
+
+    cfg = tmp / "threadline.toml"
+    cfg.write_text(config)
+    settings = Settings.from_file(cfg)
+    keys = {app: asyncio.run(create_key(settings, app)) for app in apps}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp / "serve.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "threadline"), "serve", "--config", str(cfg),
+                                 "--port", str(port)], stdout=out, stderr=out, cwd=tmp, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("threadline serve did not start: " + log.read_text()[-3000:])
+            time.sleep(0.05)
+        yield url, keys
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
