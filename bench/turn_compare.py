@@ -47,6 +47,7 @@ from report import pct, table
 from run import write_config
 
 CID = re.compile(rb'"conversation_id":\s*"([0-9a-f-]{36})"')
+RESP_ID = re.compile(rb'"id":\s*"(resp_[0-9a-f]{32})"')
 PY = sys.executable
 TOOLS = [{"type": "function", "function": {
     "name": "lookup", "description": "Looks a word up.",
@@ -223,6 +224,32 @@ class DifyText(Arm):
             self.reset()
 
 
+class ResponsesText(Arm):
+    """Text turns on /v1/responses, each continuing the last by previous_response_id (the stateful
+    Responses path: the chain is looked up, not resent)."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.previous: str | None = None
+
+    async def step(self) -> None:
+        body: dict[str, Any] = {"model": "bench", "user": f"bench-{self.name}", "stream": self.stream,
+                                "input": f"Conversation {self.conversations}, turn {self.turn}: say hello."}
+        if self.previous:
+            body["previous_response_id"] = self.previous
+        status, data, headers, ms = await self.post("/v1/responses", body)
+        if status != 200:
+            return self.fail(f"HTTP {status}", data)
+        m = RESP_ID.search(data)
+        self.note("turn", headers, ms)
+        v = headers.get(b"x-threadline-conversation-id")
+        self.same_conversation(v.decode() if v else None)
+        self.previous = m.group(1).decode() if m else None
+        self.turn += 1
+        if self.turn >= self.turns or self.previous is None:
+            self.reset()
+
+
 class OpenAITool(OpenAIText):
     """A tool loop per turn pair: the user's message with tools -> a tool call; the result -> text."""
 
@@ -338,6 +365,8 @@ async def measure(opts: argparse.Namespace) -> dict[str, Any]:
             arms.append(OpenAIText(f"{t.name} text (openai)", t.port, t.key, opts.turns, opts.stream))
             if not opts.no_dify:
                 arms.append(DifyText(f"{t.name} text (dify)", t.port, t.key, opts.turns, opts.stream))
+            if opts.responses:
+                arms.append(ResponsesText(f"{t.name} text (responses)", t.port, t.key, opts.turns, opts.stream))
             why = await tool_probe(t, opts.stream)
             if why is None:
                 arms.append(OpenAITool(f"{t.name} tool (openai)", t.port, t.key, opts.turns, opts.stream))
@@ -429,6 +458,12 @@ def render(res: dict[str, Any]) -> str:
                 ratios.append([f"{t} / {base} text ({route})", o, ratio(new["client_p50_ms"], old["client_p50_ms"]),
                                "<= 1.10", verdict(o, 1.10)])
     for t in names:
+        resp, dify = k(f"{t} text (responses)"), k(f"{t} text (dify)")
+        if resp and dify:
+            o = ratio(resp["overhead_p50_ms"], dify["overhead_p50_ms"])
+            ratios.append([f"{t}: responses / chat-messages", o, ratio(resp["client_p50_ms"], dify["client_p50_ms"]),
+                           "<= 1.20", verdict(o, 1.20)])
+    for t in names:
         text = k(f"{t} text (openai)")
         if not text:
             continue
@@ -462,6 +497,8 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=8, help="requests per conversation before a new one (default 8)")
     ap.add_argument("--stream", action="store_true", help="streamed requests instead of blocking ones")
     ap.add_argument("--no-dify", action="store_true", help="skip the /v1/chat-messages arms")
+    ap.add_argument("--responses", action="store_true",
+                    help="add /v1/responses arms (chained by previous_response_id) and their ratio to chat-messages")
     ap.add_argument("--postgres", action="store_true", help="fresh PostgreSQL databases instead of SQLite files")
     ap.add_argument("--out", help="also write the results as JSON here")
     opts = ap.parse_args()

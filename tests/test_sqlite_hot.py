@@ -280,3 +280,44 @@ async def _migrate(url: str) -> None:
     s = Store(url)
     await s.migrate()
     await s.close()
+
+
+async def test_hot_keyed_reads_return_what_the_async_path_returns(store):
+    """get_message / get_conversation / conversation_in_app read on the hot connection (no thread
+    hop): the same dicts, same types, as SQLAlchemy's, and the same not-found rules."""
+    cid = new_id()
+    uid, aid, _ = await _full_turn(store, cid, first=True)
+    await store.update_message(aid, response={"model": "demo", "deleted": False}, feedback={"rating": "like"})
+    hot = {"q": await store.get_message(uid), "a": await store.get_message(aid),
+           "c": await store.get_conversation(cid, app="a", user="alice"),
+           "o": await store.conversation_in_app(cid, app="a"), "none": await store.get_message(new_id())}
+    reads = []
+    real = store.hot.read_message
+
+    def counting(mid):
+        reads.append(mid)
+        return real(mid)
+
+    store.hot.read_message = counting  # type: ignore[method-assign]
+    assert await store.get_message(aid) == hot["a"] and reads == [aid]  # served by the hot connection
+    store.hot.read_message = real  # type: ignore[method-assign]
+    store_hot, store.hot = store.hot, None
+    try:
+        slow = {"q": await store.get_message(uid), "a": await store.get_message(aid),
+                "c": await store.get_conversation(cid, app="a", user="alice"),
+                "o": await store.conversation_in_app(cid, app="a"), "none": await store.get_message(new_id())}
+    finally:
+        store.hot = store_hot
+    assert hot == slow
+    assert hot["a"]["response"] == {"model": "demo", "deleted": False} and hot["a"]["stop_requested"] is False
+    assert type(hot["a"]["created_at"]) is float and hot["c"]["deleted"] is False and hot["c"]["forked"] is False
+    for wrong in ({"app": "b", "user": "alice"}, {"app": "a", "user": "bob"}, {"app": None, "user": "bob"}):
+        with pytest.raises(NotFoundError):
+            await store.get_conversation(cid, **wrong)
+    with pytest.raises(NotFoundError):
+        await store.conversation_in_app(cid, app="b")
+    await store.delete_conversation(cid, app="a", user="alice")
+    with pytest.raises(NotFoundError):
+        await store.get_conversation(cid, app="a", user="alice")
+    with pytest.raises(NotFoundError):
+        await store.conversation_in_app(cid, app="a")

@@ -510,7 +510,10 @@ class Gateway:
                 if prev is not None and prev["conversation_id"] != plan.conversation_id:
                     prev = None
             elif req.parent_id is None and conv["last_seq"]:
-                rows = await self.store.history_newest(plan.conversation_id, before_seq=conv["last_seq"] + 1, limit=1)
+                # A line's newest answer is usually in the history cache (a tool loop's result follows
+                # the call this process just stored); a tree is read from the store.
+                source: HistorySource = self.store if conv.get("forked") else self.history
+                rows = await source.history_newest(plan.conversation_id, before_seq=conv["last_seq"] + 1, limit=1)
                 prev = rows[0] if rows else None
         made = ({i.call_id: i.name for i in items_from_json(prev.get("parts")) if isinstance(i, FunctionCall)}
                 if prev is not None and prev["role"] == "assistant" and prev.get("status", "completed") == "completed"

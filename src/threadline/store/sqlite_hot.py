@@ -111,6 +111,21 @@ def _conversation_row(values: tuple[Any, ...]) -> dict[str, Any]:
     return out
 
 
+_MSG_BOOL = {c.name for c in messages.columns if isinstance(c.type, Boolean)}
+_SELECT_MESSAGE = f"SELECT {', '.join(map(_q, _MSG_COLS))} FROM messages WHERE id = ?"
+_SELECT_CONVERSATION = f"SELECT {', '.join(map(_q, _CONV_COLS))} FROM conversations WHERE id = ? AND deleted = 0"
+
+
+def _message_row(values: tuple[Any, ...]) -> dict[str, Any]:
+    out = dict(zip(_MSG_COLS, values, strict=True))
+    for c in _MSG_JSON:
+        if out[c] is not None:
+            out[c] = orjson.loads(out[c])
+    for c in _MSG_BOOL:
+        out[c] = bool(out[c])
+    return out
+
+
 class SqliteHotPath:
     def __init__(self, path: str, write_lock: asyncio.Lock) -> None:
         self.path = path
@@ -130,6 +145,29 @@ class SqliteHotPath:
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._checkpoint_lock = threading.Lock()
         self._closed = False
+
+    # ---- keyed reads ---------------------------------------------------------------------------------
+
+    def read_message(self, message_id: str) -> tuple[bool, dict[str, Any] | None]:
+        """One message by id, read on this connection in the loop's thread (tens of microseconds: a
+        WAL read takes no lock, and no transaction of this connection is open between groups), as
+        SQLAlchemy would return it: (True, row or None), or (False, None) when it cannot be read
+        here now (the caller reads it on the async path)."""
+        return self._read(_SELECT_MESSAGE, (message_id,), _message_row)
+
+    def read_conversation(self, conversation_id: str) -> tuple[bool, dict[str, Any] | None]:
+        """One live (not deleted) conversation by id; see read_message."""
+        return self._read(_SELECT_CONVERSATION, (conversation_id,), _conversation_row)
+
+    def _read(self, sql: str, params: tuple[Any, ...],
+              convert: Callable[[tuple[Any, ...]], dict[str, Any]]) -> tuple[bool, dict[str, Any] | None]:
+        if self._closed or self.conn.in_transaction:
+            return False, None
+        try:
+            row = self.conn.execute(sql, params).fetchone()
+        except sqlite3.Error:
+            return False, None
+        return True, None if row is None else convert(row)
 
     # ---- group commit ------------------------------------------------------------------------------
 

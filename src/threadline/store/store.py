@@ -327,6 +327,12 @@ class Store:
 
     async def get_conversation(self, conversation_id: str, *, app: str | None, user: str) -> dict[str, Any]:
         """Someone else's conversation and a missing one raise the same not-found."""
+        if self.hot is not None:
+            read, hot = self.hot.read_conversation(conversation_id)
+            if read:
+                if hot is None or hot["user"] != user or (app is not None and hot["app"] != app):
+                    raise NotFoundError("Conversation Not Exists.")
+                return hot
         conds = [conversations.c.id == conversation_id, conversations.c.user == user,
                  conversations.c.deleted.is_(False)]
         if app is not None:
@@ -384,6 +390,12 @@ class Store:
     async def conversation_in_app(self, conversation_id: str, *, app: str) -> dict[str, Any]:
         """A conversation of `app`, whoever its user: the OpenAI-style surfaces, where the key (its
         app) owns what it made. Another app's conversation and a missing one raise the same not-found."""
+        if self.hot is not None:
+            read, hot = self.hot.read_conversation(conversation_id)
+            if read:
+                if hot is None or hot["app"] != app:
+                    raise NotFoundError("Conversation Not Exists.")
+                return hot
         async with self.engine.connect() as conn:
             row = (await conn.execute(select(conversations).where(
                 conversations.c.id == conversation_id, conversations.c.app == app,
@@ -905,6 +917,10 @@ class Store:
         return out
 
     async def get_message(self, message_id: str) -> dict[str, Any] | None:
+        if self.hot is not None:  # SQLite: a keyed read in the loop's thread (see SqliteHotPath.read_message)
+            read, hot = self.hot.read_message(message_id)
+            if read:
+                return hot
         async with self.engine.connect() as conn:
             r = (await conn.execute(select(messages).where(messages.c.id == message_id))).mappings().first()
         return dict(r) if r else None
