@@ -176,6 +176,10 @@ max_retries = 0
 [apps.default]
 engine = "bench"
 system = ["You are the benchmark's assistant."]
+# Packing measured as packing: with the default "auto", turns on the seeded long histories would also
+# wait on summary requests to the upstream (the rolling summary, README "Compaction"), a cost of the
+# engine's, not of the gateway's. bench/turn_compare.py and tests/test_compaction.py cover "auto".
+compaction = "off"
 """)
 
 
