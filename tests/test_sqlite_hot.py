@@ -290,7 +290,9 @@ async def test_hot_keyed_reads_return_what_the_async_path_returns(store):
     await store.update_message(aid, response={"model": "demo", "deleted": False}, feedback={"rating": "like"})
     hot = {"q": await store.get_message(uid), "a": await store.get_message(aid),
            "c": await store.get_conversation(cid, app="a", user="alice"),
-           "o": await store.conversation_in_app(cid, app="a"), "none": await store.get_message(new_id())}
+           "o": await store.conversation_in_app(cid, app="a"), "none": await store.get_message(new_id()),
+           "w": await store.message_with_owner(aid)}
+    assert hot["w"]["_app"] == "a" and hot["w"]["_user"] == "alice"
     reads = []
     real = store.hot.read_message
 
@@ -305,7 +307,8 @@ async def test_hot_keyed_reads_return_what_the_async_path_returns(store):
     try:
         slow = {"q": await store.get_message(uid), "a": await store.get_message(aid),
                 "c": await store.get_conversation(cid, app="a", user="alice"),
-                "o": await store.conversation_in_app(cid, app="a"), "none": await store.get_message(new_id())}
+                "o": await store.conversation_in_app(cid, app="a"), "none": await store.get_message(new_id()),
+                "w": await store.message_with_owner(aid)}
     finally:
         store.hot = store_hot
     assert hot == slow
@@ -321,3 +324,4 @@ async def test_hot_keyed_reads_return_what_the_async_path_returns(store):
         await store.get_conversation(cid, app="a", user="alice")
     with pytest.raises(NotFoundError):
         await store.conversation_in_app(cid, app="a")
+    assert await store.message_with_owner(aid) is None  # a deleted conversation's messages have no owner

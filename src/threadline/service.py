@@ -222,14 +222,10 @@ class ConversationService:
     async def answer_in_app(self, app: str, message_id: str) -> tuple[Scope, dict[str, Any]]:
         """An answer of `app`'s conversations, and its conversation's scope."""
         await self.start()
-        msg = await self.store.get_message(message_id)
-        if msg is None or msg["role"] != "assistant":
+        msg = await self.store.message_with_owner(message_id)  # the row and its owner in one read
+        if msg is None or msg["role"] != "assistant" or msg.pop("_app") != app:
             raise NotFoundError("Message Not Exists.")
-        try:
-            scope, _ = await self.owned(app, msg["conversation_id"])
-        except NotFoundError:
-            raise NotFoundError("Message Not Exists.") from None
-        return scope, msg
+        return Scope(app, msg.pop("_user")), msg
 
     async def summary_in_app(self, app: str, summary_id: str) -> tuple[Scope, dict[str, Any]]:
         """A compaction summary of `app`'s conversations, and its conversation's scope."""

@@ -916,6 +916,20 @@ class Store:
         await self._repair(conversation_id, out)
         return out
 
+    async def message_with_owner(self, message_id: str) -> dict[str, Any] | None:
+        """A message of a live conversation, with the conversation's app and user as `_app` and
+        `_user`, in one read (the OpenAI-style surfaces check a response's owner this way)."""
+        if self.hot is not None:
+            read, hot = self.hot.read_message_owner(message_id)
+            if read:
+                return hot
+        async with self.engine.connect() as conn:
+            r = (await conn.execute(
+                select(messages, conversations.c.app.label("_app"), conversations.c.user.label("_user"))
+                .join(conversations, conversations.c.id == messages.c.conversation_id)
+                .where(messages.c.id == message_id, conversations.c.deleted.is_(False)))).mappings().first()
+        return dict(r) if r else None
+
     async def get_message(self, message_id: str) -> dict[str, Any] | None:
         if self.hot is not None:  # SQLite: a keyed read in the loop's thread (see SqliteHotPath.read_message)
             read, hot = self.hot.read_message(message_id)
