@@ -527,6 +527,15 @@ class Gateway:
         conversation is marked forked before the turn is written, so no reader takes the tree for a
         line."""
         req = plan.request
+        if req.parent_id != ROOT_PARENT:  # the usual case, in one read: an answer of this caller's conversation
+            parent = await self.store.message_with_owner(req.parent_id or "")
+            if (parent is not None and parent["conversation_id"] == plan.conversation_id
+                    and parent["_app"] == plan.app.name and parent["_user"] == req.user and parent["role"] == "assistant"):
+                fork = bool(parent["seq"] != parent["_last_seq"])
+                if fork and not parent["_forked"]:
+                    await self.store.set_conversation_fields(plan.conversation_id, forked=True)
+                return fork
+        # Anything else is refused, and how is told apart in this order (owner first).
         conv = await self.store.get_conversation(plan.conversation_id, app=plan.app.name, user=req.user)
         if req.parent_id == ROOT_PARENT:
             fork = bool(conv["last_seq"] > 0)
@@ -534,7 +543,7 @@ class Gateway:
             parent = await self.store.get_message(req.parent_id or "")
             if parent is None or parent["conversation_id"] != plan.conversation_id or parent["role"] != "assistant":
                 raise InvalidParentError("parent_message_id is not an answer of this conversation.")
-            fork = parent["seq"] != conv["last_seq"]
+            fork = bool(parent["seq"] != conv["last_seq"])
         if fork and not conv.get("forked"):
             await self.store.set_conversation_fields(plan.conversation_id, forked=True)
         return fork

@@ -113,7 +113,8 @@ def _conversation_row(values: tuple[Any, ...]) -> dict[str, Any]:
 
 _MSG_BOOL = {c.name for c in messages.columns if isinstance(c.type, Boolean)}
 _SELECT_MESSAGE = f"SELECT {', '.join(map(_q, _MSG_COLS))} FROM messages WHERE id = ?"
-_SELECT_MESSAGE_OWNER = (f"SELECT {', '.join('m.' + _q(c) for c in _MSG_COLS)}, c.app, c.\"user\" FROM messages m "
+_SELECT_MESSAGE_OWNER = (f"SELECT {', '.join('m.' + _q(c) for c in _MSG_COLS)}, c.app, c.\"user\", c.last_seq, c.forked "
+                         "FROM messages m "
                          "JOIN conversations c ON c.id = m.conversation_id WHERE m.id = ? AND c.deleted = 0")
 _SELECT_CONVERSATION = f"SELECT {', '.join(map(_q, _CONV_COLS))} FROM conversations WHERE id = ? AND deleted = 0"
 
@@ -129,8 +130,8 @@ def _message_row(values: tuple[Any, ...]) -> dict[str, Any]:
 
 
 def _owned_message_row(values: tuple[Any, ...]) -> dict[str, Any]:
-    out = _message_row(values[:-2])
-    out["_app"], out["_user"] = values[-2], values[-1]
+    out = _message_row(values[:-4])
+    out["_app"], out["_user"], out["_last_seq"], out["_forked"] = values[-4], values[-3], values[-2], bool(values[-1])
     return out
 
 
@@ -164,8 +165,9 @@ class SqliteHotPath:
         return self._read(_SELECT_MESSAGE, (message_id,), _message_row)
 
     def read_message_owner(self, message_id: str) -> tuple[bool, dict[str, Any] | None]:
-        """One message of a live conversation, with that conversation's `app` and `user` (as
-        `_app`, `_user`): an ownership check and the row in one read; see read_message."""
+        """One message of a live conversation, with that conversation's `app`, `user`, `last_seq`
+        and `forked` (as `_app`, `_user`, `_last_seq`, `_forked`): an ownership check and the row in
+        one read; see read_message."""
         return self._read(_SELECT_MESSAGE_OWNER, (message_id,), _owned_message_row)
 
     def read_conversation(self, conversation_id: str) -> tuple[bool, dict[str, Any] | None]:

@@ -917,15 +917,17 @@ class Store:
         return out
 
     async def message_with_owner(self, message_id: str) -> dict[str, Any] | None:
-        """A message of a live conversation, with the conversation's app and user as `_app` and
-        `_user`, in one read (the OpenAI-style surfaces check a response's owner this way)."""
+        """A message of a live conversation, with the conversation's app, user, last_seq and forked
+        as `_app`, `_user`, `_last_seq`, `_forked`, in one read (a response's owner check on the
+        OpenAI-style surfaces; a turn's check of the answer it continues)."""
         if self.hot is not None:
             read, hot = self.hot.read_message_owner(message_id)
             if read:
                 return hot
         async with self.engine.connect() as conn:
             r = (await conn.execute(
-                select(messages, conversations.c.app.label("_app"), conversations.c.user.label("_user"))
+                select(messages, conversations.c.app.label("_app"), conversations.c.user.label("_user"),
+                       conversations.c.last_seq.label("_last_seq"), conversations.c.forked.label("_forked"))
                 .join(conversations, conversations.c.id == messages.c.conversation_id)
                 .where(messages.c.id == message_id, conversations.c.deleted.is_(False)))).mappings().first()
         return dict(r) if r else None
