@@ -48,7 +48,8 @@ async def _left_streaming(store: Store, *, owner: str | None, ttl: float, user: 
 LATER_COLUMNS = [("messages", "finish_reason", "VARCHAR(32)"),
                  ("conversations", "forked", "BOOLEAN NOT NULL DEFAULT false"),
                  ("conversations", "history_hash", "VARCHAR(48)"),
-                 ("messages", "response", "JSON"), ("conversations", "meta", "JSON")]  # added by migrations after 0003
+                 ("messages", "response", "JSON"), ("conversations", "meta", "JSON"),
+                 ("conversations", "scratch", "BOOLEAN NOT NULL DEFAULT false")]  # added by migrations after 0003
 
 
 def _interrupted(msg: dict[str, Any] | None, partial: str = "the part that came") -> bool:

@@ -513,3 +513,29 @@ def test_compact_given_input_items_and_refusals(env):
     assert e.value.code == "previous_response_not_found"
     with pytest.raises(openai.BadRequestError):  # nothing to compact
         c.responses.compact(model="demo")
+
+
+def test_format_description_and_image_detail_are_forwarded_and_tiers_refused(env):
+    """Found by review: these were accepted and dropped on the way (forward or refuse, never drop)."""
+    c = client(env)
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    c.responses.create(model="demo", input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "look"},
+        {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}]}],
+        text={"format": {"type": "json_schema", "name": "A", "schema": schema, "description": "One letter."}})
+    req = env["oai"].requests[-1]
+    assert req["response_format"]["json_schema"]["description"] == "One letter."
+    image = req["messages"][-1]["content"][-1]
+    assert image["image_url"]["detail"] == "low"
+    gc = client(env, "gdemo")
+    gc.responses.create(model="gdemo", input="x",
+                        text={"format": {"type": "json_schema", "name": "A", "schema": schema, "description": "D."}})
+    assert env["gem"].requests[-1]["generationConfig"]["responseJsonSchema"]["description"] == "D."
+    for bad, param in (({"service_tier": "priority"}, "service_tier"),
+                       ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png",
+                                                                 "detail": "huge"}]}]}, "input[0].content[0].detail")):
+        r = httpx.post(f"{env['url']}/v1/responses", headers={"Authorization": f"Bearer {env['keys']['demo']}"},
+                       json={"model": "demo", "input": "x", **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    ok = c.responses.create(model="demo", input="x", service_tier="auto")
+    assert ok.service_tier == "default"

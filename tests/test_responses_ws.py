@@ -38,7 +38,7 @@ def live(openai_double, tmp_path_factory) -> Iterator[dict[str, Any]]:
     srv = LiveServer(create_app(settings)).start()
     try:
         yield {"url": srv.url, "ws": srv.url.replace("http://", "ws://") + "/v1/responses", "keys": keys,
-               "oai": openai_double[0]}
+               "oai": openai_double[0], "oai_url": openai_double[1]}
     finally:
         srv.stop()
 
@@ -342,3 +342,66 @@ def test_open_mode_checks_host_and_origin_on_the_upgrade(openai_double, tmp_path
                 assert done["type"] == "response.completed", done
     finally:
         srv.stop()
+
+
+def test_a_scratch_conversation_is_never_matched_listed_or_reached_by_others(env):
+    """A store:false chain's conversation lives as long as its socket: while it does, a client that
+    resends the same history (Responses or Chat Completions), the conversation list and the OpenAI
+    surfaces never reach it, so closing the socket removes nothing anyone else stored."""
+    c = client(env)
+    h = {"Authorization": f"Bearer {env['keys']['demo']}"}
+    before = _conversations(env)
+    with c.responses.connect() as conn:
+        one_response(conn, model="demo", input="scratch hi", store=False)
+        assert _conversations(env) == before  # not listed
+        replay = [{"role": "user", "content": "scratch hi"}, {"role": "assistant", "content": "Answer to: scratch hi"}]
+        kept = c.responses.with_raw_response.create(model="demo", input=[*replay, {"role": "user", "content": "go on"}])
+        cc = httpx.post(f"{env['url']}/v1/chat/completions", headers=h, json={
+            "model": "demo", "messages": [*replay, {"role": "user", "content": "cc next"}]})
+        assert cc.status_code == 200
+    resp = kept.parse()
+    # both were stored in conversations of their own, which outlive the socket
+    assert c.responses.retrieve(resp.id).output_text == "Answer to: go on"
+    for cid in (kept.headers["x-threadline-conversation-id"], cc.headers["x-threadline-conversation-id"]):
+        r = httpx.get(f"{env['url']}/v1/messages", headers=h, params={"user": "openai-user", "conversation_id": cid})
+        assert r.status_code == 200 and len(r.json()["data"]) == 2, r.text
+    assert _conversations(env) == before + 2
+
+
+def test_a_scratch_conversation_a_dead_process_left_is_swept(env, tmp_path):
+    """store:false keeps nothing even when the process dies mid-response: a scratch conversation idle
+    past the WebSocket's hour, under no lease, is removed by the sweep (run at start and every minute)."""
+    from threadline.gateway import Gateway
+    from threadline.turns import TurnRequest
+
+    async def run() -> tuple[int, int, bool]:
+        gw = Gateway(Settings.build(database_url=f"sqlite+aiosqlite:///{tmp_path}/s.db", include_presets=False,
+                                    engines=engines_for(env["oai_url"]), apps={"demo": {"engine": "acc"}}))
+        await gw.start()
+        try:
+            async def turn(**kw: Any) -> str:
+                cid = ""
+                async for ev in gw.turn(TurnRequest(user="u", app="demo", stream=False, **kw)):
+                    cid = getattr(ev, "conversation_id", "") or getattr(getattr(ev, "reply", None),
+                                                                        "conversation_id", "") or cid
+                return cid
+            scratch = await turn(text="left behind", scratch=True)
+            kept = await turn(text="kept")
+            fresh = await turn(text="still in use", scratch=True)
+            old = 1_000.0  # as if the process that made it died long ago
+            await gw.store.set_conversation_fields(scratch, updated_at=old)
+            await gw.store.set_conversation_fields(kept, updated_at=old)
+            removed = await gw.sweep_scratch()
+            left = [r["id"] for r in (await gw.store.list_conversations(app="demo", user="u", limit=10))[0]]
+            async with gw.store.engine.connect() as conn:
+                from sqlalchemy import select
+
+                from threadline.store.schema import conversations, messages
+                ids = {r[0] for r in await conn.execute(select(conversations.c.id))}
+                msgs = {r[0] for r in await conn.execute(select(messages.c.conversation_id))}
+            return removed, len(left), scratch not in ids and scratch not in msgs and kept in ids and fresh in ids
+        finally:
+            await gw.close()
+
+    removed, listed, right = asyncio.run(run())
+    assert removed == 1 and right and listed == 1  # the fresh scratch one is kept but never listed

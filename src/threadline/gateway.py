@@ -108,6 +108,11 @@ FLUSH_INTERVAL = 0.5
 LOCK_TTL = 3.0  # seconds a turn's lease lasts unless renewed (see the module doc)
 RENEW_EVERY = 1.0  # how often this process renews every lease it holds, in one statement
 SWEEP_EVERY = 3.0  # how often it closes answers left streaming under expired leases
+# A store: false response's scratch conversation lives as long as its response, or its WebSocket (at
+# most an hour, see server/responses_ws.py); one idle longer, under no lease, was left by a process
+# that died, and is removed by the sweep (checked every SCRATCH_SWEEP_EVERY seconds).
+SCRATCH_IDLE = 65 * 60.0
+SCRATCH_SWEEP_EVERY = 60.0
 DEFAULT_APP = "default"
 # A stopped turn whose engine runs a remote task (Dify) asks the remote to stop and reads its stream
 # to the remote's own end (Dify: `workflow_finished`, status stopped), so both sides keep the same
@@ -229,6 +234,7 @@ class Gateway:
         self._closing = False
         self._released = False
         self._upkeep_stop = asyncio.Event()
+        self._next_scratch_sweep = 0.0  # the first sweep (at start) also removes scratch conversations
         # conversation id -> (its SUMMARY_MARK when read, its summaries): a summarised conversation's
         # turns read its summaries once per new summary, not once per turn.
         self._summaries: OrderedDict[str, tuple[int, list[Summary]]] = OrderedDict()
@@ -371,7 +377,21 @@ class Gateway:
                 self._leases.pop(cid, None)
                 self.request_stop_local(running)
 
+    async def sweep_scratch(self, idle: float = SCRATCH_IDLE) -> int:
+        """Remove scratch conversations (store: false) left by a process that died mid-response."""
+        self._next_scratch_sweep = time.monotonic() + SCRATCH_SWEEP_EVERY
+        try:
+            n = await self.store.purge_scratch(idle_before=time.time() - idle)
+        except Exception as exc:
+            log.warning("removing scratch conversations failed: %s", type(exc).__name__)
+            return 0
+        if n:
+            log.info("removed %d store:false conversation(s) a stopped process left", n)
+        return n
+
     async def _sweep(self) -> None:
+        if time.monotonic() >= self._next_scratch_sweep:
+            await self.sweep_scratch()
         try:
             closed = await self.store.sweep_interrupted()
         except Exception as exc:
@@ -439,7 +459,7 @@ class Gateway:
         plan.ticket = await self.limits.admit(app_cfg, req.user, req.key_id) if app_cfg.limits or req.key_id else None
         try:
             if req.history and req.conversation_id is None:
-                plan.conversation_id = await self.import_history(app=app_cfg.name, user=req.user,
+                plan.conversation_id = await self.import_history(app=app_cfg.name, user=req.user, scratch=req.scratch,
                                                                  engine=plan.engine.name, messages=req.history)
                 plan.existing = True
             final: TurnEvent | None = None
@@ -581,7 +601,7 @@ class Gateway:
             conv, user_seq, asst_seq = await self._claim(cid, app_cfg.name, req.user, user_row, asst_row)
         else:
             conv = {"id": cid, "app": app_cfg.name, "user": req.user, "engine": eng.name, "name": "",
-                    "inputs": {**app_cfg.inputs, **req.inputs}, "remote": {}, "last_seq": 0,
+                    "inputs": {**app_cfg.inputs, **req.inputs}, "remote": {}, "last_seq": 0, "scratch": req.scratch,
                     "created_at": started, "updated_at": started, "deleted": False}
             user_seq, asst_seq = await self.store.begin_turn(cid, user_msg=user_row, assistant_msg=asst_row,
                                                              new_conversation=conv, lock=(self.owner, LOCK_TTL))
@@ -1173,7 +1193,7 @@ class Gateway:
                                              "conversation's last answer.")
 
     async def import_history(self, *, app: str, user: str, engine: str, messages: Sequence[PastMessage],
-                             name: str = "") -> str:
+                             name: str = "", scratch: bool = False) -> str:
         """Store messages a caller already had (an OpenAI client's message list) as a new
         conversation, so the next turn continues it on any engine. All or nothing: one transaction."""
         check_user(user)
@@ -1193,10 +1213,10 @@ class Gateway:
         for t in turns:
             for k in ("query", "answer"):
                 t[k] = (t[k] or "").replace("\x00", "")
-        return await self.import_pairs(app=app, user=user, engine=engine, turns=turns, name=name)
+        return await self.import_pairs(app=app, user=user, engine=engine, turns=turns, name=name, scratch=scratch)
 
     async def import_pairs(self, *, app: str, user: str, engine: str, turns: list[dict[str, Any]],
-                           name: str = "") -> str:
+                           name: str = "", scratch: bool = False) -> str:
         """A new conversation from finished (query, answer) turns: `{"query", "answer"}` plus optional
         `query_items`, `answer_items`, `status`, `remote_id`, `inputs`, `created_at`. One transaction."""
         await self.start()
@@ -1205,7 +1225,8 @@ class Gateway:
         first = next((t["query"] for t in turns if t.get("query")), "")
         conv: dict[str, Any] = {"id": cid, "app": app, "user": user, "engine": engine,
                                 "name": name or first.strip().splitlines()[0][:60] if (name or first.strip()) else "",
-                "inputs": {}, "remote": {}, "created_at": now, "updated_at": now, "deleted": False}
+                "inputs": {}, "remote": {}, "created_at": now, "updated_at": now, "deleted": False,
+                "scratch": scratch}
         rows = []
         digest = ""
         for t in turns:

@@ -23,9 +23,14 @@ class ImagePart:
     # Filled by the gateway for uploaded files so engines never touch the store.
     data: bytes | None = None
     name: str | None = None
+    # The caller's resolution hint (OpenAI's low | high | auto): sent where the engine's wire has it
+    # (OpenAI-compatible); others pick their own resolution.
+    detail: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"type": "image"}
+        if self.detail:
+            d["detail"] = self.detail
         if self.url:
             d["url"] = self.url
         if self.file_id:
@@ -38,7 +43,8 @@ class ImagePart:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ImagePart:
-        return cls(url=d.get("url"), file_id=d.get("file_id"), mime_type=d.get("mime_type"), name=d.get("name"))
+        return cls(url=d.get("url"), file_id=d.get("file_id"), mime_type=d.get("mime_type"), name=d.get("name"),
+                   detail=d.get("detail"))
 
 
 @dataclass(slots=True, frozen=True)
@@ -210,12 +216,14 @@ class ToolChoice:
 
 @dataclass(slots=True, frozen=True)
 class ResponseFormat:
-    """text | json_object | json_schema (with its schema, name and strictness)."""
+    """text | json_object | json_schema (with its schema, name, strictness and description: what the
+    format is for, a hint to the model)."""
 
     type: Literal["text", "json_object", "json_schema"] = "text"
     schema: dict[str, Any] | None = None
     name: str | None = None
     strict: bool | None = None
+    description: str | None = None
 
 
 @dataclass(slots=True, frozen=True)

@@ -79,6 +79,8 @@ class TurnRequest:
     truncation: Literal["auto", "disabled"] = "auto"
     # Stored with the answer: what a Responses API request asked (the fields its Response echoes).
     response: dict[str, Any] | None = None
+    # A new conversation made for a store: false response (conversations.scratch): removed after it.
+    scratch: bool = False
 
 
 class Turn:

@@ -220,7 +220,10 @@ class GeminiEngine(Engine):
         if rf is not None and rf.type != "text":
             gen["responseMimeType"] = "application/json"
             if rf.type == "json_schema" and rf.schema is not None:
-                gen["responseJsonSchema"] = rf.schema
+                schema = rf.schema
+                if rf.description and "description" not in schema:  # Gemini takes it inside the schema
+                    schema = {**schema, "description": rf.description}
+                gen["responseJsonSchema"] = schema
         thinking: dict[str, Any] = {}
         if self.include_thoughts:
             thinking["includeThoughts"] = True

@@ -81,7 +81,8 @@ class OpenAICompatEngine(Engine):
                 url = f"data:{img.mime_type or 'image/png'};base64,{b64(img.data)}"
             else:
                 url = img.url or ""
-            parts.append({"type": "image_url", "image_url": {"url": url}})
+            parts.append({"type": "image_url", "image_url": {"url": url, "detail": img.detail} if img.detail
+                          else {"url": url}})
         return parts
 
     def _wires(self, m: ChatMessage, text: str) -> list[dict[str, Any]]:
@@ -139,6 +140,8 @@ class OpenAICompatEngine(Engine):
                 js: dict[str, Any] = {"name": rf.name or "response", "schema": rf.schema or {}}
                 if rf.strict is not None:
                     js["strict"] = rf.strict
+                if rf.description:
+                    js["description"] = rf.description
                 body["response_format"] = {"type": "json_schema", "json_schema": js}
             else:
                 body["response_format"] = {"type": rf.type}

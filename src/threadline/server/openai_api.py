@@ -112,10 +112,14 @@ def _text_and_images(content: str | list[dict[str, Any]] | None, where: str) -> 
         elif kind == "image_url":
             image_url = p.get("image_url")
             url = image_url.get("url") if isinstance(image_url, dict) else None
+            detail = image_url.get("detail") if isinstance(image_url, dict) else None
+            if detail not in (None, "auto", "low", "high"):
+                raise OpenAIError(400, f"Invalid value for '{where}[{i}].image_url.detail': {detail!r} (auto, low or "
+                                       "high).", param=f"{where}[{i}].image_url.detail", code="invalid_value")
             if not isinstance(url, str) or not url.startswith(("http://", "https://", "data:")):
                 raise OpenAIError(400, f"Invalid value for '{where}[{i}].image_url': expected an object with a url "
                                        "(http(s) or data:).", param=f"{where}[{i}].image_url", code="invalid_value")
-            images.append(ImagePart(url=url))
+            images.append(ImagePart(url=url, detail=None if detail == "auto" else detail))
         else:
             raise OpenAIError(400, f"Invalid value for '{where}[{i}].type': {kind!r} is not a content part type "
                                    "Threadline forwards (text, image_url).", param=f"{where}[{i}].type",
@@ -168,7 +172,7 @@ def _generation(body: ChatCompletionRequest) -> GenerationParams:
     if body.response_format is not None and body.response_format.type != "text":
         js = body.response_format.json_schema
         rf = ResponseFormat(body.response_format.type, js.schema_ if js else None, js.name if js else None,
-                            js.strict if js else None)
+                            js.strict if js else None, js.description if js else None)
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop) if body.stop else None
     return GenerationParams(
         temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_completion_tokens or body.max_tokens,

@@ -140,11 +140,14 @@ def _parts_text(content: Any, where: str, *, user: bool) -> tuple[str, list[Imag
                 raise _bad(f"Invalid type for '{at}.text': expected a string.", f"{at}.text", "invalid_type")
             texts.append(text)
         elif kind == "input_image" and user:
-            url, fid = p.get("image_url"), p.get("file_id")
+            url, fid, detail = p.get("image_url"), p.get("file_id"), p.get("detail")
+            if detail not in (None, "auto", "low", "high"):
+                raise _bad(f"Invalid value for '{at}.detail': {detail!r} (auto, low or high).", f"{at}.detail")
+            detail = None if detail == "auto" else detail
             if isinstance(url, str) and url.startswith(("http://", "https://", "data:")):
-                images.append(ImagePart(url=url))
+                images.append(ImagePart(url=url, detail=detail))
             elif isinstance(fid, str) and fid:
-                images.append(ImagePart(file_id=fid))
+                images.append(ImagePart(file_id=fid, detail=detail))
             else:
                 raise _bad(f"Invalid value for '{at}': an input_image needs an image_url (http(s) or data:) or "
                            "the file_id of an uploaded image.", at)
@@ -341,6 +344,9 @@ def _generation(body: ResponseCreateRequest) -> GenerationParams:
         if inc not in ACCEPTED_INCLUDES:
             raise _unsupported(f"include {inc!r} is not supported by Threadline (it can include: "
                                f"{', '.join(sorted(ACCEPTED_INCLUDES))}).", "include")
+    if body.service_tier not in (None, "auto", "default"):
+        raise _unsupported(f"service_tier {body.service_tier!r} is not supported: Threadline's engines are "
+                           "called at their default tier (leave it out, or auto / default).", "service_tier")
     rf = None
     text = body.text
     if text is not None:
@@ -351,7 +357,7 @@ def _generation(body: ResponseCreateRequest) -> GenerationParams:
         if f is not None and f.type != "text":
             if f.type == "json_schema" and (not f.name or f.schema_ is None):
                 raise _bad("A json_schema text format needs a name and a schema.", "text.format")
-            rf = ResponseFormat(f.type, f.schema_, f.name, f.strict)
+            rf = ResponseFormat(f.type, f.schema_, f.name, f.strict, f.description)
     effort = body.reasoning.effort if body.reasoning else None
     if effort == "max":
         effort = "xhigh"  # the highest setting the engines' profiles know
@@ -388,7 +394,7 @@ def _echo(body: ResponseCreateRequest, tools: tuple[ToolSpec, ...], conversation
         "previous_response_id": body.previous_response_id, "conversation": conversation,
         "store": body.store is not False, "background": bool(body.background), "user": body.user,
         "safety_identifier": body.safety_identifier, "prompt_cache_key": body.prompt_cache_key,
-        "service_tier": body.service_tier or "default",
+        "service_tier": "default",  # what the engines were called at (others are refused)
     }
 
 
@@ -487,7 +493,7 @@ def input_items(question: dict[str, Any]) -> list[dict[str, Any]]:
         content.append({"type": "input_text", "text": question["content"]})
     for i in items:
         if isinstance(i, ImagePart):
-            content.append({"type": "input_image", "image_url": i.url, "file_id": i.file_id, "detail": "auto"})
+            content.append({"type": "input_image", "image_url": i.url, "file_id": i.file_id, "detail": i.detail or "auto"})
     if content:
         out.append({"id": f"msg_{h}", "type": "message", "role": "user", "status": "completed", "content": content})
     results = [i for i in items if isinstance(i, FunctionResult) or (isinstance(i, Removed) and i.kind == "function_result")]
@@ -715,7 +721,7 @@ async def plan_turn(request: HTTPConnection, caller: Caller, body: ResponseCreat
                       tool_choice=tool_choice, params=params, stream=bool(body.stream or body.background or streamed),
                       instructions=instructions, key_id=caller.key_id,
                       history=tuple(history) if cid is None else (), truncation=body.truncation or "auto",
-                      response=echo)
+                      response=echo, scratch=not store)
     return _Plan(scope, req, echo, scratch=not store)
 
 
@@ -826,9 +832,10 @@ async def _create(request: Request) -> Response | EventStream:
     if isinstance(first, TurnFailed):  # refused before the engine accepted: the real status, not a 200
         await agen.aclose()
         await _scrap(svc, plan, first.reply.conversation_id)
-        raise _failure(first)
+        raise _failure(first, plan.scratch)
     assert isinstance(first, TurnStarted)
-    headers = {"X-Threadline-Conversation-Id": first.conversation_id}
+    # A store: false response's conversation is no conversation of the caller's: its id is not told.
+    headers = {} if plan.scratch else {"X-Threadline-Conversation-Id": first.conversation_id}
     if body.background:
         return _background(request, plan, first, agen, headers)
     if not body.stream:
@@ -846,10 +853,11 @@ def _failure_of(exc: ThreadlineError) -> OpenAIError:
     return _from_tl(exc)
 
 
-def _failure(ev: TurnFailed) -> OpenAIError:
+def _failure(ev: TurnFailed, scratch: bool = False) -> OpenAIError:
     err = _failure_of(ev.error) if isinstance(ev.error, ThreadlineError) else OpenAIError(
         500, "Internal error", "api_error", "internal_error")
-    err.headers["X-Threadline-Conversation-Id"] = ev.reply.conversation_id
+    if not scratch:
+        err.headers["X-Threadline-Conversation-Id"] = ev.reply.conversation_id
     return err
 
 
@@ -863,7 +871,7 @@ async def _scrap(svc: ConversationService, plan: _Plan, conversation_id: str) ->
 async def _blocking(agen: AsyncGenerator[TurnEvent, None], plan: _Plan, headers: dict[str, str]) -> Response:
     async for ev in agen:
         if isinstance(ev, TurnFailed):
-            raise _failure(ev)
+            raise _failure(ev, plan.scratch)
         if isinstance(ev, TurnCompleted):
             return Response(orjson.dumps(_reply_response(ev.reply, plan.echo)), media_type="application/json",
                             headers=headers)

@@ -47,6 +47,8 @@ conversations = Table(
     Column("lock_owner", String(64), nullable=True),
     Column("lock_until", Float, nullable=True),
     Column("meta", JSON, nullable=True),  # the Conversations API's string pairs; see migration 0005
+    # A store: false response's conversation: hidden from matching and listing, removed after; see 0005.
+    Column("scratch", Boolean, nullable=False, default=False, server_default=false()),
 )
 Index("ix_conv_owner_updated", conversations.c.app, conversations.c.user, conversations.c.updated_at)
 Index("ix_conv_owner_created", conversations.c.app, conversations.c.user, conversations.c.created_at)

@@ -56,7 +56,7 @@ _MSG_DEFAULTS: dict[str, Any] = {
 
 _CONV_DEFAULTS: dict[str, Any] = {"name": "", "inputs": {}, "remote": {}, "last_seq": 0, "deleted": False, "forked": False,
                                   "lock_owner": None, "lock_until": None, "history_hash": None,
-                                  "meta": None}
+                                  "meta": None, "scratch": False}
 
 # In `conversations.remote`, beside the engines' remote ids: the newest summary's seq (compaction.py),
 # so a turn learns a summary exists from the row its claim returns. Engine names cannot start with "#".
@@ -351,7 +351,7 @@ class Store:
             raise ValueError(f"sort_by must be one of {sorted(CONV_SORTS)}")
         desc = sort_by.startswith("-")
         col = conversations.c[sort_by.lstrip("-")]
-        conds = [conversations.c.user == user, conversations.c.deleted.is_(False)]
+        conds = [conversations.c.user == user, conversations.c.deleted.is_(False), conversations.c.scratch.is_(False)]
         if app is not None:
             conds.append(conversations.c.app == app)
         async with self.engine.connect() as conn:
@@ -393,16 +393,30 @@ class Store:
         if self.hot is not None:
             read, hot = self.hot.read_conversation(conversation_id)
             if read:
-                if hot is None or hot["app"] != app:
+                if hot is None or hot["app"] != app or hot["scratch"]:
                     raise NotFoundError("Conversation Not Exists.")
                 return hot
         async with self.engine.connect() as conn:
             row = (await conn.execute(select(conversations).where(
                 conversations.c.id == conversation_id, conversations.c.app == app,
-                conversations.c.deleted.is_(False)))).mappings().first()
+                conversations.c.deleted.is_(False), conversations.c.scratch.is_(False)))).mappings().first()
         if row is None:
             raise NotFoundError("Conversation Not Exists.")
         return dict(row)
+
+    @_durable
+    async def purge_scratch(self, *, idle_before: float) -> int:
+        """Remove the scratch conversations (store: false) nobody has used since `idle_before` and
+        no turn holds: what a process that died mid-response left behind."""
+        now = time.time()
+        async with self._tx() as conn:
+            ids = [r[0] for r in await conn.execute(select(conversations.c.id).where(
+                conversations.c.scratch.is_(True), conversations.c.updated_at < idle_before,
+                or_(conversations.c.lock_until.is_(None), conversations.c.lock_until < now)))]
+            if ids:
+                await conn.execute(delete(messages).where(messages.c.conversation_id.in_(ids)))
+                await conn.execute(delete(conversations).where(conversations.c.id.in_(ids)))
+        return len(ids)
 
     @_durable
     async def purge_conversation(self, conversation_id: str) -> None:
@@ -885,7 +899,8 @@ class Store:
             row = (await conn.execute(
                 select(conversations.c.id)
                 .where(conversations.c.app == app, conversations.c.user == user,
-                       conversations.c.history_hash == history_hash, conversations.c.deleted.is_(False))
+                       conversations.c.history_hash == history_hash, conversations.c.deleted.is_(False),
+                       conversations.c.scratch.is_(False))
                 .order_by(conversations.c.updated_at.desc()).limit(1))).first()
         return str(row[0]) if row else None
 

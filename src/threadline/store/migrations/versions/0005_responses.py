@@ -10,6 +10,10 @@ answer made through another surface, which the Responses routes render with defa
 
 `conversations.meta` is the Conversations API's map of up to 16 string pairs (NULL: none).
 
+`conversations.scratch` marks the conversation a `store: false` response runs in: never matched by a
+resent history, listed, or reached through the OpenAI surfaces, and removed when the response (or
+its WebSocket) ends; a sweep removes any a crashed process left (see Gateway.sweep_scratch).
+
 A plain ALTER TABLE ... ADD COLUMN on both databases (never SQLite's batch mode: see 0004).
 
 Revision ID: 0005
@@ -28,8 +32,10 @@ depends_on = None
 def upgrade() -> None:
     op.add_column("messages", sa.Column("response", sa.JSON(), nullable=True))
     op.add_column("conversations", sa.Column("meta", sa.JSON(), nullable=True))
+    op.add_column("conversations", sa.Column("scratch", sa.Boolean(), nullable=False, server_default=sa.false()))
 
 
 def downgrade() -> None:
+    op.drop_column("conversations", "scratch")
     op.drop_column("conversations", "meta")
     op.drop_column("messages", "response")
