@@ -50,7 +50,7 @@ def test_every_route_is_in_the_published_schema(live):
     ops = {(m.upper(), p) for p, item in schema["paths"].items() for m in item}
     assert ops >= {
         ("POST", "/v1/chat-messages"), ("POST", "/v1/chat-messages/{task_id}/stop"), ("POST", "/v1/files/upload"),
-        ("GET", "/v1/files/{file_id}/preview"), ("GET", "/v1/messages"), ("POST", "/v1/messages/{message_id}/feedbacks"),
+        ("GET", "/v1/files/{file_id}/preview"), ("GET", "/files/{file_id}/file-preview"), ("GET", "/v1/messages"), ("POST", "/v1/messages/{message_id}/feedbacks"),
         ("GET", "/v1/messages/{message_id}/suggested"), ("GET", "/v1/conversations"),
         ("POST", "/v1/conversations/{conversation_id}/name"), ("DELETE", "/v1/conversations/{conversation_id}"),
         ("GET", "/v1/parameters"), ("GET", "/v1/info"), ("GET", "/v1/meta"), ("POST", "/v1/chat/completions"),

@@ -123,6 +123,7 @@ class World:
     memory: str
     task: str | None = None
     running_conv: str | None = None
+    file_url: str = ""   # the owner's upload's signed URL (its source_url)
     own_convs: dict[tuple[str | None, str], str] = field(default_factory=dict)
 
     def http(self, who: Who) -> httpx.Client:
@@ -161,7 +162,7 @@ def world(env: Env, oai) -> World:
         assert r.status_code == 200, r.text
         r = c.post("/v1/files/upload", files={"file": ("a.png", PNG, "image/png")}, data={"user": owner.user})
         assert r.status_code == 201, r.text
-        w.file = r.json()["id"]
+        w.file, w.file_url = r.json()["id"], r.json()["source_url"]
     w.memory = env.tl.memory.add(user=owner.user, app="alpha", text="likes tea").id
     return w
 
@@ -305,6 +306,20 @@ def dify(method: str, path: str, param: str, target: str, expect: Callable[[Outc
               running, control)
 
 
+def signed_file(w: World, who: Who, ident: str) -> Outcome:
+    """GET /files/{file_id}/file-preview takes no key: its permission is the signature. The caller's
+    own valid signature (the owner's for the owner's file; an intruder's for a file the intruder
+    uploaded) moved onto `ident`'s path must not open that file."""
+    if who == w.owner:
+        url, own = w.file_url, w.file
+    else:
+        with w.http(who) as c:
+            r = c.post("/v1/files/upload", files={"file": ("mine.png", PNG, "image/png")}, data={"user": who.user})
+            assert r.status_code == 201, r.text
+            url, own = r.json()["source_url"], r.json()["id"]
+    return http_outcome(httpx.get(url.replace(f"/files/{own}/", f"/files/{ident}/"), timeout=30))
+
+
 def chat_body(stream: bool, **extra: Any) -> Callable[[World, Who, str], dict[str, Any]]:
     def body(w: World, who: Who, ident: str) -> dict[str, Any]:
         b: dict[str, Any] = {"query": "let me in", "user": who.user, "inputs": {},
@@ -413,6 +428,8 @@ OPS: list[Op] = [
          request=lambda w, who, i: {"json": {"user": who.user}}),
     dify("GET", "/v1/files/{file_id}/preview", "file_id", "file",
          request=lambda w, who, i: {"params": {"user": who.user}}),
+    Op("GET /files/{file_id}/file-preview [file_id] signed", "dify", ("GET", "/files/{file_id}/file-preview", "file_id"),
+       "file", signed_file, dify_error(403, "forbidden")),
     dify("GET", "/v1/messages", "conversation_id", "conv",
          request=lambda w, who, i: {"params": {"user": who.user, "conversation_id": i}}),
     dify("GET", "/v1/messages", "first_id", "message", request=own_conv_first_id),

@@ -114,3 +114,14 @@ def test_readme_responses_websocket_snippet(live):
     assert len(d.requests) == 2
     assert convo(d.requests[1]) == [("user", "Name a prime number."), ("assistant", "Answer to: Name a prime number."),
                                     ("user", "And the next one?")]
+
+
+def test_readme_signed_file_url_snippet(live):
+    """The HTTP server section's snippet: a history image's URL is the server's own, signed, and loads
+    without the key."""
+    live["oai"].reset()
+    snippet = next(c for c in section_snippets("HTTP server") if "file-preview" in c)
+    out = run_snippet(live, snippet, "signed_file_url")
+    assert out[0].startswith(f"{live['url']}/files/") and "/file-preview?timestamp=" in out[0] and "&sign=" in out[0]
+    assert out[1] == "image/png"
+

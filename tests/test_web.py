@@ -220,11 +220,19 @@ def test_images_by_url_and_by_drag_and_drop_upload_reach_the_engine(page: Page, 
     urls = [p["image_url"]["url"] for p in content if p["type"] == "image_url"]
     assert url in urls
     assert any(u.startswith("data:image/png;base64,") for u in urls)
-    # After a reload the turn still shows both images (the upload through the authenticated preview route).
+    # After a reload the turn still shows both images: the upload through its signed URL, which the
+    # <img> loads by itself (no app key, which an <img> cannot send), the other from its own URL.
+    signed: list[dict[str, str]] = []
+    page.on("request", lambda r: signed.append(r.headers) if "/file-preview?" in r.url else None)
     page.reload()
     page.locator("#conv-list li button").first.click()
     expect(page.locator(".msg.user .images img")).to_have_count(2)
     page.wait_for_function("[...document.querySelectorAll('.msg.user .images img')].every(i => i.complete && i.naturalWidth > 0)")
+    srcs = page.eval_on_selector_all(".msg.user .images img", "els => els.map(e => e.src)")
+    assert url in srcs
+    upload_src = next(s for s in srcs if s != url)
+    assert upload_src.startswith(f"{base}/files/") and "/file-preview?timestamp=" in upload_src and "&sign=" in upload_src
+    assert signed and all("authorization" not in h for h in signed)
 
 
 def test_engine_switch_mid_conversation_is_marked_and_kept(page: Page, server) -> None:

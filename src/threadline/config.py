@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import AppNotFoundError, ConfigError, EngineNotFoundError
 from .limits import Limits, parse_limits
@@ -252,9 +253,17 @@ class ServerSettings:
     max_text_chars: int = 1_000_000              # one query / message text
     max_messages: int = 10_000                   # messages in one Chat Completions request
     max_user_chars: int = 255                    # a `user` id (the store's column holds 255)
+    # Signed file URLs (`/files/<id>/file-preview?timestamp&nonce&sign`, as Dify's): the origin they
+    # start with (None: the request's own base URL), the HMAC secret (None: THREADLINE_FILE_SECRET,
+    # else one generated once and kept in the database, so every process of a deployment agrees),
+    # and how long one stays valid (Dify's FILES_ACCESS_TIMEOUT default: 5 minutes).
+    public_url: str | None = None
+    file_secret: str | None = field(default=None, repr=False)
+    file_url_ttl: int = 300
 
 
 _SERVER_FIELDS = {f for f in ServerSettings.__dataclass_fields__}
+_SERVER_STRINGS = {"public_url", "file_secret"}
 
 
 def _server_from_mapping(raw: dict[str, Any] | None) -> ServerSettings:
@@ -265,7 +274,11 @@ def _server_from_mapping(raw: dict[str, Any] | None) -> ServerSettings:
     out = ServerSettings()
     for k, v in raw.items():
         default = getattr(out, k)
-        if isinstance(default, list):
+        if k in _SERVER_STRINGS:
+            if not isinstance(v, str) or not v.strip():
+                raise ConfigError(f"[server] {k} must be a non-empty string")
+            setattr(out, k, v.strip())
+        elif isinstance(default, list):
             if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
                 raise ConfigError(f"[server] {k} must be a list of strings")
             setattr(out, k, list(v))
@@ -275,6 +288,12 @@ def _server_from_mapping(raw: dict[str, Any] | None) -> ServerSettings:
             setattr(out, k, v)
     if out.max_user_chars > 255:
         raise ConfigError("[server] max_user_chars cannot exceed 255 (the store's user column)")
+    if out.public_url is not None:
+        parts = urlsplit(out.public_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+            raise ConfigError("[server] public_url must be an http(s) URL such as https://chat.example.com")
+        out.public_url = out.public_url.rstrip("/")
+    out.file_secret = resolve_secret(out.file_secret) or os.environ.get("THREADLINE_FILE_SECRET") or None
     return out
 
 

@@ -307,6 +307,16 @@ class ConversationService:
         await self.start()
         return await self.store.get_file(file_id, app=scope.app, user=scope.user)
 
+    async def signed_file(self, file_id: str) -> dict[str, Any]:
+        """A file by id alone, for a request whose signed URL the server verified first: the
+        signature is the permission (the server signed it for a caller the owner check let see it)."""
+        await self.start()
+        return await self.store.get_file(file_id, app=None, user=None)
+
+    async def server_secret(self, name: str, make: Callable[[], str]) -> str:
+        await self.start()
+        return await self.store.server_secret(name, make)
+
     # ---- long-term memory ------------------------------------------------------------------------
 
     async def remember(self, scope: Scope, text: str) -> dict[str, Any]:

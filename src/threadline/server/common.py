@@ -19,6 +19,7 @@ from ..errors import ThreadlineError
 from ..gateway import Gateway
 from ..service import ConversationService
 from .keys import KeyCache
+from .signed_files import SECRET_NAME, FileSigner, new_secret
 
 
 @dataclass
@@ -29,9 +30,22 @@ class ServerState:
     service: ConversationService = field(init=False)
     # Background responses (POST /v1/responses with background: true) running on after their answer.
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    _signer: FileSigner | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.service = ConversationService(self.gateway)
+
+    async def file_signer(self) -> FileSigner:
+        """The signer of file URLs: the configured secret, else the deployment's stored one."""
+        if self._signer is None:
+            server = self.gateway.settings.server
+            secret = server.file_secret or await self.service.server_secret(SECRET_NAME, new_secret)
+            self._signer = FileSigner(secret, server.file_url_ttl)
+        return self._signer
+
+    def public_origin(self, request: HTTPConnection) -> str:
+        """Where the server is reached: [server] public_url, else the request's own base URL."""
+        return self.gateway.settings.server.public_url or str(request.base_url).rstrip("/")
 
 
 @dataclass(frozen=True, slots=True)

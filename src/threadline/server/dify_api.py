@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import math
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import orjson
@@ -61,6 +61,7 @@ from .models import (
     MetaResponse,
     ParametersResponse,
     ResultResponse,
+    SignedFileQuery,
     UploadForm,
     UserPayload,
     UserQuery,
@@ -319,12 +320,22 @@ async def upload(request: Request) -> Response:
     name = f.filename.replace("\x00", "")[:255]
     row = await state(request).service.upload(Scope(caller.app.name, user), name=name, data=data, mime_type=mime,
                                               extension=ext)
+    file_url = await signed_file_urls(request)
     return json_response({
         "id": row["id"], "name": row["name"], "size": row["size"], "extension": ext, "mime_type": mime,
         "created_by": user, "created_at": _ts(row["created_at"]), "preview_url": None,
-        "source_url": f"/v1/files/{row['id']}/preview", "original_url": None, "user_id": None, "tenant_id": None,
+        "source_url": file_url(row["id"]), "original_url": None, "user_id": None, "tenant_id": None,
         "conversation_id": None, "file_key": None,
     }, status=201)
+
+
+async def signed_file_urls(request: Request) -> Callable[[str], str]:
+    """Absolute, signed, expiring URLs of files for this request's caller (who may see them), as
+    Dify gives: a browser loads them with no app key, from any origin (server/signed_files.py)."""
+    st = state(request)
+    signer = await st.file_signer()
+    origin = st.public_origin(request)
+    return lambda file_id: signer.url(origin, file_id)
 
 
 # Served inline only when a browser renders them as a picture and nothing else. Anything else an
@@ -343,6 +354,25 @@ async def file_preview(request: Request) -> Response:
         f = await state(request).service.file(Scope(caller.app.name, user), request.path_params["file_id"])
     except ThreadlineError:
         raise HTTPError(404, "not_found", "File Not Exists.") from None
+    return _file_response(f)
+
+
+async def signed_file_preview(request: Request) -> Response:
+    """A file through its signed URL: no app key; only the server's signature for this very file,
+    within its time. The signature is checked before the store is asked anything."""
+    q = _validated(SignedFileQuery, dict(request.query_params))
+    file_id = request.path_params["file_id"]
+    signer = await state(request).file_signer()
+    if not signer.verify(file_id, q.timestamp, q.nonce, q.sign):
+        raise HTTPError(403, "forbidden", "File not found or signature is invalid")
+    try:
+        f = await state(request).service.signed_file(file_id)
+    except ThreadlineError:
+        raise HTTPError(404, "not_found", "File Not Exists.") from None
+    return _file_response(f)
+
+
+def _file_response(f: dict[str, Any]) -> Response:
     headers = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox",
                "Cache-Control": "private, max-age=300"}
     mime = f["mime_type"]
@@ -361,14 +391,15 @@ def _query(request: Request, model: type[M]) -> M:
     return _validated(model, {k: v for k, v in request.query_params.items() if v != ""})
 
 
-def _message_files(user_msg: dict[str, Any] | None) -> list[dict[str, Any]]:
+def _message_files(user_msg: dict[str, Any] | None, file_url: Callable[[str], str]) -> list[dict[str, Any]]:
     out = []
     for p in (user_msg or {}).get("parts") or []:
         if p.get("type") != "image":
             continue
         fid = p.get("file_id")
+        url = file_url(fid) if fid else p.get("url") or ""
         out.append({"id": fid or str(uuid.uuid5(uuid.NAMESPACE_URL, p.get("url", ""))), "filename": p.get("name") or "",
-                    "type": "image", "url": p.get("url") or f"/v1/files/{fid}/preview", "mime_type": p.get("mime_type"),
+                    "type": "image", "url": url, "mime_type": p.get("mime_type"),
                     "size": None, "transfer_method": "local_file" if fid else "remote_url", "belongs_to": "user",
                     "upload_file_id": fid})
     return out
@@ -393,7 +424,8 @@ def _agent_thoughts(a: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def render_turn(conv_id: str, user_msg: dict[str, Any] | None, a: dict[str, Any]) -> dict[str, Any]:
+def render_turn(conv_id: str, user_msg: dict[str, Any] | None, a: dict[str, Any],
+                file_url: Callable[[str], str]) -> dict[str, Any]:
     usage = a.get("usage") or {}
     err = a.get("error")
     return {
@@ -403,7 +435,7 @@ def render_turn(conv_id: str, user_msg: dict[str, Any] | None, a: dict[str, Any]
         "inputs": (user_msg or {}).get("inputs") or {}, "query": (user_msg or {}).get("content", ""),
         "answer": a.get("content") or "", "feedback": a.get("feedback"), "retriever_resources": [],
         "created_at": _ts(a["created_at"]), "agent_thoughts": _agent_thoughts(a),
-        "message_files": _message_files(user_msg),
+        "message_files": _message_files(user_msg, file_url),
         "status": _dify_status(a["status"]), "error": (err or {}).get("message") if err else None,
         "extra_contents": [],
         # Threadline additions (Dify clients ignore unknown keys):
@@ -437,7 +469,9 @@ async def messages(request: Request) -> Response:
                                                          limit=q.limit)
     except NotFoundError as exc:
         raise HTTPError(404, "not_found", exc.message) from None
-    return json_response({"limit": q.limit, "has_more": more, "data": [render_turn(cid, u, a) for u, a in page]})
+    file_url = await signed_file_urls(request)
+    return json_response({"limit": q.limit, "has_more": more,
+                          "data": [render_turn(cid, u, a, file_url) for u, a in page]})
 
 
 def _validation_missing(model: type[M], raw: dict[str, Any]) -> HTTPError:
@@ -564,6 +598,10 @@ operations = [
               tags=(_FILES,)),
     Operation("GET", "/v1/files/{file_id}/preview", file_preview, "Download an uploaded file (its owner only)",
               query=UserQuery, raw_media="*/*", tags=(_FILES,)),
+    # The URL /v1/messages and an upload give for a file: Dify's path, outside /v1, and no app key.
+    Operation("GET", "/files/{file_id}/file-preview", signed_file_preview,
+              "Download a file through its signed URL (no app key; valid for [server] file_url_ttl seconds)",
+              query=SignedFileQuery, raw_media="*/*", public=True, tags=(_FILES,)),
     Operation("GET", "/v1/messages", messages, "A conversation's messages, newest page first",
               query=MessageListQuery, response=MessageList, tags=(_HISTORY,)),
     Operation("POST", "/v1/messages/{message_id}/feedbacks", feedback, "Rate an answer", body=FeedbackPayload,

@@ -146,6 +146,14 @@ class UserQuery(BaseModel):
     user: str | None = None
 
 
+class SignedFileQuery(BaseModel):
+    """The query of a signed file URL (GET /files/{file_id}/file-preview), as Dify's."""
+
+    timestamp: str
+    nonce: str
+    sign: str
+
+
 class UploadForm(BaseModel):
     """multipart/form-data of POST /v1/files/upload."""
 

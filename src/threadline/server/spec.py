@@ -47,6 +47,7 @@ class Operation:
     also_ok: tuple[int, ...] = ()  # further success statuses, answered with no content
     raw_media: str | None = None  # the success answer is a file of this (or any) type
     errors: tuple[int, ...] = ERROR_STATUSES
+    public: bool = False  # answered without an app key (its own permission is in the request)
     tags: tuple[str, ...] = field(default_factory=tuple)
 
     def route(self) -> Route:
@@ -89,6 +90,8 @@ def openapi(ops: list[Operation], *, title: str, description: str) -> dict[str, 
                                "tags": list(op.tags or (op.surface,))}
         if params:
             doc["parameters"] = params
+        if op.public:
+            doc["security"] = []
         if op.body is not None:
             doc["requestBody"] = {"required": op.body_required,
                                   "content": {op.body_media: {"schema": refs[(op.body, "validation")]}}}

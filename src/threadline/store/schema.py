@@ -161,3 +161,13 @@ turn_slots = Table(
     Column("expires_at", Float, nullable=False),
     sqlite_with_rowid=False,  # keyed by (app, user) first: a user's running turns are one range
 )
+
+# A deployment's own secrets, made once and shared by all its processes: "file_url" signs the file
+# URLs the server hands out (server/signed_files.py) when [server] file_secret is not configured.
+server_secrets = Table(
+    "server_secrets",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+)

@@ -37,11 +37,12 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import and_, bindparam, case, delete, event, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.util import await_only
 
 from ..errors import ConfigError, NotFoundError
-from .schema import api_keys, conversations, files, memories, messages
+from .schema import api_keys, conversations, files, memories, messages, server_secrets
 from .sqlite_hot import GAVE_UP as _GAVE_UP
 from .sqlite_hot import SqliteHotPath
 
@@ -1051,6 +1052,26 @@ class Store:
         if r is None:
             raise NotFoundError("File Not Exists.")
         return dict(r)
+
+    # ---- the deployment's secrets ------------------------------------------------------------
+
+    @_durable
+    async def server_secret(self, name: str, make: Callable[[], str]) -> str:
+        """The deployment's secret `name`, made by `make` the first time any process asks. Two
+        processes asking at once both try to insert; the loser reads the winner's, so all agree."""
+        async with self.engine.connect() as conn:
+            value = (await conn.execute(select(server_secrets.c.value).where(
+                server_secrets.c.name == name))).scalar_one_or_none()
+        if value is not None:
+            return str(value)
+        try:
+            async with self._tx() as conn:
+                await conn.execute(insert(server_secrets).values(name=name, value=make(), created_at=time.time()))
+        except IntegrityError:
+            pass  # another process made it first: theirs is the one
+        async with self.engine.connect() as conn:
+            return str((await conn.execute(select(server_secrets.c.value).where(
+                server_secrets.c.name == name))).scalar_one())
 
     # ---- api keys ------------------------------------------------------------------------------
 

@@ -268,13 +268,9 @@ function userBubble(text, imageUrls) {
 function image(url) {
   const img = document.createElement("img");
   img.alt = "attached image";
-  if (url.startsWith("/v1/files/")) {
-    // Uploaded files need the app key, which an <img src> cannot send.
-    api("GET", `${url}?${q({})}`, undefined, { raw: true })
-      .then((r) => (r.ok ? r.blob() : null)).then((b) => { if (b) img.src = URL.createObjectURL(b); });
-  } else if (/^(https?:|data:image\/|blob:)/i.test(url)) {  // blob: previews of this page's own uploads
-    img.src = url;
-  }
+  // Uploaded files come from /v1/messages as signed URLs (/files/<id>/file-preview?...&sign=), which
+  // load without the app key; blob: is the preview of this page's own upload before it is sent.
+  if (/^(https?:|data:image\/|blob:)/i.test(url)) img.src = url;
   return img;
 }
 
