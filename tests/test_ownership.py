@@ -429,7 +429,7 @@ OPS: list[Op] = [
     dify("GET", "/v1/files/{file_id}/preview", "file_id", "file",
          request=lambda w, who, i: {"params": {"user": who.user}}),
     Op("GET /files/{file_id}/file-preview [file_id] signed", "dify", ("GET", "/files/{file_id}/file-preview", "file_id"),
-       "file", signed_file, dify_error(403, "forbidden")),
+       "file", signed_file, dify_error(404, "not_found")),
     dify("GET", "/v1/messages", "conversation_id", "conv",
          request=lambda w, who, i: {"params": {"user": who.user, "conversation_id": i}}),
     dify("GET", "/v1/messages", "first_id", "message", request=own_conv_first_id),

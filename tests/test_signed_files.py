@@ -74,8 +74,8 @@ def srv(oai, tmp_path) -> Iterator[Srv]:
 
 
 def _refused(r: httpx.Response) -> None:
-    assert r.status_code == 403, (r.status_code, r.text)
-    assert r.json() == {"code": "forbidden", "message": "File not found or signature is invalid", "status": 403}
+    assert r.status_code == 404, (r.status_code, r.text)
+    assert r.json() == {"code": "not_found", "message": "File not found or signature is invalid", "status": 404}
     assert r.content != PNG and PNG not in r.content
 
 

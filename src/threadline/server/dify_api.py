@@ -364,7 +364,7 @@ async def signed_file_preview(request: Request) -> Response:
     file_id = request.path_params["file_id"]
     signer = await state(request).file_signer()
     if not signer.verify(file_id, q.timestamp, q.nonce, q.sign):
-        raise HTTPError(403, "forbidden", "File not found or signature is invalid")
+        raise HTTPError(404, "not_found", "File not found or signature is invalid")  # as Dify: NotFound
     try:
         f = await state(request).service.signed_file(file_id)
     except ThreadlineError:
