@@ -252,6 +252,7 @@ class ServerSettings:
     max_text_chars: int = 1_000_000              # one query / message text
     max_messages: int = 10_000                   # messages in one Chat Completions request
     max_user_chars: int = 255                    # a `user` id (the store's column holds 255)
+    access_log: bool = True                      # `serve` logs one line per request (serve --no-access-log)
 
 
 _SERVER_FIELDS = {f for f in ServerSettings.__dataclass_fields__}
@@ -269,6 +270,10 @@ def _server_from_mapping(raw: dict[str, Any] | None) -> ServerSettings:
             if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
                 raise ConfigError(f"[server] {k} must be a list of strings")
             setattr(out, k, list(v))
+        elif isinstance(default, bool):
+            if not isinstance(v, bool):
+                raise ConfigError(f"[server] {k} must be true or false")
+            setattr(out, k, v)
         else:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"[server] {k} must be a positive integer")
