@@ -694,3 +694,26 @@ async def test_python_id_calls_without_app_act_in_the_ids_own_app(oai, tmp_path)
         await tl.delete_conversation(cid, user="u")
         with pytest.raises(NotFoundError):
             await tl.conversation(cid, user="u")
+
+
+def test_app_feedbacks_shows_only_the_keys_own_apps(env: Env, world: World) -> None:
+    """GET /v1/app/feedbacks is an app's view of every user's feedback: the owner's app lists the
+    owner's feedback; another app's key never sees it, even with a feedback of its own by a user of
+    the same name, and the listing takes no id or user that could reach across."""
+    w = world
+    beta = Who("beta", w.owner.user)
+    with w.http(beta) as c:
+        r = c.post("/v1/chat-messages", json={"query": "beta's own", "user": beta.user, "inputs": {}})
+        beta_msg = r.json()["message_id"]
+        assert c.post(f"/v1/messages/{beta_msg}/feedbacks", json={"rating": "dislike", "user": beta.user,
+                                                                  "content": "beta says"}).status_code == 200
+        seen_by_beta = c.get("/v1/app/feedbacks", params={"limit": 101, "user": w.owner.user,
+                                                          "app_id": "alpha"}).json()["data"]
+    with w.http(w.owner) as c:
+        seen_by_alpha = c.get("/v1/app/feedbacks", params={"limit": 101}).json()["data"]
+    alpha_ids = {f["message_id"] for f in seen_by_alpha}
+    beta_ids = {f["message_id"] for f in seen_by_beta}
+    assert w.message in alpha_ids and beta_msg not in alpha_ids
+    assert beta_msg in beta_ids and w.message not in beta_ids
+    assert {f["app_id"] for f in seen_by_alpha} == {"alpha"} and {f["app_id"] for f in seen_by_beta} == {"beta"}
+    assert "beta says" not in json.dumps(seen_by_alpha)

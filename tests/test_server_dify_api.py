@@ -3,6 +3,7 @@ on 127.0.0.1, with a stateless engine double behind the app."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -430,3 +431,66 @@ def test_a_client_hanging_up_mid_stream_stops_the_turn_and_keeps_the_partial(ser
     requests_before = len(d.requests)
     time.sleep(0.3)
     assert len(d.requests) == requests_before  # and nothing retried the call behind the client's back
+
+
+# GET /app/feedbacks as the reference describes it (../shared/reference/dify-api.md §2.7; no recording):
+# `{"data": [...]}`, times as ISO strings (MessageFeedback.to_dict), no has_more.
+DIFY_APP_FEEDBACKS = {"data": [{
+    "id": "8c0fbed8-e2f9-49ff-9f0e-15a35bdd0e25", "app_id": "f252d396-fe48-450e-94ec-e184218e7346",
+    "conversation_id": "2397604b-9deb-430e-b285-4726e51fd62d", "message_id": "709c0b0f-0a96-4a4e-91a4-ec0889937b11",
+    "rating": "like", "content": "message feedback information-3", "from_source": "user",
+    "from_end_user_id": "74286412-9a1a-42c1-929c-01edb1d381d5", "from_account_id": None,
+    "created_at": "2025-04-24T09:24:38", "updated_at": "2025-04-24T09:24:38"}]}
+
+
+def test_app_feedbacks_lists_the_apps_feedbacks_paged_as_dify(server):
+    base, key, _ = server
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}) as c:
+        assert c.get("/v1/app/feedbacks").json() == {"data": []}
+        answers = []
+        for user, q in (("alice", "one"), ("bob", "two"), ("alice", "three")):
+            r = c.post("/v1/chat-messages", json={"query": q, "user": user, "inputs": {}})
+            answers.append((user, r.json()["conversation_id"], r.json()["message_id"]))
+        (u1, c1, m1), (u2, c2, m2), (u3, _, m3) = answers
+        started = time.time()
+        for (user, _, mid), rating, content in zip(answers, ("like", "dislike", "like"), ("nice", None, "ok"),
+                                                   strict=True):
+            r = c.post(f"/v1/messages/{mid}/feedbacks", json={"rating": rating, "user": user, "content": content})
+            assert r.json() == {"result": "success"}
+            time.sleep(0.01)
+        page = c.get("/v1/app/feedbacks").json()
+        same_shape(page, DIFY_APP_FEEDBACKS)
+        assert set(page) == {"data"}
+        assert [(f["message_id"], f["rating"], f["content"], f["from_end_user_id"]) for f in page["data"]] == [
+            (m3, "like", "ok", "alice"), (m2, "dislike", None, "bob"), (m1, "like", "nice", "alice")]
+        first = page["data"][-1]
+        assert first["conversation_id"] == c1 and first["app_id"] == "demo" and first["from_source"] == "user"
+        assert first["from_account_id"] is None
+        stamp = datetime.datetime.fromisoformat(first["created_at"]).replace(tzinfo=datetime.UTC).timestamp()
+        assert started - 2 <= stamp <= time.time() + 1 and first["updated_at"] == first["created_at"]
+        assert len({f["id"] for f in page["data"]}) == 3
+        # paging: page and limit, as Dify's offset pages
+        assert [f["message_id"] for f in c.get("/v1/app/feedbacks", params={"limit": 2}).json()["data"]] == [m3, m2]
+        assert [f["message_id"] for f in c.get("/v1/app/feedbacks", params={"limit": 2, "page": 2}).json()["data"]] == [m1]
+        assert c.get("/v1/app/feedbacks", params={"limit": 2, "page": 3}).json() == {"data": []}
+        # changing a rating moves it to the front and keeps its id and first time; removing drops it
+        keep = next(f for f in page["data"] if f["message_id"] == m1)
+        time.sleep(1.1)
+        c.post(f"/v1/messages/{m1}/feedbacks", json={"rating": "dislike", "user": u1})
+        now = c.get("/v1/app/feedbacks").json()["data"]
+        assert now[0]["message_id"] == m1 and now[0]["rating"] == "dislike" and now[0]["id"] == keep["id"]
+        assert now[0]["created_at"] == keep["created_at"] and now[0]["updated_at"] > keep["updated_at"]
+        c.post(f"/v1/messages/{m2}/feedbacks", json={"rating": None, "user": u2})
+        assert [f["message_id"] for f in c.get("/v1/app/feedbacks").json()["data"]] == [m1, m3]
+        # /messages still shows a feedback as before: its rating (and content)
+        msgs = c.get("/v1/messages", params={"conversation_id": c1, "user": u1}).json()["data"]
+        assert msgs[0]["feedback"] == {"rating": "dislike", "content": None}
+        # a deleted conversation's feedback is gone with it
+        c.request("DELETE", f"/v1/conversations/{c1}", json={"user": u1})
+        assert [f["message_id"] for f in c.get("/v1/app/feedbacks").json()["data"]] == [m3]
+        assert u3 == "alice"
+        for bad in ({"limit": 0}, {"limit": 102}, {"page": 0}, {"page": "x"}):
+            r = c.get("/v1/app/feedbacks", params=bad)
+            assert r.status_code == 400 and r.json()["code"] == "invalid_param", (bad, r.text)
+    r = httpx.get(f"{base}/v1/app/feedbacks")
+    assert r.status_code == 401

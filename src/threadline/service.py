@@ -16,6 +16,7 @@ httpx has one `Client` and one transport interface for the same reason: one plac
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -196,7 +197,17 @@ class ConversationService:
         if rating is None and not msg.get("feedback"):
             raise InvalidParamError("rating cannot be None when feedback not exists")
         content = content.replace("\x00", "") if content else content
-        await self.store.update_message(msg["id"], feedback={"rating": rating, "content": content} if rating else None)
+        now = time.time()
+        old = msg.get("feedback") or {}
+        # When it was first given and last changed, for GET /v1/app/feedbacks (older rows have neither).
+        fb = {"rating": rating, "content": content, "created_at": old.get("created_at") or now, "updated_at": now}
+        await self.store.update_message(msg["id"], feedback=fb if rating else None)
+
+    async def app_feedbacks(self, app: str, *, page: int, limit: int) -> list[dict[str, Any]]:
+        """Every feedback on `app`'s answers, whoever gave it, the latest first (an app's own view,
+        as Dify's GET /app/feedbacks: the key is the app's, so no user scope)."""
+        await self.start()
+        return await self.store.app_feedbacks(app=app, offset=(page - 1) * limit, limit=limit)
 
     async def find_conversation(self, scope: Scope, history: Sequence[PastMessage]) -> str | None:
         """The newest stored conversation whose messages are exactly `history` (an OpenAI client

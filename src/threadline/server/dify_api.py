@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import math
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -47,6 +48,8 @@ from .common import (
     state,
 )
 from .models import (
+    AppFeedbackList,
+    AppFeedbacksQuery,
     ChatMessageResponse,
     ChatRequestPayload,
     ConversationItem,
@@ -393,6 +396,11 @@ def _agent_thoughts(a: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _feedback(fb: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A message's feedback as /messages shows it: the rating (Dify's) and its content (Threadline's)."""
+    return {"rating": fb.get("rating"), "content": fb.get("content")} if fb else None
+
+
 def render_turn(conv_id: str, user_msg: dict[str, Any] | None, a: dict[str, Any]) -> dict[str, Any]:
     usage = a.get("usage") or {}
     err = a.get("error")
@@ -401,7 +409,7 @@ def render_turn(conv_id: str, user_msg: dict[str, Any] | None, a: dict[str, Any]
         # service API records every message it makes (its conversations are linear).
         "id": a["id"], "conversation_id": conv_id, "parent_message_id": (user_msg or {}).get("parent_id") or NIL,
         "inputs": (user_msg or {}).get("inputs") or {}, "query": (user_msg or {}).get("content", ""),
-        "answer": a.get("content") or "", "feedback": a.get("feedback"), "retriever_resources": [],
+        "answer": a.get("content") or "", "feedback": _feedback(a.get("feedback")), "retriever_resources": [],
         "created_at": _ts(a["created_at"]), "agent_thoughts": _agent_thoughts(a),
         "message_files": _message_files(user_msg),
         "status": _dify_status(a["status"]), "error": (err or {}).get("message") if err else None,
@@ -509,6 +517,31 @@ async def feedback(request: Request) -> Response:
     return json_response({"result": "success"})
 
 
+def _iso(ts: float) -> str:
+    """Dify's feedback times: UTC, ISO 8601 to the second, no zone (MessageFeedback.to_dict)."""
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).replace(tzinfo=None).isoformat(timespec="seconds")
+
+
+async def app_feedbacks(request: Request) -> Response:
+    """GET /v1/app/feedbacks: the app's feedbacks, newest first, paged by `page` and `limit` (Dify's
+    shape: `{"data": [...]}` with no `has_more`). The key's app only; `user` is not needed."""
+    caller = await authenticate(request)
+    q = _query(request, AppFeedbacksQuery)
+    app = caller.app.name
+    rows = await state(request).service.app_feedbacks(app, page=q.page, limit=q.limit)
+    data = []
+    for r in rows:
+        fb = r["feedback"]
+        created = fb.get("created_at") or r["updated_at"]
+        data.append({
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"threadline:feedback:{r['id']}")), "app_id": app,
+            "conversation_id": r["conversation_id"], "message_id": r["id"], "rating": fb.get("rating"),
+            "content": fb.get("content"), "from_source": "user", "from_end_user_id": r["_user"],
+            "from_account_id": None, "created_at": _iso(created), "updated_at": _iso(fb.get("updated_at") or created),
+        })
+    return json_response({"data": data})
+
+
 async def suggested(request: Request) -> Response:
     await authenticate(request)
     raise HTTPError(400, "bad_request", "Suggested Questions Is Disabled.")
@@ -570,6 +603,8 @@ operations = [
               response=ResultResponse, tags=(_HISTORY,)),
     Operation("GET", "/v1/messages/{message_id}/suggested", suggested, "Suggested next questions",
               query=UserQuery, tags=(_HISTORY,)),
+    Operation("GET", "/v1/app/feedbacks", app_feedbacks, "The app's feedbacks on its answers, newest first",
+              query=AppFeedbacksQuery, response=AppFeedbackList, tags=(_APP,)),
     Operation("GET", "/v1/conversations", conversations, "A user's conversations", query=ConversationListQuery,
               response=ConversationList, tags=(_HISTORY,)),
     Operation("POST", "/v1/conversations/{conversation_id}/name", rename, "Rename a conversation",
