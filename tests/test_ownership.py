@@ -92,7 +92,7 @@ def env(request: pytest.FixtureRequest, openai_double, tmp_path_factory) -> Iter
     settings = Settings.build(
         database_url=db, include_presets=False, default_engine="acc",
         engines={"acc": {"kind": "openai", "base_url": f"{url}/v1", "api_key": "sk-test-double-key", "model": "m"}},
-        apps={"alpha": {"engine": "acc"}, "beta": {"engine": "acc"}})
+        apps={"alpha": {"engine": "acc", "suggested_questions_after_answer": True}, "beta": {"engine": "acc"}})
     keys = {name: asyncio.run(create_key(settings, name)) for name in ("alpha", "beta")}
     app = create_app(settings)
     srv = LiveServer(app).start()
@@ -418,9 +418,10 @@ OPS: list[Op] = [
     dify("GET", "/v1/messages", "first_id", "message", request=own_conv_first_id),
     dify("POST", "/v1/messages/{message_id}/feedbacks", "message_id", "message",
          request=lambda w, who, i: {"json": {"rating": "dislike", "content": "bad", "user": who.user}}),
-    # Suggested questions are disabled for everyone: the same 400 whoever asks, about any id.
-    dify("GET", "/v1/messages/{message_id}/suggested", "message_id", "message", dify_error(400, "bad_request"),
-         control=False, request=lambda w, who, i: {"params": {"user": who.user}}),
+    # As Dify, the message is checked before the feature: another's is not found in either app (alpha
+    # suggests, so the owner is answered; beta does not, and still answers not-found first).
+    dify("GET", "/v1/messages/{message_id}/suggested", "message_id", "message",
+         request=lambda w, who, i: {"params": {"user": who.user}}),
     dify("GET", "/v1/conversations", "last_id", "conv",
          request=lambda w, who, i: {"params": {"user": who.user, "last_id": i}}),
     dify("POST", "/v1/conversations/{conversation_id}/name", "conversation_id", "conv",

@@ -56,6 +56,9 @@ class AppConfig:
     description: str = ""
     opening_statement: str = ""
     suggested_questions: list[str] = field(default_factory=list)
+    # GET /v1/messages/{id}/suggested: three follow-up questions the app's engine writes (Dify's
+    # "suggested questions after answer"); off, the route answers Dify's "disabled" error.
+    suggested_questions_after_answer: bool = False
     # The engines a caller of this app may pick (OpenAI `model`, the Dify route's `engine`, the page's
     # picker, the Python API's `engine=`): the app's own engine plus this list; None = every engine.
     engines: list[str] | None = None
@@ -96,9 +99,16 @@ _ENGINE_FIELDS = {
 _APP_FIELDS = {
     "engine", "engines", "system", "memory", "inputs", "workflow_id", "history_input", "description",
     "opening_statement", "suggested_questions", "limits", "compaction", "compact_at", "summary_engine",
-    "summary_timeout",
+    "summary_timeout", "suggested_questions_after_answer",
 }
 COMPACTION_MODES = ("auto", "off")
+
+
+def _flag(app: str, raw: dict[str, Any], key: str, default: bool = False) -> bool:
+    v = raw.get(key, default)
+    if not isinstance(v, bool):
+        raise ConfigError(f"app {app!r}: {key} must be true or false")
+    return v
 
 
 def resolve_secret(value: str | None) -> str | None:
@@ -346,6 +356,7 @@ class Settings:
                 description=str(raw.get("description", "")),
                 opening_statement=str(raw.get("opening_statement", "")),
                 suggested_questions=list(raw.get("suggested_questions", [])),
+                suggested_questions_after_answer=_flag(name, raw, "suggested_questions_after_answer"),
                 engines=allowed,
                 limits=parse_limits(raw.get("limits"), f"[apps.{name}.limits]"),
                 **_compaction(name, raw, engs),

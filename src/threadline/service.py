@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .compaction import SUMMARY_ROLE, Compaction
-from .errors import InvalidParamError, NotFoundError
+from .errors import InvalidParamError, NotFoundError, SuggestionsDisabledError
 from .gateway import Gateway, check_user
 from .messages import TurnEvent
 from .store.store import ROOT_PARENT, new_id
@@ -202,6 +202,17 @@ class ConversationService:
         # When it was first given and last changed, for GET /v1/app/feedbacks (older rows have neither).
         fb = {"rating": rating, "content": content, "created_at": old.get("created_at") or now, "updated_at": now}
         await self.store.update_message(msg["id"], feedback=fb if rating else None)
+
+    async def suggested(self, scope: Scope, message_id: str) -> list[str]:
+        """Follow-up questions after one of the caller's answers, as Dify answers GET
+        /messages/{id}/suggested: the message is checked first (another's or a missing one is not
+        found), then whether the app suggests at all."""
+        msg = await self.message(scope, message_id)
+        app = self.gateway.app_config(scope.own_app)
+        if not app.suggested_questions_after_answer:
+            raise SuggestionsDisabledError("Suggested Questions Is Disabled.")
+        question = await self.store.get_message(msg.get("parent_id") or "") if msg.get("parent_id") else None
+        return await self.gateway.suggest(app.name, scope.user, msg, (question or {}).get("content") or "")
 
     async def app_feedbacks(self, app: str, *, page: int, limit: int) -> list[dict[str, Any]]:
         """Every feedback on `app`'s answers, whoever gave it, the latest first (an app's own view,

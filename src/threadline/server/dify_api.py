@@ -64,6 +64,7 @@ from .models import (
     MetaResponse,
     ParametersResponse,
     ResultResponse,
+    SuggestedResponse,
     UploadForm,
     UserPayload,
     UserQuery,
@@ -543,8 +544,21 @@ async def app_feedbacks(request: Request) -> Response:
 
 
 async def suggested(request: Request) -> Response:
-    await authenticate(request)
-    raise HTTPError(400, "bad_request", "Suggested Questions Is Disabled.")
+    """Dify's order (message_service.get_suggested_questions_after_answer): `user` is required, the
+    message must be the caller's (404 otherwise), then the app must suggest (recording 121's 400
+    otherwise)."""
+    caller = await authenticate(request)
+    q = _query(request, UserQuery)
+    if not q.user:
+        raise HTTPError(400, "invalid_param", "Arg user must be provided.")
+    user = check_user(request, q.user)
+    try:
+        data = await state(request).service.suggested(Scope(caller.app.name, user), request.path_params["message_id"])
+    except NotFoundError:
+        raise HTTPError(404, "not_found", "Message Not Exists.") from None
+    except ThreadlineError as exc:
+        raise from_threadline(exc) from None
+    return json_response({"result": "success", "data": data})
 
 
 # ---- app info ---------------------------------------------------------------------------------------
@@ -554,7 +568,8 @@ async def parameters(request: Request) -> Response:
     app_cfg = (await authenticate(request)).app
     return json_response({
         "opening_statement": app_cfg.opening_statement, "suggested_questions": app_cfg.suggested_questions,
-        "suggested_questions_after_answer": {"enabled": False}, "speech_to_text": {"enabled": False},
+        "suggested_questions_after_answer": {"enabled": app_cfg.suggested_questions_after_answer},
+        "speech_to_text": {"enabled": False},
         "text_to_speech": {"enabled": False, "language": "", "voice": ""}, "retriever_resource": {"enabled": False},
         "annotation_reply": {"enabled": False}, "more_like_this": {"enabled": False}, "user_input_form": [],
         "sensitive_word_avoidance": {"enabled": False},
@@ -601,8 +616,9 @@ operations = [
               query=MessageListQuery, response=MessageList, tags=(_HISTORY,)),
     Operation("POST", "/v1/messages/{message_id}/feedbacks", feedback, "Rate an answer", body=FeedbackPayload,
               response=ResultResponse, tags=(_HISTORY,)),
-    Operation("GET", "/v1/messages/{message_id}/suggested", suggested, "Suggested next questions",
-              query=UserQuery, tags=(_HISTORY,)),
+    Operation("GET", "/v1/messages/{message_id}/suggested", suggested,
+              "Suggested next questions after an answer (apps with suggested_questions_after_answer)",
+              query=UserQuery, response=SuggestedResponse, tags=(_HISTORY,)),
     Operation("GET", "/v1/app/feedbacks", app_feedbacks, "The app's feedbacks on its answers, newest first",
               query=AppFeedbacksQuery, response=AppFeedbackList, tags=(_APP,)),
     Operation("GET", "/v1/conversations", conversations, "A user's conversations", query=ConversationListQuery,
