@@ -92,7 +92,7 @@ def env(request: pytest.FixtureRequest, openai_double, tmp_path_factory) -> Iter
     settings = Settings.build(
         database_url=db, include_presets=False, default_engine="acc",
         engines={"acc": {"kind": "openai", "base_url": f"{url}/v1", "api_key": "sk-test-double-key", "model": "m"}},
-        apps={"alpha": {"engine": "acc"}, "beta": {"engine": "acc"}})
+        apps={"alpha": {"engine": "acc", "suggested_questions_after_answer": True}, "beta": {"engine": "acc"}})
     keys = {name: asyncio.run(create_key(settings, name)) for name in ("alpha", "beta")}
     app = create_app(settings)
     srv = LiveServer(app).start()
@@ -435,9 +435,10 @@ OPS: list[Op] = [
     dify("GET", "/v1/messages", "first_id", "message", request=own_conv_first_id),
     dify("POST", "/v1/messages/{message_id}/feedbacks", "message_id", "message",
          request=lambda w, who, i: {"json": {"rating": "dislike", "content": "bad", "user": who.user}}),
-    # Suggested questions are disabled for everyone: the same 400 whoever asks, about any id.
-    dify("GET", "/v1/messages/{message_id}/suggested", "message_id", "message", dify_error(400, "bad_request"),
-         control=False, request=lambda w, who, i: {"params": {"user": who.user}}),
+    # As Dify, the message is checked before the feature: another's is not found in either app (alpha
+    # suggests, so the owner is answered; beta does not, and still answers not-found first).
+    dify("GET", "/v1/messages/{message_id}/suggested", "message_id", "message",
+         request=lambda w, who, i: {"params": {"user": who.user}}),
     dify("GET", "/v1/conversations", "last_id", "conv",
          request=lambda w, who, i: {"params": {"user": who.user, "last_id": i}}),
     dify("POST", "/v1/conversations/{conversation_id}/name", "conversation_id", "conv",
@@ -711,3 +712,26 @@ async def test_python_id_calls_without_app_act_in_the_ids_own_app(oai, tmp_path)
         await tl.delete_conversation(cid, user="u")
         with pytest.raises(NotFoundError):
             await tl.conversation(cid, user="u")
+
+
+def test_app_feedbacks_shows_only_the_keys_own_apps(env: Env, world: World) -> None:
+    """GET /v1/app/feedbacks is an app's view of every user's feedback: the owner's app lists the
+    owner's feedback; another app's key never sees it, even with a feedback of its own by a user of
+    the same name, and the listing takes no id or user that could reach across."""
+    w = world
+    beta = Who("beta", w.owner.user)
+    with w.http(beta) as c:
+        r = c.post("/v1/chat-messages", json={"query": "beta's own", "user": beta.user, "inputs": {}})
+        beta_msg = r.json()["message_id"]
+        assert c.post(f"/v1/messages/{beta_msg}/feedbacks", json={"rating": "dislike", "user": beta.user,
+                                                                  "content": "beta says"}).status_code == 200
+        seen_by_beta = c.get("/v1/app/feedbacks", params={"limit": 101, "user": w.owner.user,
+                                                          "app_id": "alpha"}).json()["data"]
+    with w.http(w.owner) as c:
+        seen_by_alpha = c.get("/v1/app/feedbacks", params={"limit": 101}).json()["data"]
+    alpha_ids = {f["message_id"] for f in seen_by_alpha}
+    beta_ids = {f["message_id"] for f in seen_by_beta}
+    assert w.message in alpha_ids and beta_msg not in alpha_ids
+    assert beta_msg in beta_ids and w.message not in beta_ids
+    assert {f["app_id"] for f in seen_by_alpha} == {"alpha"} and {f["app_id"] for f in seen_by_beta} == {"beta"}
+    assert "beta says" not in json.dumps(seen_by_alpha)

@@ -43,6 +43,7 @@ api_key = "sk-test-double-key"
 model = "m"
 [apps.support]
 engine = "acc"
+suggested_questions_after_answer = true
 ''', tmp, "support") as (url, keys):
         yield {"url": url, "key": keys["support"], "oai": openai_double[0], "tmp": tmp}
 
@@ -125,3 +126,23 @@ def test_readme_signed_file_url_snippet(live):
     assert out[0].startswith(f"{live['url']}/files/") and "/file-preview?timestamp=" in out[0] and "&sign=" in out[0]
     assert out[1] == "image/png"
 
+
+def test_readme_feedbacks_and_suggested_curl_snippet(live):
+    """The HTTP server section's curl lines for feedbacks and suggested questions, run by bash as copied
+    (the address changed, the key in $KEY)."""
+    text = README.read_text()
+    blocks = [b for b in re.findall(r"^```bash\n(.*?)^```", text, re.M | re.S) if "/v1/app/feedbacks" in b]
+    assert len(blocks) == 1
+    d: OpenAIDouble = live["oai"]
+    d.reset(answer_hook=lambda body: '["Why?", "How?", "When?"]' if "follow-up" in str(body["messages"][0]) else None)
+    env = {**os.environ, "KEY": live["key"], "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    r = subprocess.run(["bash", "-c", blocks[0].replace(README_URL, live["url"])], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert out.startswith('{"result":"success"}')
+    feedbacks = out[len('{"result":"success"}'):out.rindex('{"result"')]
+    import json
+    data = json.loads(feedbacks)["data"]
+    assert data[0]["rating"] == "like" and data[0]["content"] == "spot on" and data[0]["from_end_user_id"] == "alice"
+    assert json.loads(out[out.rindex('{"result"'):]) == {"result": "success", "data": ["Why?", "How?", "When?"]}

@@ -3,6 +3,7 @@ on 127.0.0.1, with a stateless engine double behind the app."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -430,3 +431,176 @@ def test_a_client_hanging_up_mid_stream_stops_the_turn_and_keeps_the_partial(ser
     requests_before = len(d.requests)
     time.sleep(0.3)
     assert len(d.requests) == requests_before  # and nothing retried the call behind the client's back
+
+
+# GET /app/feedbacks as the reference describes it (../shared/reference/dify-api.md §2.7; no recording):
+# `{"data": [...]}`, times as ISO strings (MessageFeedback.to_dict), no has_more.
+DIFY_APP_FEEDBACKS = {"data": [{
+    "id": "8c0fbed8-e2f9-49ff-9f0e-15a35bdd0e25", "app_id": "f252d396-fe48-450e-94ec-e184218e7346",
+    "conversation_id": "2397604b-9deb-430e-b285-4726e51fd62d", "message_id": "709c0b0f-0a96-4a4e-91a4-ec0889937b11",
+    "rating": "like", "content": "message feedback information-3", "from_source": "user",
+    "from_end_user_id": "74286412-9a1a-42c1-929c-01edb1d381d5", "from_account_id": None,
+    "created_at": "2025-04-24T09:24:38", "updated_at": "2025-04-24T09:24:38"}]}
+
+
+def test_app_feedbacks_lists_the_apps_feedbacks_paged_as_dify(server):
+    base, key, _ = server
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}) as c:
+        assert c.get("/v1/app/feedbacks").json() == {"data": []}
+        answers = []
+        for user, q in (("alice", "one"), ("bob", "two"), ("alice", "three")):
+            r = c.post("/v1/chat-messages", json={"query": q, "user": user, "inputs": {}})
+            answers.append((user, r.json()["conversation_id"], r.json()["message_id"]))
+        (u1, c1, m1), (u2, c2, m2), (u3, _, m3) = answers
+        started = time.time()
+        for (user, _, mid), rating, content in zip(answers, ("like", "dislike", "like"), ("nice", None, "ok"),
+                                                   strict=True):
+            r = c.post(f"/v1/messages/{mid}/feedbacks", json={"rating": rating, "user": user, "content": content})
+            assert r.json() == {"result": "success"}
+            time.sleep(0.01)
+        page = c.get("/v1/app/feedbacks").json()
+        same_shape(page, DIFY_APP_FEEDBACKS)
+        assert set(page) == {"data"}
+        assert [(f["message_id"], f["rating"], f["content"], f["from_end_user_id"]) for f in page["data"]] == [
+            (m3, "like", "ok", "alice"), (m2, "dislike", None, "bob"), (m1, "like", "nice", "alice")]
+        first = page["data"][-1]
+        assert first["conversation_id"] == c1 and first["app_id"] == "demo" and first["from_source"] == "user"
+        assert first["from_account_id"] is None
+        stamp = datetime.datetime.fromisoformat(first["created_at"]).replace(tzinfo=datetime.UTC).timestamp()
+        assert started - 2 <= stamp <= time.time() + 1 and first["updated_at"] == first["created_at"]
+        assert len({f["id"] for f in page["data"]}) == 3
+        # paging: page and limit, as Dify's offset pages
+        assert [f["message_id"] for f in c.get("/v1/app/feedbacks", params={"limit": 2}).json()["data"]] == [m3, m2]
+        assert [f["message_id"] for f in c.get("/v1/app/feedbacks", params={"limit": 2, "page": 2}).json()["data"]] == [m1]
+        assert c.get("/v1/app/feedbacks", params={"limit": 2, "page": 3}).json() == {"data": []}
+        # changing a rating moves it to the front and keeps its id and first time; removing drops it
+        keep = next(f for f in page["data"] if f["message_id"] == m1)
+        time.sleep(1.1)
+        c.post(f"/v1/messages/{m1}/feedbacks", json={"rating": "dislike", "user": u1})
+        now = c.get("/v1/app/feedbacks").json()["data"]
+        assert now[0]["message_id"] == m1 and now[0]["rating"] == "dislike" and now[0]["id"] == keep["id"]
+        assert now[0]["created_at"] == keep["created_at"] and now[0]["updated_at"] > keep["updated_at"]
+        c.post(f"/v1/messages/{m2}/feedbacks", json={"rating": None, "user": u2})
+        assert [f["message_id"] for f in c.get("/v1/app/feedbacks").json()["data"]] == [m1, m3]
+        # /messages still shows a feedback as before: its rating (and content)
+        msgs = c.get("/v1/messages", params={"conversation_id": c1, "user": u1}).json()["data"]
+        assert msgs[0]["feedback"] == {"rating": "dislike", "content": None}
+        # a deleted conversation's feedback is gone with it
+        c.request("DELETE", f"/v1/conversations/{c1}", json={"user": u1})
+        assert [f["message_id"] for f in c.get("/v1/app/feedbacks").json()["data"]] == [m3]
+        assert u3 == "alice"
+        for bad in ({"limit": 0}, {"limit": 102}, {"page": 0}, {"page": "x"}):
+            r = c.get("/v1/app/feedbacks", params=bad)
+            assert r.status_code == 400 and r.json()["code"] == "invalid_param", (bad, r.text)
+    r = httpx.get(f"{base}/v1/app/feedbacks")
+    assert r.status_code == 401
+
+
+# ---- suggested questions after an answer (issue 17, item 5) ------------------------------------------
+
+
+@pytest.fixture
+def suggest_server(oai, tmp_path):
+    """Apps: `plain` (suggestions off), `sugg` (on, the stateless double), `dsugg` (on, the Dify double)."""
+    from tests.doubles.dify_double import DifyDouble
+
+    d, url = oai
+    dd = DifyDouble()
+    dsrv = LiveServer(dd.app()).start()
+    settings = Settings.build(
+        database_url=f"sqlite+aiosqlite:///{tmp_path}/sugg.db",
+        engines={"acc": {"kind": "openai", "base_url": f"{url}/v1", "api_key": "sk-test-double-key", "model": "m"},
+                 "dify": {"kind": "dify", "base_url": f"{dsrv.url}/v1", "api_key": dd.api_key, "max_retries": 0}},
+        apps={"plain": {"engine": "acc"}, "sugg": {"engine": "acc", "suggested_questions_after_answer": True},
+              "dsugg": {"engine": "dify", "suggested_questions_after_answer": True}},
+        include_presets=False,
+    )
+    import asyncio
+
+    keys = {a: asyncio.run(create_key(settings, a)) for a in ("plain", "sugg", "dsugg")}
+    srv = LiveServer(create_app(settings)).start()
+    yield srv.url, keys, d, dd
+    srv.stop()
+    dsrv.stop()
+
+
+def _ask(c: httpx.Client, query: str, user: str = "alice", cid: str = "") -> dict:
+    r = c.post("/v1/chat-messages", json={"query": query, "user": user, "inputs": {}, "conversation_id": cid})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_suggested_disabled_answers_as_recorded_dify(suggest_server):
+    base, keys, _, _ = suggest_server
+    rec = fixture("121-err-suggested-disabled")["response"]
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {keys['plain']}"}) as c:
+        mid = _ask(c, "hello")["message_id"]
+        params = c.get("/v1/parameters").json()
+        assert params["suggested_questions_after_answer"] == {"enabled": False}
+        r = c.get(f"/v1/messages/{mid}/suggested", params={"user": "alice"})
+        assert (r.status_code, r.json()) == (rec["status"], rec["json"])  # 400 bad_request, recording 121
+        assert r.headers["content-type"] == "application/json"
+        # Dify looks the message up first: someone else's (or none) is not found, feature or not
+        for who, ident in (("mallory", mid), ("alice", "6b1f4f2e-0000-4000-8000-000000000000")):
+            r = c.get(f"/v1/messages/{ident}/suggested", params={"user": who})
+            assert (r.status_code, r.json()) == (404, {"code": "not_found", "message": "Message Not Exists.",
+                                                       "status": 404})
+        r = c.get(f"/v1/messages/{mid}/suggested")
+        assert (r.status_code, r.json()["message"]) == (400, "Arg user must be provided.")
+
+
+def test_suggested_asks_the_stateless_engine_once_about_the_exchange(suggest_server):
+    base, keys, d, _ = suggest_server
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {keys['sugg']}"}) as c:
+        assert c.get("/v1/parameters").json()["suggested_questions_after_answer"] == {"enabled": True}
+        first = _ask(c, "Tell me about tea")
+        second = _ask(c, "And green tea?", cid=first["conversation_id"])
+        before = len(d.requests)
+        d.answer_hook = lambda body: '["What is matcha?", "How hot should the water be?", "Is it healthy?"]'
+        r = c.get(f"/v1/messages/{second['message_id']}/suggested", params={"user": "alice"})
+        assert r.status_code == 200, r.text
+        # Dify's answer (reference §2.7 and its docs): {"result": "success", "data": [three strings]}
+        assert r.json() == {"result": "success",
+                            "data": ["What is matcha?", "How hot should the water be?", "Is it healthy?"]}
+        assert list(r.json()) == ["result", "data"]
+        asked = d.requests[before:]
+        assert len(asked) == 1  # once, stateless: an instruction and this exchange, no earlier turn
+        msgs = asked[0]["messages"]
+        assert [m["role"] for m in msgs] == ["system", "user"]
+        assert "three follow-up questions" in msgs[0]["content"]
+        assert "And green tea?" in msgs[1]["content"] and "Answer to: And green tea?" in msgs[1]["content"]
+        assert "Tell me about tea" not in json.dumps(asked)
+        # an answer that is no JSON array: its lines; a failing engine: no suggestions (as Dify's)
+        d.answer_hook = lambda body: "1. Why?\n2. How?\n3. When?\n4. Where?"
+        r = c.get(f"/v1/messages/{first['message_id']}/suggested", params={"user": "alice"})
+        assert r.json() == {"result": "success", "data": ["Why?", "How?", "When?"]}
+        d.answer_hook = None
+        d.fault = "500"
+        r = c.get(f"/v1/messages/{first['message_id']}/suggested", params={"user": "alice"})
+        assert (r.status_code, r.json()) == (200, {"result": "success", "data": []})
+        d.fault = None
+        # nothing was stored: the conversation has its two turns, as before
+        m = c.get("/v1/messages", params={"conversation_id": first["conversation_id"], "user": "alice"}).json()
+        assert [x["query"] for x in m["data"]] == ["Tell me about tea", "And green tea?"]
+        # ownership as every message route: another user's or another app's message is not found
+        r = c.get(f"/v1/messages/{second['message_id']}/suggested", params={"user": "mallory"})
+        assert r.status_code == 404 and r.json()["message"] == "Message Not Exists."
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {keys['dsugg']}"}) as c:
+        r = c.get(f"/v1/messages/{second['message_id']}/suggested", params={"user": "alice"})
+        assert r.status_code == 404 and r.json()["message"] == "Message Not Exists."
+
+
+def test_suggested_over_a_dify_engine_relays_difys_own(suggest_server):
+    base, keys, _, dd = suggest_server
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {keys['dsugg']}"}) as c:
+        mid = _ask(c, "hello dify")["message_id"]
+        remote = dd.conversations[dd.conversations_by_query("hello dify")]["messages"][-1]["id"]
+        dd.suggestions = ["one?", "two?", "three?"]
+        r = c.get(f"/v1/messages/{mid}/suggested", params={"user": "alice"})
+        assert r.json() == {"result": "success", "data": ["one?", "two?", "three?"]}
+        assert dd.suggest_calls[-1]["message_id"] == remote  # Dify's own id for the message, its own user
+        assert dd.suggest_calls[-1]["user"] != "alice" and dd.suggest_calls[-1]["user"]
+        dd.suggestions = None  # Dify's app has the feature off: Dify's refusal, as Dify words it
+        r = c.get(f"/v1/messages/{mid}/suggested", params={"user": "alice"})
+        assert (r.status_code, r.json()) == (400, {"code": "bad_request", "message": "Suggested Questions Is Disabled.",
+                                                   "status": 400})

@@ -75,11 +75,15 @@ def serve(
     workers: Annotated[int, typer.Option(min=1, help="Server processes sharing the port (one per core uses "
                                                      "them all; turns coordinate through the store).")] = 1,
     reuse_port: Annotated[bool, typer.Option("--reuse-port", hidden=True)] = False,
+    access_log: Annotated[bool | None, typer.Option(
+        "--access-log/--no-access-log",
+        help="One line per request on stderr: method, path, status, ms, app (default: on; "
+             "[server] access_log = false turns it off).")] = None,
 ) -> None:
     """Run the HTTP server: Dify-compatible and OpenAI-compatible APIs, and the web page at /."""
     import uvicorn
 
-    from .server.app import create_app
+    from .server.app import create_app, enable_access_log
 
     try:
         settings = load_settings(config)
@@ -95,7 +99,11 @@ def serve(
                       f"default engine: {settings.default_engine or 'none'}, workers: {workers})")
     if reuse_port:
         _die_with_parent()
+    if access_log is None:
+        access_log = settings.server.access_log
     if workers == 1 or reuse_port:
+        if access_log:
+            enable_access_log()
         app_ = create_app(settings, open_access=open_access, own_process=True, listen_host=host)
         server = uvicorn.Server(uvicorn.Config(app_, host=host, port=port, log_level="info", access_log=False,
                                                loop="auto", http="auto"))
@@ -111,7 +119,8 @@ def serve(
             raise typer.Exit(3)
         return
     argv = [sys.executable, "-m", "threadline.cli", "serve", "--host", host, "--port", str(port), "--reuse-port",
-            *(["--config", config] if config else []), *(["--open"] if open_access else [])]
+            *(["--config", config] if config else []), *(["--open"] if open_access else []),
+            "--access-log" if access_log else "--no-access-log"]
     _serve_workers(config, workers, argv)
 
 

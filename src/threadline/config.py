@@ -57,6 +57,9 @@ class AppConfig:
     description: str = ""
     opening_statement: str = ""
     suggested_questions: list[str] = field(default_factory=list)
+    # GET /v1/messages/{id}/suggested: three follow-up questions the app's engine writes (Dify's
+    # "suggested questions after answer"); off, the route answers Dify's "disabled" error.
+    suggested_questions_after_answer: bool = False
     # The engines a caller of this app may pick (OpenAI `model`, the Dify route's `engine`, the page's
     # picker, the Python API's `engine=`): the app's own engine plus this list; None = every engine.
     engines: list[str] | None = None
@@ -97,9 +100,16 @@ _ENGINE_FIELDS = {
 _APP_FIELDS = {
     "engine", "engines", "system", "memory", "inputs", "workflow_id", "history_input", "description",
     "opening_statement", "suggested_questions", "limits", "compaction", "compact_at", "summary_engine",
-    "summary_timeout",
+    "summary_timeout", "suggested_questions_after_answer",
 }
 COMPACTION_MODES = ("auto", "off")
+
+
+def _flag(app: str, raw: dict[str, Any], key: str, default: bool = False) -> bool:
+    v = raw.get(key, default)
+    if not isinstance(v, bool):
+        raise ConfigError(f"app {app!r}: {key} must be true or false")
+    return v
 
 
 def resolve_secret(value: str | None) -> str | None:
@@ -260,6 +270,7 @@ class ServerSettings:
     public_url: str | None = None
     file_secret: str | None = field(default=None, repr=False)
     file_url_ttl: int = 300
+    access_log: bool = True                      # `serve` logs one line per request (serve --no-access-log)
 
 
 _SERVER_FIELDS = {f for f in ServerSettings.__dataclass_fields__}
@@ -282,6 +293,10 @@ def _server_from_mapping(raw: dict[str, Any] | None) -> ServerSettings:
             if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
                 raise ConfigError(f"[server] {k} must be a list of strings")
             setattr(out, k, list(v))
+        elif isinstance(default, bool):
+            if not isinstance(v, bool):
+                raise ConfigError(f"[server] {k} must be true or false")
+            setattr(out, k, v)
         else:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"[server] {k} must be a positive integer")
@@ -360,6 +375,7 @@ class Settings:
                 description=str(raw.get("description", "")),
                 opening_statement=str(raw.get("opening_statement", "")),
                 suggested_questions=list(raw.get("suggested_questions", [])),
+                suggested_questions_after_answer=_flag(name, raw, "suggested_questions_after_answer"),
                 engines=allowed,
                 limits=parse_limits(raw.get("limits"), f"[apps.{name}.limits]"),
                 **_compaction(name, raw, engs),

@@ -55,6 +55,14 @@ class InvalidParamError(ThreadlineError):
     status = 400
 
 
+class SuggestionsDisabledError(ThreadlineError):
+    """GET /messages/{id}/suggested on an app without suggested_questions_after_answer: what Dify
+    1.13 answers (recording 121; its docs say 403 app_suggested_questions_after_answer_disabled)."""
+
+    code = "bad_request"
+    status = 400
+
+
 class UnsupportedInputError(InvalidParamError):
     """The turn carries something its engine cannot take (images for a text-only model): refused with
     a 400 naming the engine, never silently dropped."""

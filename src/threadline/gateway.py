@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import json
 import logging
 import time
 import uuid
@@ -43,6 +44,7 @@ from .compaction import Compaction, Summary
 from .config import AppConfig, EngineConfig, Settings
 from .context import BranchSource, HistorySource, Packed, pack, seeded_query, steps_text, transcript
 from .engines.base import Engine, EngineRequest, build_engine
+from .engines.dify import DifyEngine
 from .engines.http import AiohttpPoster
 from .engines.retry import transport_error
 from .errors import (
@@ -100,6 +102,28 @@ from .tokens import Calibration, estimate_message, estimate_text
 from .turns import PastMessage, Turn, TurnRequest, counted_hash, history_hash, rows_hash
 
 log = logging.getLogger("threadline.gateway")
+
+SUGGEST_CHARS = 4000  # of the question and of the answer, the ends kept when asking for suggestions
+SUGGEST_INSTRUCTION = (
+    "Given one exchange between a user and an assistant, write the three follow-up questions the user is most "
+    "likely to ask next. Keep each one short (a dozen words at most) and write them in the language of the "
+    "assistant's answer. Reply with only a JSON array of three strings, for example "
+    '["What about X?", "Why is Y?", "How do I Z?"].')
+
+
+def parse_suggestions(text: str) -> list[str]:
+    """An engine's suggestions: the JSON array of strings in its answer, else its non-empty lines
+    (list markers dropped); three at most, each trimmed."""
+    found: list[Any] = []
+    start, end = text.find("["), text.rfind("]")
+    if 0 <= start < end:
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(text[start:end + 1])
+            if isinstance(parsed, list):
+                found = parsed
+    if not found:
+        found = [line.strip().lstrip("-*•0123456789.) ").strip() for line in text.splitlines()]
+    return [q.strip().strip('"').strip()[:200] for q in found if isinstance(q, str) and q.strip()][:3]
 
 # [seconds spent waiting on engines, start of the current wait or 0] — read by the server's overhead header.
 upstream_time: contextvars.ContextVar[list[float]] = contextvars.ContextVar("upstream_time")
@@ -1116,6 +1140,31 @@ class Gateway:
             p, c = estimate_text(instruction) + estimate_text(text), estimate_text(out)
             usage = Usage(p, c, p + c, estimated=True)
         return out, usage
+
+    async def suggest(self, app: str, user: str, answer: dict[str, Any], question: str) -> list[str]:
+        """Three follow-up questions after `answer` (Dify's "suggested questions after answer"),
+        written by the engine that gave it (the app's engine if that one is gone): a stateless engine
+        is asked once, without the conversation's history, about this exchange; a Dify engine is
+        asked for Dify's own. A stateless engine's failure or unreadable answer gives no suggestions
+        (as Dify's does); Dify's refusal is Dify's."""
+        app_cfg = self.app_config(app)
+        told = answer.get("engine")
+        name = told if isinstance(told, str) and told in self.settings.engines else app_cfg.engine
+        eng = self.engine(name)
+        if self.settings.engine(name).stateful:
+            if not isinstance(eng, DifyEngine):
+                raise InvalidParamError(f"Engine {name!r} cannot suggest questions.")
+            if not answer.get("remote_id"):
+                return []  # an answer Dify never gave (failed before it, or imported): nothing to ask it
+            return await eng.suggested(answer["remote_id"], self.remote_user(app, user))
+        text = (f"User: {question[-SUGGEST_CHARS:]}\n\n"
+                f"Assistant: {(answer.get('content') or '')[-SUGGEST_CHARS:]}")
+        try:
+            out, _ = await self._complete(eng, SUGGEST_INSTRUCTION, text)
+        except ThreadlineError as exc:
+            log.warning("engine %s: suggesting questions failed (%s)", name, exc.code)
+            return []
+        return parse_suggestions(out)
 
     @contextlib.asynccontextmanager
     async def _held(self, cid: str, app: str, user: str, eng: Engine) -> AsyncIterator[None]:

@@ -16,12 +16,13 @@ httpx has one `Client` and one transport interface for the same reason: one plac
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from .compaction import SUMMARY_ROLE, Compaction
-from .errors import InvalidParamError, NotFoundError
+from .errors import InvalidParamError, NotFoundError, SuggestionsDisabledError
 from .gateway import Gateway, check_user
 from .messages import TurnEvent
 from .store.store import ROOT_PARENT, new_id
@@ -196,7 +197,28 @@ class ConversationService:
         if rating is None and not msg.get("feedback"):
             raise InvalidParamError("rating cannot be None when feedback not exists")
         content = content.replace("\x00", "") if content else content
-        await self.store.update_message(msg["id"], feedback={"rating": rating, "content": content} if rating else None)
+        now = time.time()
+        old = msg.get("feedback") or {}
+        # When it was first given and last changed, for GET /v1/app/feedbacks (older rows have neither).
+        fb = {"rating": rating, "content": content, "created_at": old.get("created_at") or now, "updated_at": now}
+        await self.store.update_message(msg["id"], feedback=fb if rating else None)
+
+    async def suggested(self, scope: Scope, message_id: str) -> list[str]:
+        """Follow-up questions after one of the caller's answers, as Dify answers GET
+        /messages/{id}/suggested: the message is checked first (another's or a missing one is not
+        found), then whether the app suggests at all."""
+        msg = await self.message(scope, message_id)
+        app = self.gateway.app_config(scope.own_app)
+        if not app.suggested_questions_after_answer:
+            raise SuggestionsDisabledError("Suggested Questions Is Disabled.")
+        question = await self.store.get_message(msg.get("parent_id") or "") if msg.get("parent_id") else None
+        return await self.gateway.suggest(app.name, scope.user, msg, (question or {}).get("content") or "")
+
+    async def app_feedbacks(self, app: str, *, page: int, limit: int) -> list[dict[str, Any]]:
+        """Every feedback on `app`'s answers, whoever gave it, the latest first (an app's own view,
+        as Dify's GET /app/feedbacks: the key is the app's, so no user scope)."""
+        await self.start()
+        return await self.store.app_feedbacks(app=app, offset=(page - 1) * limit, limit=limit)
 
     async def find_conversation(self, scope: Scope, history: Sequence[PastMessage]) -> str | None:
         """The newest stored conversation whose messages are exactly `history` (an OpenAI client

@@ -99,6 +99,9 @@ class DifyDouble:
     # equal-second run within a page comes newest first, as recording 047 saw (q2 before q1).
     # "send" pages by send order (a server that kept order within a second).
     paging: str = "dify"
+    # GET /messages/{id}/suggested: the app's suggestions (None: the feature is off, recording 121)
+    suggestions: list[str] | None = None
+    suggest_calls: list[dict[str, Any]] = field(default_factory=list)
     clock: int | None = None  # when set, the created_at (unix seconds) of new messages
     active: int = 0  # streams still running (on the double's own loop, even after their client left)
     idle: threading.Condition = field(default_factory=threading.Condition)
@@ -423,6 +426,21 @@ class DifyDouble:
                  "message_files": [], "status": "normal", "error": None} for m in page]
         return JSONResponse({"limit": limit, "has_more": more, "data": data})
 
+    async def suggested(self, request: Request) -> Response:
+        """As Dify 1.13 (message_service.get_suggested_questions_after_answer): `user` required, the
+        message must be the user's (404), then the feature must be on (recording 121's 400)."""
+        if (bad := self._auth(request)) is not None:
+            return bad
+        user, mid = request.query_params.get("user"), request.path_params["mid"]
+        self.suggest_calls.append({"message_id": mid, "user": user})
+        if not user:
+            return err(400, "invalid_param", "Arg user must be provided.")
+        if not any(c["user"] == user and any(m["id"] == mid for m in c["messages"]) for c in self.conversations.values()):
+            return err(404, "not_found", "Message Not Exists.")
+        if self.suggestions is None:
+            return err(400, "bad_request", "Suggested Questions Is Disabled.")
+        return JSONResponse({"result": "success", "data": self.suggestions})
+
     @staticmethod
     def _dify_page(msgs: list[dict[str, Any]], first_id: str | None,
                    limit: int) -> tuple[list[dict[str, Any]] | None, bool]:
@@ -444,4 +462,5 @@ class DifyDouble:
             Route("/v1/files/upload", self.upload, methods=["POST"]),
             Route("/v1/conversations/{cid}/name", self.rename, methods=["POST"]),
             Route("/v1/messages", self.messages, methods=["GET"]),
+            Route("/v1/messages/{mid}/suggested", self.suggested, methods=["GET"]),
         ])

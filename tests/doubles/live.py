@@ -51,8 +51,9 @@ class LiveServer:
 
 
 @contextlib.contextmanager
-def serve_process(config: str, tmp: Path, *apps: str) -> Iterator[tuple[str, dict[str, str]]]:
-    """`threadline serve` in its own process on `config` (TOML text); (base url, a key per app)."""
+def serve_process(config: str, tmp: Path, *apps: str, args: tuple[str, ...] = ()) -> Iterator[tuple[str, dict[str, str]]]:
+    """`threadline serve` in its own process on `config` (TOML text), with `args` added to its command
+    line; (base url, a key per app). Its stdout and stderr go to `tmp / "serve.log"`."""
     from threadline.config import Settings
     from threadline.server.keys import create_key
 
@@ -66,7 +67,7 @@ def serve_process(config: str, tmp: Path, *apps: str) -> Iterator[tuple[str, dic
     log = tmp / "serve.log"
     with log.open("ab") as out:
         proc = subprocess.Popen([str(Path(sys.executable).parent / "threadline"), "serve", "--config", str(cfg),
-                                 "--port", str(port)], stdout=out, stderr=out, cwd=tmp, start_new_session=True)
+                                 "--port", str(port), *args], stdout=out, stderr=out, cwd=tmp, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     try:

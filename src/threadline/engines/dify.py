@@ -31,6 +31,7 @@ from ..errors import (
     UpstreamError,
     UpstreamNotFoundError,
     UpstreamTruncated,
+    UpstreamUnavailableError,
     WorkflowFailedError,
     redact,
     upstream_error_from_status,
@@ -397,6 +398,25 @@ class DifyEngine(Engine):
                                 params={"conversation_id": req.remote_conversation_id, "user": req.remote_user,
                                         "limit": 1})
         return r.status_code == 404
+
+    async def suggested(self, message_id: str, remote_user: str) -> list[str]:
+        """Dify's own GET /messages/{id}/suggested for one of its messages; its refusal (recording
+        121: 400 "Suggested Questions Is Disabled.") is raised as Dify's error."""
+        try:
+            r = await self.http.get(f"{self.base}/messages/{message_id}/suggested", headers=self.headers,
+                                    params={"user": remote_user}, timeout=self.config.timeout)
+        except httpx.TimeoutException as exc:
+            raise retry.transport_error(self.name, exc) from None
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailableError(f"Engine {self.name!r} could not be reached ({type(exc).__name__}).") from None
+        if r.status_code >= 400:
+            raise self._error_for(r)
+        try:
+            body = r.json()
+        except ValueError:
+            raise UpstreamBadResponse(f"Engine {self.name!r} answered suggested questions with no JSON.") from None
+        data = body.get("data") if isinstance(body, dict) else None
+        return [q for q in data if isinstance(q, str)] if isinstance(data, list) else []
 
     async def stop(self, *, task_id: str, remote_user: str) -> None:
         await self.http.post(f"{self.base}/chat-messages/{task_id}/stop", headers=self.headers,

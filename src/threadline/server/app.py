@@ -8,10 +8,11 @@ import contextlib
 import gc
 import logging
 import math
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 from fastapi import FastAPI
@@ -27,7 +28,7 @@ from ..config import Settings
 from ..errors import ThreadlineError
 from ..gateway import Gateway, upstream_time
 from . import conversations_api, dify_api, openai_api, responses_api, responses_ws
-from .common import EventStream, HTTPError, ServerState, dify_error
+from .common import APP_SCOPE_KEY, EventStream, HTTPError, ServerState, dify_error
 from .guard import RequestGuard
 from .keys import KeyCache
 from .spec import openapi, routes
@@ -40,7 +41,8 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline';
 
 class OverheadMiddleware:
     """Adds X-Threadline-Overhead-Ms (time in Threadline, not waiting on the engine) and logs one
-    structured line per request — method, path, status, ms; never headers or bodies.
+    structured line per request — method, path (no query), status, ms, app; never headers or bodies.
+    Both lanes pass here (the fast lane has its own instance), so every request is logged.
 
     It is also the outermost catch: an exception no route handled is answered here in its surface's
     shape and logged by type only. Starlette's own outer layer would answer it too, but then re-raise
@@ -79,9 +81,22 @@ class OverheadMiddleware:
                 await error_response(Request(scope), exc)(scope, receive, send_wrapper)
         finally:
             upstream_time.reset(token)
-            if access_log.isEnabledFor(logging.INFO):
+            if access_log.isEnabledFor(logging.INFO):  # the path only: a query string can carry `user`
                 access_log.info(orjson.dumps({"method": scope["method"], "path": scope["path"], "status": status,
-                                              "ms": round((time.perf_counter() - start) * 1000, 2)}).decode())
+                                              "ms": round((time.perf_counter() - start) * 1000, 2),
+                                              "app": scope.get(APP_SCOPE_KEY)}).decode())
+
+
+def enable_access_log(stream: IO[str] | None = None) -> logging.Handler:
+    """Turn the access log on (`threadline serve` does, unless --no-access-log or [server]
+    access_log = false): one line per request on stderr, `<time> {"method", "path", "status", "ms",
+    "app"}`. The path is without its query string; no header, key or body is ever in it."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    access_log.addHandler(handler)
+    access_log.setLevel(logging.INFO)
+    access_log.propagate = False
+    return handler
 
 
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")

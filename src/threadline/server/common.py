@@ -48,6 +48,10 @@ class ServerState:
         return self.gateway.settings.server.public_url or str(request.base_url).rstrip("/")
 
 
+# Where authenticate() leaves the caller's app name in the ASGI scope, for the access log.
+APP_SCOPE_KEY = "threadline.app"
+
+
 @dataclass(frozen=True, slots=True)
 class Caller:
     """Who is calling: the app their key selects, and that key (None in open mode without a key)."""
@@ -149,7 +153,9 @@ async def authenticate(request: HTTPConnection) -> Caller:
     gw = st.gateway
     if header is None or not header.strip():
         if st.open_access:
-            return Caller(gw.app_config(None))
+            caller = Caller(gw.app_config(None))
+            request.scope[APP_SCOPE_KEY] = caller.app.name
+            return caller
         raise HTTPError(401, "unauthorized", "Authorization header must be provided and start with 'Bearer'", _BEARER)
     scheme, _, token = header.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -158,9 +164,11 @@ async def authenticate(request: HTTPConnection) -> Caller:
     if record is None:
         raise HTTPError(401, "unauthorized", "Access token is invalid", _BEARER)
     try:
-        return Caller(gw.app_config(None if record.app == "default" else record.app), record.id)
+        caller = Caller(gw.app_config(None if record.app == "default" else record.app), record.id)
     except ThreadlineError:
         raise HTTPError(403, "forbidden", "The app no longer exists.") from None
+    request.scope[APP_SCOPE_KEY] = caller.app.name  # for the access log (server/app.py): the name, never the key
+    return caller
 
 
 def check_user(request: Request, user: str) -> str:

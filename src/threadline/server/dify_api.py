@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import math
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -47,6 +48,8 @@ from .common import (
     state,
 )
 from .models import (
+    AppFeedbackList,
+    AppFeedbacksQuery,
     ChatMessageResponse,
     ChatRequestPayload,
     ConversationItem,
@@ -62,6 +65,7 @@ from .models import (
     ParametersResponse,
     ResultResponse,
     SignedFileQuery,
+    SuggestedResponse,
     UploadForm,
     UserPayload,
     UserQuery,
@@ -424,6 +428,11 @@ def _agent_thoughts(a: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _feedback(fb: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A message's feedback as /messages shows it: the rating (Dify's) and its content (Threadline's)."""
+    return {"rating": fb.get("rating"), "content": fb.get("content")} if fb else None
+
+
 def render_turn(conv_id: str, user_msg: dict[str, Any] | None, a: dict[str, Any],
                 file_url: Callable[[str], str]) -> dict[str, Any]:
     usage = a.get("usage") or {}
@@ -433,7 +442,7 @@ def render_turn(conv_id: str, user_msg: dict[str, Any] | None, a: dict[str, Any]
         # service API records every message it makes (its conversations are linear).
         "id": a["id"], "conversation_id": conv_id, "parent_message_id": (user_msg or {}).get("parent_id") or NIL,
         "inputs": (user_msg or {}).get("inputs") or {}, "query": (user_msg or {}).get("content", ""),
-        "answer": a.get("content") or "", "feedback": a.get("feedback"), "retriever_resources": [],
+        "answer": a.get("content") or "", "feedback": _feedback(a.get("feedback")), "retriever_resources": [],
         "created_at": _ts(a["created_at"]), "agent_thoughts": _agent_thoughts(a),
         "message_files": _message_files(user_msg, file_url),
         "status": _dify_status(a["status"]), "error": (err or {}).get("message") if err else None,
@@ -543,9 +552,47 @@ async def feedback(request: Request) -> Response:
     return json_response({"result": "success"})
 
 
+def _iso(ts: float) -> str:
+    """Dify's feedback times: UTC, ISO 8601 to the second, no zone (MessageFeedback.to_dict)."""
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).replace(tzinfo=None).isoformat(timespec="seconds")
+
+
+async def app_feedbacks(request: Request) -> Response:
+    """GET /v1/app/feedbacks: the app's feedbacks, newest first, paged by `page` and `limit` (Dify's
+    shape: `{"data": [...]}` with no `has_more`). The key's app only; `user` is not needed."""
+    caller = await authenticate(request)
+    q = _query(request, AppFeedbacksQuery)
+    app = caller.app.name
+    rows = await state(request).service.app_feedbacks(app, page=q.page, limit=q.limit)
+    data = []
+    for r in rows:
+        fb = r["feedback"]
+        created = fb.get("created_at") or r["updated_at"]
+        data.append({
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"threadline:feedback:{r['id']}")), "app_id": app,
+            "conversation_id": r["conversation_id"], "message_id": r["id"], "rating": fb.get("rating"),
+            "content": fb.get("content"), "from_source": "user", "from_end_user_id": r["_user"],
+            "from_account_id": None, "created_at": _iso(created), "updated_at": _iso(fb.get("updated_at") or created),
+        })
+    return json_response({"data": data})
+
+
 async def suggested(request: Request) -> Response:
-    await authenticate(request)
-    raise HTTPError(400, "bad_request", "Suggested Questions Is Disabled.")
+    """Dify's order (message_service.get_suggested_questions_after_answer): `user` is required, the
+    message must be the caller's (404 otherwise), then the app must suggest (recording 121's 400
+    otherwise)."""
+    caller = await authenticate(request)
+    q = _query(request, UserQuery)
+    if not q.user:
+        raise HTTPError(400, "invalid_param", "Arg user must be provided.")
+    user = check_user(request, q.user)
+    try:
+        data = await state(request).service.suggested(Scope(caller.app.name, user), request.path_params["message_id"])
+    except NotFoundError:
+        raise HTTPError(404, "not_found", "Message Not Exists.") from None
+    except ThreadlineError as exc:
+        raise from_threadline(exc) from None
+    return json_response({"result": "success", "data": data})
 
 
 # ---- app info ---------------------------------------------------------------------------------------
@@ -555,7 +602,8 @@ async def parameters(request: Request) -> Response:
     app_cfg = (await authenticate(request)).app
     return json_response({
         "opening_statement": app_cfg.opening_statement, "suggested_questions": app_cfg.suggested_questions,
-        "suggested_questions_after_answer": {"enabled": False}, "speech_to_text": {"enabled": False},
+        "suggested_questions_after_answer": {"enabled": app_cfg.suggested_questions_after_answer},
+        "speech_to_text": {"enabled": False},
         "text_to_speech": {"enabled": False, "language": "", "voice": ""}, "retriever_resource": {"enabled": False},
         "annotation_reply": {"enabled": False}, "more_like_this": {"enabled": False}, "user_input_form": [],
         "sensitive_word_avoidance": {"enabled": False},
@@ -606,8 +654,11 @@ operations = [
               query=MessageListQuery, response=MessageList, tags=(_HISTORY,)),
     Operation("POST", "/v1/messages/{message_id}/feedbacks", feedback, "Rate an answer", body=FeedbackPayload,
               response=ResultResponse, tags=(_HISTORY,)),
-    Operation("GET", "/v1/messages/{message_id}/suggested", suggested, "Suggested next questions",
-              query=UserQuery, tags=(_HISTORY,)),
+    Operation("GET", "/v1/messages/{message_id}/suggested", suggested,
+              "Suggested next questions after an answer (apps with suggested_questions_after_answer)",
+              query=UserQuery, response=SuggestedResponse, tags=(_HISTORY,)),
+    Operation("GET", "/v1/app/feedbacks", app_feedbacks, "The app's feedbacks on its answers, newest first",
+              query=AppFeedbacksQuery, response=AppFeedbackList, tags=(_APP,)),
     Operation("GET", "/v1/conversations", conversations, "A user's conversations", query=ConversationListQuery,
               response=ConversationList, tags=(_HISTORY,)),
     Operation("POST", "/v1/conversations/{conversation_id}/name", rename, "Rename a conversation",

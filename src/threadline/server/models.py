@@ -154,6 +154,13 @@ class SignedFileQuery(BaseModel):
     sign: str
 
 
+class AppFeedbacksQuery(BaseModel):
+    """GET /v1/app/feedbacks: Dify's page and limit (controllers/service_api/app/message.py)."""
+
+    page: int = Field(1, ge=1, le=1_000_000)
+    limit: int = Field(20, ge=1, le=101)
+
+
 class UploadForm(BaseModel):
     """multipart/form-data of POST /v1/files/upload."""
 
@@ -248,6 +255,24 @@ class FileUploadResponse(_Doc):
 class SuggestedResponse(_Doc):
     result: str
     data: list[str]
+
+
+class AppFeedback(_Doc):
+    id: str
+    app_id: str
+    conversation_id: str
+    message_id: str
+    rating: str
+    content: str | None
+    from_source: str
+    from_end_user_id: str | None
+    from_account_id: str | None
+    created_at: str
+    updated_at: str
+
+
+class AppFeedbackList(_Doc):
+    data: list[AppFeedback]
 
 
 class ParametersResponse(_Doc):

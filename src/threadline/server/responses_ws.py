@@ -46,7 +46,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from ..errors import ThreadlineError
 from ..messages import TurnFailed, TurnStarted
 from ..service import Scope
-from .common import Caller, state
+from .common import APP_SCOPE_KEY, Caller, state
 from .guard import deny_upgrade
 from .openai_api import OpenAIError, _auth, _invalid, openai_error
 from .responses_api import _Events, _failure, _failure_of, _stream, plan_turn, response_id
@@ -257,7 +257,7 @@ async def responses_socket(ws: WebSocket) -> None:
                 await ws.close(1011)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(orjson.dumps({"method": "WEBSOCKET", "path": ws.url.path, "status": 101,
-                                          "responses": conn.responses,
+                                          "responses": conn.responses, "app": ws.scope.get(APP_SCOPE_KEY),
                                           "ms": round((time.perf_counter() - start) * 1000, 2)}).decode())
 
 

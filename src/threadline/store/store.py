@@ -35,7 +35,7 @@ from typing import Any, ParamSpec, TypeVar
 import orjson
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import and_, bindparam, case, delete, event, func, insert, or_, select, update
+from sqlalchemy import Text, and_, bindparam, case, cast, delete, event, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -947,6 +947,22 @@ class Store:
                 .join(conversations, conversations.c.id == messages.c.conversation_id)
                 .where(messages.c.id == message_id, conversations.c.deleted.is_(False)))).mappings().first()
         return dict(r) if r else None
+
+    async def app_feedbacks(self, *, app: str, offset: int, limit: int) -> list[dict[str, Any]]:
+        """The answers of `app`'s live conversations that carry a feedback, the latest rated first,
+        each with its conversation's user as `_user`. (A feedback is a JSON object; an answer without
+        one holds SQL NULL or JSON null, depending on the path that wrote it.)"""
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(
+                select(messages.c.id, messages.c.conversation_id, messages.c.feedback, messages.c.created_at,
+                       messages.c.updated_at, conversations.c.user.label("_user"))
+                .join(conversations, conversations.c.id == messages.c.conversation_id)
+                .where(conversations.c.app == app, conversations.c.deleted.is_(False),
+                       conversations.c.scratch.is_(False), messages.c.role == "assistant",
+                       messages.c.feedback.is_not(None), cast(messages.c.feedback, Text).like("{%"))
+                .order_by(messages.c.updated_at.desc(), messages.c.id.desc())
+                .offset(offset).limit(limit))).mappings().all()
+        return [dict(r) for r in rows]
 
     async def get_message(self, message_id: str) -> dict[str, Any] | None:
         if self.hot is not None:  # SQLite: a keyed read in the loop's thread (see SqliteHotPath.read_message)
