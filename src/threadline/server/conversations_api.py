@@ -66,6 +66,8 @@ from .responses_api import (
     _uuid,
     conversation_of,
     conversation_ref,
+    function_call_fields,
+    function_output_fields,
     input_items,
     output_items,
     stored_items,
@@ -199,30 +201,13 @@ def read_items(raw: list[dict[str, Any]], max_chars: int) -> tuple[list[dict[str
             r.text, r.images = text.replace("\x00", ""), images
             ids.append(f"msg_{_hex(r.id)}")
         elif kind == "function_call":
-            call_id, name, args = item.get("call_id"), item.get("name"), item.get("arguments", "{}")
-            if not isinstance(call_id, str) or not call_id or not isinstance(name, str) or not name:
-                raise _bad(f"'{where}': a function_call needs a call_id and a name.", f"{where}.call_id",
-                           "missing_required_parameter")
-            if not isinstance(args, str):
-                raise _bad(f"Invalid type for '{where}.arguments': expected a JSON string.", f"{where}.arguments",
-                           "invalid_type")
+            call_id, name, args = function_call_fields(item, where)
             _check_len(args, f"{where}.arguments", max_chars)
             r = row_for("assistant", "function_call")
             ids.append(f"fc_{_hex(r.id)}_{len(r.calls)}")
             r.calls.append(FunctionCall(call_id, name, args))
         elif kind == "function_call_output":
-            call_id, output = item.get("call_id"), item.get("output")
-            if not isinstance(call_id, str) or not call_id:
-                raise _bad(f"Missing required parameter: '{where}.call_id'.", f"{where}.call_id",
-                           "missing_required_parameter")
-            if isinstance(output, list):
-                output, imgs = _parts_text(output, f"{where}.output", user=True)
-                if imgs:
-                    raise _unsupported(f"'{where}.output': a function output carries text only; send images in a "
-                                       "user message.", f"{where}.output")
-            if not isinstance(output, str):
-                raise _bad(f"Invalid type for '{where}.output': expected a string.", f"{where}.output", "invalid_type")
-            _check_len(output, f"{where}.output", max_chars)
+            call_id, output = function_output_fields(item, where, max_chars)
             r = row_for("user", "function_call_output")
             ids.append(f"fco_{_hex(r.id)}_{len(r.results)}")
             r.results.append(FunctionResult(call_id, output.replace("\x00", "")))

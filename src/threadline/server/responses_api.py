@@ -65,6 +65,7 @@ from .openai_api import CONVERSATION_HEADER, OpenAIError, _auth, _from_tl, _inva
 from .responses_models import (
     CompactedResponse,
     CompactRequest,
+    ConversationRef,
     InputItemList,
     InputItemsQuery,
     InputTokens,
@@ -228,30 +229,13 @@ def _read_input(raw: str | list[dict[str, Any]], max_chars: int, *, window: bool
                 raise _bad(f"Invalid value for '{where}.role': {role!r} (user, assistant, system or developer).",
                            f"{where}.role")
         elif kind == "function_call":
-            call_id, name, args = item.get("call_id"), item.get("name"), item.get("arguments", "{}")
-            if not isinstance(call_id, str) or not call_id or not isinstance(name, str) or not name:
-                raise _bad(f"'{where}': a function_call needs a call_id and a name.", f"{where}.call_id",
-                           "missing_required_parameter")
-            if not isinstance(args, str):
-                raise _bad(f"Invalid type for '{where}.arguments': expected a JSON string.", f"{where}.arguments",
-                           "invalid_type")
+            call_id, name, args = function_call_fields(item, where)
             close_question()
             answer = answer or ([], [])
             answer[1].append(FunctionCall(call_id, name, args))
             names[call_id] = name
         elif kind == "function_call_output":
-            call_id, output = item.get("call_id"), item.get("output")
-            if not isinstance(call_id, str) or not call_id:
-                raise _bad(f"Missing required parameter: '{where}.call_id'.", f"{where}.call_id",
-                           "missing_required_parameter")
-            if isinstance(output, list):
-                output, imgs = _parts_text(output, f"{where}.output", user=True)
-                if imgs:
-                    raise _unsupported(f"'{where}.output': a function output carries text only; send images in a "
-                                       "user message.", f"{where}.output")
-            if not isinstance(output, str):
-                raise _bad(f"Invalid type for '{where}.output': expected a string.", f"{where}.output", "invalid_type")
-            _check_len(output, f"{where}.output", max_chars)
+            call_id, output = function_output_fields(item, where, max_chars)
             close_answer()
             results.append(FunctionResult(call_id, output, names.get(call_id)))
         elif kind == "reasoning":
@@ -286,6 +270,36 @@ def _read_input(raw: str | list[dict[str, Any]], max_chars: int, *, window: bool
                    "response answers.", "input")
     out.text, out.images, out.results = "\n".join(texts), list(images), list(results)
     return out
+
+
+def function_call_fields(item: dict[str, Any], where: str) -> tuple[str, str, str]:
+    """A function_call item's call id, name and JSON arguments, checked (Responses input and
+    Conversations items read them alike)."""
+    call_id, name, args = item.get("call_id"), item.get("name"), item.get("arguments", "{}")
+    if not isinstance(call_id, str) or not call_id or not isinstance(name, str) or not name:
+        raise _bad(f"'{where}': a function_call needs a call_id and a name.", f"{where}.call_id",
+                   "missing_required_parameter")
+    if not isinstance(args, str):
+        raise _bad(f"Invalid type for '{where}.arguments': expected a JSON string.", f"{where}.arguments",
+                   "invalid_type")
+    return call_id, name, args
+
+
+def function_output_fields(item: dict[str, Any], where: str, max_chars: int) -> tuple[str, str]:
+    """A function_call_output item's call id and text output (text parts joined), checked."""
+    call_id, output = item.get("call_id"), item.get("output")
+    if not isinstance(call_id, str) or not call_id:
+        raise _bad(f"Missing required parameter: '{where}.call_id'.", f"{where}.call_id",
+                   "missing_required_parameter")
+    if isinstance(output, list):
+        output, imgs = _parts_text(output, f"{where}.output", user=True)
+        if imgs:
+            raise _unsupported(f"'{where}.output': a function output carries text only; send images in a "
+                               "user message.", f"{where}.output")
+    if not isinstance(output, str):
+        raise _bad(f"Invalid type for '{where}.output': expected a string.", f"{where}.output", "invalid_type")
+    _check_len(output, f"{where}.output", max_chars)
+    return call_id, output
 
 
 def _check_len(text: str, where: str, max_chars: int) -> None:
@@ -623,6 +637,17 @@ async def _previous(svc: ConversationService, app: str, rid: str, local: str | N
     return scope, row
 
 
+async def _named_conversation(svc: ConversationService, app: str,
+                              ref: str | ConversationRef) -> tuple[Scope, str]:
+    """The conversation a `conversation` field names (either id form), of the key's app."""
+    name = ref if isinstance(ref, str) else ref.id
+    cid = conversation_of(name)
+    if cid is None:
+        raise NotFoundError(f"Conversation with id '{name}' not found.")
+    scope, _ = await svc.owned(app, cid)
+    return scope, cid
+
+
 def _unstored(row: dict[str, Any]) -> bool:
     return (row.get("response") or {}).get("store") is False
 
@@ -778,12 +803,7 @@ async def compact(request: Request) -> Response:
                     raise PreviousResponseNotFoundError(body.previous_response_id)
                 cid, tip = prev["conversation_id"], prev["id"]
             elif body.conversation is not None:
-                ref = body.conversation if isinstance(body.conversation, str) else body.conversation.id
-                found = conversation_of(ref)
-                if found is None:
-                    raise NotFoundError(f"Conversation with id '{ref}' not found.")
-                scope, _ = await svc.owned(app_cfg.name, found)
-                cid = found
+                scope, cid = await _named_conversation(svc, app_cfg.name, body.conversation)
             elif inp.compaction is not None:  # compacting again: the chain the item starts, plus what follows
                 scope, cid, tip = await _after_compaction(svc, app_cfg.name, inp.compaction, inp.history)
             elif inp.history:
@@ -1192,11 +1212,7 @@ async def input_tokens(request: Request) -> Response:
                 scope, prev = await _previous(svc, app_cfg.name, body.previous_response_id)
                 rows = await svc.branch_rows(scope, prev["conversation_id"], prev["id"])
             elif body.conversation is not None:
-                ref = body.conversation if isinstance(body.conversation, str) else body.conversation.id
-                cid = conversation_of(ref)
-                if cid is None:
-                    raise NotFoundError(f"Conversation with id '{ref}' not found.")
-                scope, _ = await svc.owned(app_cfg.name, cid)
+                scope, cid = await _named_conversation(svc, app_cfg.name, body.conversation)
                 rows = await svc.branch_rows(scope, cid)
         except PreviousResponseNotFoundError as exc:
             raise _failure_of(exc) from None
